@@ -1,0 +1,63 @@
+"""One root exception and a small hierarchy.
+
+Each subclass maps to exactly one outcome, and that mapping lives in one place
+(:func:`hsmocsp.responder.ocsp_status_for`), so a new error type never needs a
+new ``except`` clause in the web layer.
+"""
+
+from __future__ import annotations
+
+
+class HsmOcspError(Exception):
+    """Root of every error hsmocsp raises on purpose."""
+
+
+# --- configuration (start-up; the process exits before listening) -------------------
+
+
+class ConfigError(HsmOcspError):
+    """The configuration is wrong; the message names the file and the key."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{path}: {key}: {problem}")
+
+
+class ResponderCertError(HsmOcspError):
+    """A responder certificate is unfit for its handle (EKU, issuer, validity, key)."""
+
+
+# --- request side (-> malformedRequest / unauthorized) -------------------------------
+
+
+class MalformedRequest(HsmOcspError):
+    """The request is not a valid OCSPRequest we can answer (-> malformedRequest)."""
+
+
+class UnsupportedHashAlgorithm(MalformedRequest):
+    """A CertID uses a hash algorithm we do not implement (-> malformedRequest)."""
+
+
+class UnknownIssuer(HsmOcspError):
+    """No handle serves the CA named by the CertID (-> unauthorized)."""
+
+
+# --- dependencies (-> tryLater / internalError) --------------------------------------
+
+
+class SignerUnavailable(HsmOcspError):
+    """The signer cannot sign right now: HSM gone, worker died, queue full (-> tryLater)."""
+
+
+class SignerError(HsmOcspError):
+    """The signer failed in a way retrying will not fix (-> internalError)."""
+
+
+class SourceUnavailable(HsmOcspError):
+    """The status source cannot answer right now, e.g. Vault unreachable (-> tryLater)."""
+
+
+class SourceError(HsmOcspError):
+    """The status source's data is broken (bad index line, bad CRL)."""
