@@ -1,0 +1,210 @@
+"""Signed-response cache with request coalescing.
+
+A token-class HSM signs a handful of responses per second, so the design is:
+sign each (issuer, serial, CertID hash) once per validity window and serve the
+bytes many times. The cache key is the DER of the CertID as the client sent it:
+that is exactly what makes the response bytes differ (the response echoes the
+CertID, including its hash algorithm).
+
+Three rules keep it correct:
+
+* an entry is served until its ``next_update``; from its ``refresh_at`` on, it
+  is still served but a background refresh is started (once);
+* concurrent misses for one key wait on a single producer (coalescing); every
+  waiter gets its own Deferred, so a client that disconnects (Klein cancels the
+  handler) never cancels the shared signing;
+* :meth:`invalidate` drops entries for serials whose status changed *and* marks
+  producers already in flight for them as stale, so a signature started before
+  a revocation was loaded is thrown away and redone rather than cached or served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+
+class Expiring(Protocol):
+    @property
+    def refresh_at(self) -> float: ...
+
+    @property
+    def expires_at(self) -> float: ...
+
+
+V = TypeVar("V", bound=Expiring)
+
+
+@dataclass
+class _Flight(Generic[V]):
+    serial: int
+    waiters: list[Deferred[V]] = field(default_factory=list)
+    stale: bool = False
+    background: bool = False
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stale_served: int = 0
+    coalesced: int = 0
+    invalidated: int = 0
+    refreshes: int = 0
+
+
+class ResponseCache(Generic[V]):
+    """In-memory map ``key -> value`` with coalescing producers and invalidation by serial.
+
+    ``now`` is the clock (``reactor.seconds``) so tests drive time with ``task.Clock``.
+    ``on_store`` is called with every value produced (persistence hooks in there).
+    """
+
+    def __init__(
+        self,
+        now: Callable[[], float],
+        max_entries: int = 1_000_000,
+        on_store: Callable[[bytes, int, V], None] | None = None,
+    ) -> None:
+        self._now = now
+        self._max = max_entries
+        self._entries: dict[bytes, tuple[int, V]] = {}
+        self._by_serial: dict[int, set[bytes]] = {}
+        self._flights: dict[bytes, _Flight[V]] = {}
+        self._on_store = on_store
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: bytes) -> V | None:
+        """The stored value, if still valid now, without counting or refreshing."""
+        hit = self._entries.get(key)
+        if hit is None or self._now() >= hit[1].expires_at:
+            return None
+        return hit[1]
+
+    def get(
+        self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]
+    ) -> Deferred[V] | V:
+        """Return the value for ``key`` (the bare value on a hit, so the hot path
+        allocates no Deferred), or a Deferred that fires when ``produce`` has made one."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            value = hit[1]
+            now = self._now()
+            if now < value.refresh_at:
+                self.stats.hits += 1
+                return value
+            if now < value.expires_at:
+                self.stats.stale_served += 1
+                if key not in self._flights:
+                    self.stats.refreshes += 1
+                    self._start(key, serial, produce, background=True)
+                return value
+            self._drop(key)
+        self.stats.misses += 1
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._start(key, serial, produce, background=False)
+        else:
+            self.stats.coalesced += 1
+            flight.background = False
+        waiter: Deferred[V] = Deferred()
+        flight.waiters.append(waiter)
+        return waiter
+
+    def put(self, key: bytes, serial: int, value: V) -> None:
+        """Store a value made elsewhere (pre-signing, loading the persistent store)."""
+        if key in self._flights:
+            return
+        self._store(key, serial, value, notify=False)
+
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def invalidate(self, serials: Iterable[int] | None) -> None:
+        """Forget everything about ``serials`` (None: about every serial)."""
+        if serials is None:
+            self.stats.invalidated += len(self._entries)
+            self._entries.clear()
+            self._by_serial.clear()
+            for flight in self._flights.values():
+                flight.stale = True
+            return
+        wanted = set(serials)
+        for serial in wanted:
+            for key in self._by_serial.pop(serial, ()):
+                if self._entries.pop(key, None) is not None:
+                    self.stats.invalidated += 1
+        for flight in self._flights.values():
+            if flight.serial in wanted:
+                flight.stale = True
+
+    def keys_for(self, serial: int) -> frozenset[bytes]:
+        return frozenset(self._by_serial.get(serial, ()))
+
+    # --- internals -----------------------------------------------------------------
+
+    def _start(
+        self, key: bytes, serial: int, produce: Callable[[], Deferred[V]], background: bool
+    ) -> _Flight[V]:
+        flight: _Flight[V] = _Flight(serial=serial, background=background)
+        self._flights[key] = flight
+
+        def done(result: V | Failure) -> None:
+            if flight.stale and not isinstance(result, Failure):
+                # The status changed while we were signing: redo with fresh data.
+                flight.stale = False
+                produce().addBoth(done)
+                return
+            del self._flights[key]
+            if not isinstance(result, Failure):
+                self._store(key, serial, result, notify=True)
+            for waiter in flight.waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            if isinstance(result, Failure) and not flight.waiters:
+                # A background refresh failed: the old entry keeps being served
+                # until it expires; nothing else to report here.
+                result.trap(Exception)
+
+        try:
+            d = produce()
+        except Exception:
+            d = Deferred()
+            d.errback(Failure())
+        d.addBoth(done)
+        return flight
+
+    def _store(self, key: bytes, serial: int, value: V, notify: bool) -> None:
+        if key not in self._entries and len(self._entries) >= self._max:
+            self._evict()
+        self._entries[key] = (serial, value)
+        self._by_serial.setdefault(serial, set()).add(key)
+        if notify and self._on_store is not None:
+            self._on_store(key, serial, value)
+
+    def _drop(self, key: bytes) -> None:
+        hit = self._entries.pop(key, None)
+        if hit is not None:
+            keys = self._by_serial.get(hit[0])
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_serial[hit[0]]
+
+    def _evict(self) -> None:
+        """Drop expired entries; if none, the oldest tenth (dict order = insertion order)."""
+        now = self._now()
+        expired = [k for k, (_, v) in self._entries.items() if v.expires_at <= now]
+        if not expired:
+            expired = list(self._entries)[: max(1, self._max // 10)]
+        for key in expired:
+            self._drop(key)

@@ -1,0 +1,485 @@
+"""The configuration file, read and validated once at start-up.
+
+The YAML is turned into frozen dataclasses here and nowhere else, so every
+later stage can trust its input. Every error names the file and the dotted key
+(``handles.root.signer.key_label``) and says what is wrong; the process then
+exits non-zero before it listens on anything.
+
+Relative paths are resolved against the directory of the configuration file,
+so a config and the files it names can move together.
+
+Secrets are never read from the YAML itself: a PIN or Vault token comes from an
+environment variable (``pin_env``/``token_env``) or a file (``pin_file``/
+``token_file``), and the value is only read when the service starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hsmocsp.errors import ConfigError
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+_HANDLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_URL_PATH = re.compile(r"^/[A-Za-z0-9_./~-]*$")
+_RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """Where a secret lives; :meth:`read` fetches it only when needed."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    def read(self, what: str) -> str:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError("environment", self.env, f"{what} variable is not set")
+            return value
+        if self.file is not None:
+            try:
+                return self.file.read_text().strip()
+            except OSError as err:
+                raise ConfigError(
+                    str(self.file), what, f"cannot read: {err.strerror}"
+                ) from err
+        raise ConfigError("config", what, "no source given")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    name: str
+    module: Path
+    token_label: str | None
+    slot: int | None
+    pin: Secret
+    workers: int
+    max_queue: int
+    sign_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pkcs11KeyConfig:
+    token: str
+    key_label: str | None
+    key_id: bytes | None
+    kind: Literal["pkcs11"] = "pkcs11"
+
+
+@dataclass(frozen=True, slots=True)
+class FileKeyConfig:
+    key: Path
+    password: Secret | None
+    kind: Literal["file"] = "file"
+
+
+SignerConfig = Pkcs11KeyConfig | FileKeyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSSLSourceConfig:
+    index: Path
+    crl: Path | None
+    poll_interval: float
+    kind: Literal["openssl"] = "openssl"
+
+
+@dataclass(frozen=True, slots=True)
+class VaultAuthConfig:
+    method: Literal["token", "approle", "kubernetes"]
+    token: Secret | None = None
+    role_id: str | None = None
+    secret_id: Secret | None = None
+    role: str | None = None
+    jwt_file: Path | None = None
+    mount: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VaultTLSConfig:
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class VaultSourceConfig:
+    address: str
+    mount: str
+    namespace: str | None
+    auth: VaultAuthConfig
+    tls: VaultTLSConfig | None
+    cache_ttl: float
+    crl_refresh: float
+    request_timeout: float
+    kind: Literal["vault"] = "vault"
+
+
+SourceConfig = OpenSSLSourceConfig | VaultSourceConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HandleConfig:
+    name: str
+    path: str
+    issuer: Path | None
+    responder_cert: Path
+    signer: SignerConfig
+    source: SourceConfig
+    validity: float
+    max_age: float | None
+    refresh_fraction: float
+    nonce: Literal["echo", "ignore"]
+    publish_ca: str | None
+    publish_crl: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    listen: str
+    data_dir: Path | None
+    tokens: Mapping[str, TokenConfig]
+    handles: tuple[HandleConfig, ...]
+    max_request_size: int = 10_000
+    presign_rate: float = 50.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class _Reader:
+    """Typed access to one mapping of the YAML, naming the file and key on error."""
+
+    def __init__(self, file: Path, prefix: str, data: Any) -> None:
+        self.file = file
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a mapping, not {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str | None) -> str:
+        if name is None:
+            return self.prefix or "(top level)"
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str | None, problem: str) -> ConfigError:
+        return ConfigError(str(self.file), self.key(name), problem)
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def raw(self, name: str) -> Any:
+        self.used.add(name)
+        return self.data.get(name)
+
+    def sub(self, name: str) -> _Reader:
+        if not self.has(name):
+            raise self.error(name, "is required")
+        return _Reader(self.file, self.key(name), self.raw(name))
+
+    def str(self, name: str, default: str | None = None, required: bool = False) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            if required:
+                raise self.error(name, "is required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise self.error(name, "must be a non-empty string")
+        return value
+
+    def req_str(self, name: str) -> str:
+        value = self.str(name, required=True)
+        assert value is not None
+        return value
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, "must be a number")
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum:g}")
+        return float(value)
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, "must be an integer")
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}")
+        return value
+
+    def path(self, name: str, required: bool = False, must_exist: bool = True) -> Path | None:
+        value = self.str(name, required=required)
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = (self.file.parent / p).resolve()
+        if must_exist and not p.exists():
+            raise self.error(name, f"file {p} does not exist")
+        return p
+
+    def secret(self, stem: str, required: bool = True) -> Secret | None:
+        env, file = f"{stem}_env", f"{stem}_file"
+        if self.has(stem):
+            raise self.error(
+                stem, f"secrets are not read from the config; use {env} or {file}"
+            )
+        if self.has(env) and self.has(file):
+            raise self.error(env, f"give {env} or {file}, not both")
+        if self.has(env):
+            return Secret(env=self.req_str(env))
+        if self.has(file):
+            return Secret(file=self.path(file, must_exist=False))
+        if required:
+            raise self.error(env, f"is required ({env} or {file})")
+        return None
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _url_path(r: _Reader, name: str, required: bool = False) -> str | None:
+    value = r.str(name, required=required)
+    if value is None:
+        return None
+    if not _URL_PATH.match(value) or "//" in value:
+        raise r.error(name, f"{value!r} is not a URL path like /ocsp")
+    value = value.rstrip("/") or "/"
+    if value in _RESERVED_PATHS:
+        raise r.error(name, f"{value} is reserved for the service itself")
+    return value
+
+
+def _token(file: Path, name: str, data: Any) -> TokenConfig:
+    r = _Reader(file, f"tokens.{name}", data)
+    label = r.str("token_label")
+    slot = r.raw("slot")
+    if (label is None) == (slot is None):
+        raise r.error("token_label", "give token_label or slot (exactly one)")
+    if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int) or slot < 0):
+        raise r.error("slot", "must be a non-negative integer")
+    module = r.path("module", required=True)
+    assert module is not None
+    pin = r.secret("pin")
+    assert pin is not None
+    token = TokenConfig(
+        name=name,
+        module=module,
+        token_label=label,
+        slot=slot,
+        pin=pin,
+        workers=r.integer("workers", 2, minimum=1),
+        max_queue=r.integer("max_queue", 1000, minimum=1),
+        sign_timeout=r.number("sign_timeout", 10.0, minimum=0.1),
+    )
+    r.finish()
+    return token
+
+
+def _signer(r: _Reader, tokens: Mapping[str, TokenConfig]) -> SignerConfig:
+    if r.has("file"):
+        key = r.path("file", required=True)
+        assert key is not None
+        cfg: SignerConfig = FileKeyConfig(key=key, password=r.secret("password", required=False))
+        r.finish()
+        return cfg
+    token = r.str("token", required=True)
+    assert token is not None
+    if token not in tokens:
+        raise r.error("token", f"no token named {token!r} under tokens:")
+    label = r.str("key_label")
+    key_id_hex = r.raw("key_id")
+    if (label is None) == (key_id_hex is None):
+        raise r.error("key_label", "give key_label or key_id (exactly one)")
+    key_id: bytes | None = None
+    if key_id_hex is not None:
+        try:
+            key_id = bytes.fromhex(str(key_id_hex).replace(":", ""))
+        except ValueError as err:
+            raise r.error("key_id", "must be hex, like 0a1b or 0a:1b") from err
+        if not key_id:
+            raise r.error("key_id", "must not be empty")
+    r.finish()
+    return Pkcs11KeyConfig(token=token, key_label=label, key_id=key_id)
+
+
+def _vault_auth(r: _Reader) -> VaultAuthConfig:
+    method = r.str("method", default="token")
+    if method == "token":
+        cfg = VaultAuthConfig(method="token", token=r.secret("token"))
+    elif method == "approle":
+        cfg = VaultAuthConfig(
+            method="approle",
+            role_id=r.req_str("role_id"),
+            secret_id=r.secret("secret_id"),
+            mount=r.str("mount", default="approle"),
+        )
+    elif method == "kubernetes":
+        cfg = VaultAuthConfig(
+            method="kubernetes",
+            role=r.req_str("role"),
+            jwt_file=r.path(
+                "jwt_file", must_exist=False
+            ) or Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+            mount=r.str("mount", default="kubernetes"),
+        )
+    else:
+        raise r.error("method", f"{method!r} is not one of token, approle, kubernetes")
+    r.finish()
+    return cfg
+
+
+def _source(r: _Reader) -> SourceConfig:
+    kind = r.str("kind", required=True)
+    cfg: SourceConfig
+    if kind == "openssl":
+        index = r.path("index", required=True)
+        assert index is not None
+        cfg = OpenSSLSourceConfig(
+            index=index,
+            crl=r.path("crl"),
+            poll_interval=r.number("poll_interval", 2.0, minimum=0.1),
+        )
+    elif kind == "vault":
+        address = r.req_str("address")
+        if not address.startswith(("http://", "https://")):
+            raise r.error("address", "must start with http:// or https://")
+        tls: VaultTLSConfig | None = None
+        if r.has("tls"):
+            t = r.sub("tls")
+            tls = VaultTLSConfig(
+                ca_file=t.path("ca_file"), cert_file=t.path("cert_file"), key_file=t.path("key_file")
+            )
+            if (tls.cert_file is None) != (tls.key_file is None):
+                raise t.error("cert_file", "cert_file and key_file go together")
+            t.finish()
+        cfg = VaultSourceConfig(
+            address=address.rstrip("/"),
+            mount=r.req_str("mount").strip("/"),
+            namespace=r.str("namespace"),
+            auth=_vault_auth(r.sub("auth")) if r.has("auth") else _vault_auth(
+                _Reader(r.file, r.key("auth"), {"method": "token", "token_env": "VAULT_TOKEN"})
+            ),
+            tls=tls,
+            cache_ttl=r.number("cache_ttl", 60.0),
+            crl_refresh=r.number("crl_refresh", 300.0, minimum=1.0),
+            request_timeout=r.number("request_timeout", 5.0, minimum=0.1),
+        )
+    else:
+        raise r.error("kind", f"{kind!r} is not one of openssl, vault")
+    r.finish()
+    return cfg
+
+
+def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig]) -> HandleConfig:
+    if not _HANDLE_NAME.match(name):
+        raise ConfigError(str(file), f"handles.{name}", "name may use letters, digits, _ . -")
+    r = _Reader(file, f"handles.{name}", data)
+    path = _url_path(r, "path", required=True)
+    assert path is not None
+    source = _source(r.sub("source"))
+    issuer = r.path("issuer", required=isinstance(source, OpenSSLSourceConfig))
+    responder_cert = r.path("responder_cert", required=True)
+    assert responder_cert is not None
+    signer = _signer(r.sub("signer"), tokens)
+    validity = r.number("validity", 3600.0, minimum=60.0)
+    max_age = r.raw("max_age")
+    if max_age is not None:
+        max_age = r.number("max_age", 0.0)
+    refresh = r.number("refresh_fraction", 0.5)
+    if not 0.0 < refresh <= 1.0:
+        raise r.error("refresh_fraction", "must be in (0, 1]")
+    nonce = r.str("nonce", default="echo")
+    if nonce not in ("echo", "ignore"):
+        raise r.error("nonce", "must be echo or ignore")
+    publish_ca = publish_crl = None
+    if r.has("publish"):
+        p = r.sub("publish")
+        publish_ca = _url_path(p, "ca")
+        publish_crl = _url_path(p, "crl")
+        p.finish()
+    r.finish()
+    return HandleConfig(
+        name=name,
+        path=path,
+        issuer=issuer,
+        responder_cert=responder_cert,
+        signer=signer,
+        source=source,
+        validity=validity,
+        max_age=max_age,
+        refresh_fraction=refresh,
+        nonce=nonce,  # type: ignore[arg-type]
+        publish_ca=publish_ca,
+        publish_crl=publish_crl,
+    )
+
+
+def parse_config(file: Path, data: Any) -> Config:
+    """Validate already-loaded YAML ``data`` read from ``file``."""
+    r = _Reader(file, "", data)
+    tokens: dict[str, TokenConfig] = {}
+    if r.has("tokens"):
+        t = r.sub("tokens")
+        for name in t.data:
+            tokens[name] = _token(file, name, t.raw(name))
+    h = r.sub("handles")
+    if not h.data:
+        raise h.error(None, "at least one handle is required")
+    handles = tuple(_handle(file, str(name), h.raw(name), tokens) for name in h.data)
+    seen: dict[str, str] = {}
+    for handle in handles:
+        for kind, url in (
+            ("path", handle.path),
+            ("publish.ca", handle.publish_ca),
+            ("publish.crl", handle.publish_crl),
+        ):
+            if url is None:
+                continue
+            if url in seen:
+                raise ConfigError(
+                    str(file), f"handles.{handle.name}.{kind}", f"{url} is already used by {seen[url]}"
+                )
+            seen[url] = f"handles.{handle.name}.{kind}"
+    cfg = Config(
+        path=file,
+        listen=r.str("listen", default=DEFAULT_LISTEN) or DEFAULT_LISTEN,
+        data_dir=r.path("data_dir", must_exist=False),
+        tokens=tokens,
+        handles=handles,
+        max_request_size=r.integer("max_request_size", 10_000, minimum=256),
+        presign_rate=r.number("presign_rate", 50.0),
+    )
+    r.finish()
+    return cfg
+
+
+def load_config(file: Path) -> Config:
+    """Read and validate the YAML configuration at ``file``."""
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise ConfigError(str(file), "(file)", f"cannot read: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        raise ConfigError(str(file), where, f"not valid YAML: {getattr(err, 'problem', err)}") from err
+    return parse_config(file.resolve(), data)

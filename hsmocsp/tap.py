@@ -1,0 +1,247 @@
+"""``twistd hsmocsp``: options and the service tree.
+
+Start order: signing pools and sources first, then the handles check their
+responder certificates against the signers' keys, and only then does the
+listener open the port, so a responder that cannot answer never listens.
+Stop order is the reverse: listener, sources, HSM workers.
+
+A configuration error stops ``makeService`` with a one-line message; a
+start-up failure (wrong PIN, unreadable index, Vault refusing the token) is
+logged as one line and the process exits with status 1, so systemd's
+``Restart=on-failure`` and a container runtime see it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from twisted.application import service, strports
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from hsmocsp.config import (
+    Config,
+    FileKeyConfig,
+    HandleConfig,
+    OpenSSLSourceConfig,
+    TokenConfig,
+    VaultSourceConfig,
+    load_config,
+)
+from hsmocsp.errors import ConfigError, HsmOcspError
+from hsmocsp.responder import Handle
+from hsmocsp.signing import Signer
+from hsmocsp.sources import StatusSource
+from hsmocsp.web.app import OCSPApp
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE [--listen STRPORT]"
+    longdesc = "Serve OCSP (RFC 6960/5019) for several CAs, signing with a PKCS#11 HSM."
+    optParameters = [
+        ["config", "c", "etc/hsmocsp.yaml", "YAML configuration file."],
+        ["listen", "l", None, "Listen endpoint (strports), overrides the config's listen."],
+    ]
+
+    def postOptions(self) -> None:
+        path = Path(self["config"])
+        try:
+            self["parsed"] = load_config(path)
+        except ConfigError as err:
+            raise usage.UsageError(f"configuration error: {err}") from err
+
+
+def _load_cert(path: Path, key: str, cfg: Config) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(str(cfg.path), key, f"cannot read {path}: {err.strerror}") from err
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as err:
+        raise ConfigError(str(cfg.path), key, f"{path} is not a certificate: {err}") from err
+
+
+class ResponderService(service.MultiService):
+    """Owns pools, sources, handles and (last) the listening port."""
+
+    def __init__(self, cfg: Config, reactor: Any, listen: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reactor = reactor
+        self.listen = listen or cfg.listen
+        self.pools: dict[str, Any] = {}
+        self.signers: list[Signer] = []
+        self.sources: list[StatusSource] = []
+        self.handles: list[Handle] = [self._build_handle(h) for h in cfg.handles]
+        self.app = OCSPApp(
+            self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size
+        )
+        for handle in self.handles:
+            handle._on_signed = self.app.metrics.signed
+        self.port_service: service.Service | None = None
+        self.started: Deferred[None] = Deferred()
+
+    # --- building (synchronous, at makeService time) ------------------------------------
+
+    def _pool(self, token: TokenConfig) -> Any:
+        from hsmocsp.signing.pool import TokenPool
+
+        pool = self.pools.get(token.name)
+        if pool is None:
+            pin = token.pin.read(f"tokens.{token.name}.pin")
+            pool = self.pools[token.name] = TokenPool(
+                module=str(token.module),
+                token_label=token.token_label,
+                slot=token.slot,
+                pin=pin,
+                workers=token.workers,
+                max_queue=token.max_queue,
+                sign_timeout=token.sign_timeout,
+                reactor=self.reactor,
+            )
+        return pool
+
+    def _signer(self, h: HandleConfig) -> Signer:
+        if isinstance(h.signer, FileKeyConfig):
+            from hsmocsp.signing.filekey import FileSigner
+
+            pw = h.signer.password
+            return FileSigner(
+                str(h.signer.key),
+                password_env=pw.env if pw else None,
+                password_file=str(pw.file) if pw and pw.file else None,
+            )
+        from hsmocsp.signing.pool import KeyRef, Pkcs11Signer
+
+        pool = self._pool(self.cfg.tokens[h.signer.token])
+        return Pkcs11Signer(pool, KeyRef(label=h.signer.key_label, key_id=h.signer.key_id))
+
+    def _source(self, h: HandleConfig, issuer: x509.Certificate | None) -> StatusSource:
+        src = h.source
+        if isinstance(src, OpenSSLSourceConfig):
+            from hsmocsp.sources.openssl import OpenSSLSource
+
+            assert issuer is not None
+            return OpenSSLSource(
+                issuer=issuer,
+                index_path=src.index,
+                crl_path=src.crl,
+                poll_interval=src.poll_interval,
+                reactor=self.reactor,
+            )
+        assert isinstance(src, VaultSourceConfig)
+        from hsmocsp.sources.vaultfactory import make_vault_source
+
+        return make_vault_source(src, f"handles.{h.name}.source", self.reactor)
+
+    def _build_handle(self, h: HandleConfig) -> Handle:
+        issuer = _load_cert(h.issuer, f"handles.{h.name}.issuer", self.cfg) if h.issuer else None
+        responder = _load_cert(h.responder_cert, f"handles.{h.name}.responder_cert", self.cfg)
+        signer = self._signer(h)
+        source = self._source(h, issuer)
+        self.signers.append(signer)
+        self.sources.append(source)
+        return Handle(
+            name=h.name,
+            path=h.path,
+            source=source,
+            signer=signer,
+            responder_cert=responder,
+            validity=h.validity,
+            refresh_fraction=h.refresh_fraction,
+            max_age=h.max_age,
+            nonce_policy=h.nonce,
+            now=self.reactor.seconds,
+            publish_ca=h.publish_ca,
+            publish_crl=h.publish_crl,
+        )
+
+    # --- running -----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = ensureDeferred(self._start())
+        d.addErrback(self._fatal)
+        d.chainDeferred(self.started)
+
+    async def _start(self) -> None:
+        await _all([pool.start() for pool in self.pools.values()])
+        await _all([signer.start() for signer in self.signers])
+        await _all([source.start() for source in self.sources])
+        for handle in self.handles:
+            handle.prepare()
+        site = Site(self.app.resource())
+        site.noisy = False
+        site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
+        self.port_service = strports.service(self.listen, site)
+        self.port_service.setServiceParent(self)
+        for handle in self.handles:
+            log.info(
+                "handle {name}: serving {path} ({n} issuer(s))",
+                name=handle.name,
+                path=handle.path,
+                n=len(handle.source.issuers()),
+            )
+        log.info("hsmocsp listening on {listen}", listen=self.listen)
+
+    def _fatal(self, failure: Any) -> None:
+        if failure.check(HsmOcspError):
+            log.critical("hsmocsp cannot start: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("hsmocsp cannot start", failure)
+        if IReactorCore.providedBy(self.reactor) and self.reactor.running:
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        async def stop() -> None:
+            if self.port_service is not None and self.port_service.running:
+                await self.port_service.stopService()  # type: ignore[misc]
+            await _all([source.stop() for source in self.sources])
+            await _all([signer.stop() for signer in self.signers])
+            await _all([pool.stop() for pool in self.pools.values()])
+
+        self.running = False
+        return ensureDeferred(stop())
+
+
+async def _all(ds: Sequence[Deferred[Any]]) -> None:
+    """Wait for every Deferred; re-raise the first failure (after all have settled)."""
+    results = await DeferredList(list(ds), consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    cfg: Config = options["parsed"]
+    try:
+        return ResponderService(cfg, reactor, options["listen"])
+    except ConfigError as err:
+        raise SystemExit(f"hsmocsp: configuration error: {err}") from err
+    except HsmOcspError as err:
+        raise SystemExit(f"hsmocsp: {err}") from err
+
+
+__all__ = ["Options", "ResponderService", "makeService"]

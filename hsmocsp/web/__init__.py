@@ -1,0 +1,1 @@
+"""HTTP layer: the Klein app (OCSP, published CA/CRL, probes, metrics)."""

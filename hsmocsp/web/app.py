@@ -1,0 +1,245 @@
+"""The HTTP face of the responder: OCSP per handle, published CA/CRL files, probes.
+
+Routes live on an :class:`OCSPApp` instance (``self.router``), built from the
+handles it is given; nothing is global. GET requests are decoded from the RAW
+request URI, because Twisted unquotes ``request.path`` and a ``%2F`` inside the
+base64 would otherwise turn into a path separator; the router is told not to
+merge ``//`` or redirect on trailing slashes (OCSP clients follow no redirects).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from email.utils import formatdate
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from hsmocsp.errors import HsmOcspError, MalformedRequest
+from hsmocsp.ocsp.request import decode_get_path, parse_request
+from hsmocsp.ocsp.response import ResponseStatus, error_response
+from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
+from hsmocsp.web.metrics import Metrics
+
+log = Logger()
+
+OCSP_REQUEST = b"application/ocsp-request"
+OCSP_RESPONSE = b"application/ocsp-response"
+NO_CACHE = b"max-age=0, no-cache, no-store"
+
+
+def _http_date(seconds: float) -> bytes:
+    return formatdate(seconds, usegmt=True).encode("ascii")
+
+
+class OCSPApp:
+    """Klein routes for a set of handles."""
+
+    def __init__(
+        self,
+        handles: Sequence[Handle],
+        *,
+        now: Callable[[], float],
+        max_request_size: int = 10_000,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.handles = list(handles)
+        self._now = now
+        self.max_request_size = max_request_size
+        self.metrics = metrics or Metrics(self.handles)
+        self.router = Klein()
+        self.router.url_map.merge_slashes = False
+        self.router.url_map.strict_slashes = False
+        route = self.router.route
+        route("/healthz", methods=["GET", "HEAD"])(self.healthz)
+        route("/readyz", methods=["GET", "HEAD"])(self.readyz)
+        route("/metrics", methods=["GET"])(self.metrics_page)
+        for handle in self.handles:
+            self._add_handle(handle)
+
+    def resource(self) -> Any:
+        return self.router.resource()
+
+    # --- OCSP ----------------------------------------------------------------------
+
+    def _add_handle(self, handle: Handle) -> None:
+        prefix = handle.path.rstrip("/")
+
+        def post(request: IRequest) -> Any:
+            return self.ocsp_post(handle, request)
+
+        def get(request: IRequest, **_: Any) -> Any:
+            return self.ocsp_get(handle, prefix, request)
+
+        def other(request: IRequest, **_: Any) -> bytes:
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, POST")
+            return b"method not allowed\n"
+
+        endpoint = f"ocsp:{handle.name}"
+        self.router.route(prefix or "/", methods=["POST"], endpoint=endpoint + ":post")(post)
+        self.router.route(
+            (prefix or "") + "/", branch=True, methods=["GET", "HEAD"], endpoint=endpoint + ":get"
+        )(get)
+        self.router.route(
+            prefix or "/", branch=True, methods=["PUT", "DELETE", "PATCH"], endpoint=endpoint + ":x"
+        )(other)
+        for url, content_type, body in (
+            (handle.publish_ca, b"application/pkix-cert", handle_ca_der),
+            (handle.publish_crl, b"application/pkix-crl", handle_crl_der),
+        ):
+            if url is not None:
+                self.router.route(url, methods=["GET", "HEAD"], endpoint=f"pub:{url}")(
+                    self._publisher(handle, content_type, body)
+                )
+
+    def ocsp_post(self, handle: Handle, request: IRequest) -> Any:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype != OCSP_REQUEST:
+            request.setResponseCode(415)
+            request.setHeader(b"Cache-Control", NO_CACHE)
+            return b"Content-Type must be application/ocsp-request\n"
+        body = request.content.read(self.max_request_size + 1)  # type: ignore[attr-defined]
+        if len(body) > self.max_request_size:
+            request.setResponseCode(413)
+            request.setHeader(b"Cache-Control", NO_CACHE)
+            return b"request too large\n"
+        return self._answer(handle, request, body, "POST")
+
+    def ocsp_get(self, handle: Handle, prefix: str, request: IRequest) -> Any:
+        raw = request.uri.split(b"?", 1)[0].decode("latin-1")  # type: ignore[attr-defined]
+        tail = raw[len(prefix):] if raw.startswith(prefix) else raw
+        try:
+            if len(tail) > self.max_request_size * 2:
+                raise MalformedRequest("request too large")
+            der = decode_get_path(tail)
+        except MalformedRequest as err:
+            return self._error(handle, request, ResponseStatus.malformedRequest, str(err), "GET")
+        return self._answer(handle, request, der, "GET")
+
+    def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
+        try:
+            info = parse_request(der)
+            result = handle.respond(info)
+        except HsmOcspError as err:
+            return self._error(handle, request, ocsp_status_for(Failure(err)), str(err), method)
+        if isinstance(result, SignedResponse):
+            return self._success(handle, request, result, method)
+        d: Deferred[Any] = Deferred()
+
+        def ok(response: SignedResponse) -> None:
+            if not d.called:
+                d.callback(self._success(handle, request, response, method))
+
+        def failed(failure: Failure) -> None:
+            status = ocsp_status_for(failure)
+            if status == ResponseStatus.internalError:
+                log.failure("handle {handle}: internal error", failure, handle=handle.name)
+            if not d.called:
+                d.callback(self._error(handle, request, status, failure.getErrorMessage(), method))
+
+        # The shared work must survive a client that disconnects: Klein cancels the
+        # Deferred we return, not the one the cache/signer is working on.
+        result.addCallbacks(ok, failed)
+        return d
+
+    def _success(
+        self, handle: Handle, request: IRequest, response: SignedResponse, method: str
+    ) -> bytes:
+        self.metrics.response(handle.name, "successful", method)
+        request.setHeader(b"Content-Type", OCSP_RESPONSE)
+        if response.cacheable:
+            max_age = handle.max_age_for(response)
+            request.setHeader(
+                b"Cache-Control",
+                b"max-age=%d, public, no-transform, must-revalidate" % max_age,
+            )
+            request.setHeader(b"Last-Modified", _http_date(response.this_update))
+            request.setHeader(b"Expires", _http_date(response.next_update))
+            request.setHeader(b"ETag", response.etag.encode("ascii"))
+            if request.getHeader(b"if-none-match") == response.etag.encode("ascii"):
+                request.setResponseCode(304)
+                return b""
+        else:
+            request.setHeader(b"Cache-Control", NO_CACHE)
+        return response.der
+
+    def _error(
+        self, handle: Handle, request: IRequest, status: ResponseStatus, why: str, method: str
+    ) -> bytes:
+        self.metrics.response(handle.name, status.name, method)
+        if status != ResponseStatus.internalError:
+            log.debug("handle {handle}: {status}: {why}", handle=handle.name, status=status.name,
+                      why=why)
+        request.setHeader(b"Content-Type", OCSP_RESPONSE)
+        request.setHeader(b"Cache-Control", NO_CACHE)
+        return error_response(status)
+
+    # --- published files -----------------------------------------------------------
+
+    def _publisher(
+        self, handle: Handle, content_type: bytes, body: Callable[[Handle], bytes | None]
+    ) -> Callable[[IRequest], bytes]:
+        def serve(request: IRequest) -> bytes:
+            data = body(handle)
+            if data is None:
+                request.setResponseCode(404)
+                return b"not available\n"
+            request.setHeader(b"Content-Type", content_type)
+            request.setHeader(b"Cache-Control", b"max-age=300, public")
+            return data
+
+        return serve
+
+    # --- probes --------------------------------------------------------------------
+
+    def healthz(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain")
+        return b"ok\n"
+
+    def readyz(self, request: IRequest) -> Deferred[bytes]:
+        def one(handle: Handle) -> Deferred[tuple[str, bool, str]]:
+            if not handle.ready():
+                return Deferred.fromCoroutine(_const((handle.name, False, "source not ready")))
+            d = handle.signer.check()
+            d.addCallbacks(
+                lambda _: (handle.name, True, "ok"),
+                lambda f: (handle.name, False, f"signer: {f.getErrorMessage()}"),
+            )
+            return d
+
+        def render(results: list[tuple[str, bool, str]]) -> bytes:
+            ok = all(r[1] for r in results)
+            request.setResponseCode(200 if ok else 503)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", NO_CACHE)
+            body = {"ready": ok, "handles": {n: {"ready": r, "detail": why} for n, r, why in results}}
+            return json.dumps(body, indent=1).encode() + b"\n"
+
+        return gatherResults([one(h) for h in self.handles]).addCallback(render)
+
+    def metrics_page(self, request: IRequest) -> bytes:
+        content_type, body = self.metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode())
+        return body
+
+
+async def _const(value: tuple[str, bool, str]) -> tuple[str, bool, str]:
+    return value
+
+
+def handle_ca_der(handle: Handle) -> bytes | None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    issuers = handle.source.issuers()
+    return issuers[0].public_bytes(Encoding.DER) if issuers else None
+
+
+def handle_crl_der(handle: Handle) -> bytes | None:
+    issuers = handle.source.issuers()
+    return handle.source.crl_der(issuers[0]) if issuers else None

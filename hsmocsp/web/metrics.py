@@ -1,0 +1,78 @@
+"""Prometheus metrics, one registry per app (no process-global state).
+
+Gauges are fed by functions at scrape time (cache size, signer queue depth,
+source age), so the request path only bumps one counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from hsmocsp.responder import Handle
+
+
+class Metrics:
+    def __init__(self, handles: Sequence[Handle]) -> None:
+        self.registry = CollectorRegistry()
+        self._responses = Counter(
+            "hsmocsp_responses",
+            "OCSP responses sent, by handle, OCSP response status and HTTP method",
+            ["handle", "status", "method"],
+            registry=self.registry,
+        )
+        self._sign_latency = Histogram(
+            "hsmocsp_sign_seconds",
+            "Time from handing tbsResponseData to the signer to getting the signature",
+            ["handle"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str, str], Any] = {}
+        cache_hits = Gauge("hsmocsp_cache_hits", "Signed-response cache hits", ["handle"],
+                           registry=self.registry)
+        cache_misses = Gauge("hsmocsp_cache_misses", "Signed-response cache misses", ["handle"],
+                             registry=self.registry)
+        cache_size = Gauge("hsmocsp_cache_entries", "Signed responses held", ["handle"],
+                           registry=self.registry)
+        signatures = Gauge("hsmocsp_signatures", "Signatures made", ["handle"],
+                           registry=self.registry)
+        in_flight = Gauge("hsmocsp_sign_in_flight", "Distinct signatures being produced",
+                          ["handle"], registry=self.registry)
+        queue = Gauge("hsmocsp_signer_queue_depth", "Requests waiting for a signing worker",
+                      ["handle"], registry=self.registry)
+        generation = Gauge("hsmocsp_source_generation", "Times the source data changed",
+                           ["handle"], registry=self.registry)
+        ready = Gauge("hsmocsp_source_ready", "1 when the source is loaded and reachable",
+                      ["handle"], registry=self.registry)
+        for h in handles:
+            cache_hits.labels(h.name).set_function(lambda h=h: h.cache.stats.hits)
+            cache_misses.labels(h.name).set_function(lambda h=h: h.cache.stats.misses)
+            cache_size.labels(h.name).set_function(lambda h=h: len(h.cache))
+            signatures.labels(h.name).set_function(lambda h=h: h.signatures)
+            in_flight.labels(h.name).set_function(lambda h=h: h.cache.in_flight())
+            queue.labels(h.name).set_function(lambda h=h: _queue_depth(h))
+            generation.labels(h.name).set_function(lambda h=h: h.source.generation)
+            ready.labels(h.name).set_function(lambda h=h: 1 if h.source.ready() else 0)
+
+    def response(self, handle: str, status: str, method: str) -> None:
+        key = (handle, status, method)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._responses.labels(handle, status, method)
+        child.inc()
+
+    def signed(self, handle: str, seconds: float) -> None:
+        self._sign_latency.labels(handle).observe(seconds)
+
+    def render(self) -> tuple[str, bytes]:
+        return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+
+def _queue_depth(handle: Handle) -> float:
+    probe = getattr(handle.signer, "queue_depth", None)
+    return float(probe()) if callable(probe) else 0.0
