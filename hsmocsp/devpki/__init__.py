@@ -2,19 +2,23 @@
 
 ``hsmocsp-devpki --dir var/devpki`` (or ``python -m hsmocsp.devpki``) builds, idempotently,
 everything the responder needs to run against real tools on one machine. Tests use the
-Python API (:func:`build_level1`, :func:`revoke`, :func:`regen_crl`).
+Python API (:func:`build_level1`, :func:`revoke`, :func:`regen_crl`, :func:`issue_leaf`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from hsmocsp.devpki.cli import main
+from hsmocsp.devpki.opensslca import DevPki, build_level1, issue_leaf, regen_crl, revoke
+from hsmocsp.devpki.tools import CommandError, DevPkiError, MissingToolError
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point (imports lazily so ``import hsmocsp.devpki`` stays cheap)."""
-    from hsmocsp.devpki.cli import main as _main
-
-    return _main(argv)
-
-
-__all__ = ["main"]
+__all__ = [
+    "CommandError",
+    "DevPki",
+    "DevPkiError",
+    "MissingToolError",
+    "build_level1",
+    "issue_leaf",
+    "main",
+    "regen_crl",
+    "revoke",
+]
