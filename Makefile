@@ -1,0 +1,64 @@
+# hsmocsp: two commands for a newcomer on Debian.
+#   make run   - install what is missing, build the dev PKI, serve on http://127.0.0.1:8080
+#   make test  - install what is missing, run the whole test suite
+# Both are idempotent: a second run installs and rebuilds nothing that exists.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEVPKI := var/devpki
+CONFIG ?= etc/hsmocsp-dev.yaml
+LISTEN ?= tcp:8080:interface=127.0.0.1
+APT_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl openssl
+BENCH_PACKAGES := wrk nginx-light golang-cfssl
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test deps venv devpki lint check bench clean distclean
+
+deps: .deps.stamp
+.deps.stamp: Makefile
+	@missing=""; for p in $(APT_PACKAGES) python3-venv; do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml | .deps.stamp
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+devpki: venv
+	$(BIN)/hsmocsp-devpki --dir $(DEVPKI)
+
+run: devpki
+	$(BIN)/python -m hsmocsp.devpki.run --dir $(DEVPKI) --config $(CONFIG) --listen '$(LISTEN)'
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: venv
+	$(BIN)/ruff check hsmocsp twisted tests bench
+	$(BIN)/mypy hsmocsp twisted/plugins
+
+check: lint test
+
+bench: venv
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	$(BIN)/python -m bench.compare
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+
+distclean: clean
+	rm -rf $(VENV) var .deps.stamp
