@@ -1,0 +1,104 @@
+"""A signer whose key lives on a PKCS#11 token, signing through a :class:`TokenPool`.
+
+RSA keys use CKM_SHA{256,384,512}_RSA_PKCS, so the token hashes. EC keys use
+CKM_ECDSA on a digest taken here: CKM_ECDSA_SHA256/384 are missing from many
+tokens, and hashing a few KiB in Python costs microseconds. The token's r || s
+is re-encoded as the DER Ecdsa-Sig-Value that X.509 and OCSP verifiers expect.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from hsmocsp.errors import SignerError
+from hsmocsp.signing.algorithms import SignatureAlgorithm, choose_algorithm, ecdsa_raw_to_der
+from hsmocsp.signing.pool import KeyRef, TokenPool
+
+
+class Pkcs11Signer:
+    """Implements :class:`hsmocsp.signing.Signer` for one key of a (shared) pool.
+
+    With ``owns_pool=True`` the signer starts and stops the pool itself, which
+    suits a single-key setup; otherwise the pool's owner does.
+    """
+
+    def __init__(
+        self,
+        pool: TokenPool,
+        key: KeyRef,
+        *,
+        rsa_hash: str = "sha256",
+        owns_pool: bool = False,
+    ) -> None:
+        self._pool = pool
+        self._key = key
+        self._rsa_hash = rsa_hash
+        self._owns_pool = owns_pool
+        self._public_key: PublicKeyTypes | None = None
+        self._algorithm: SignatureAlgorithm | None = None
+
+    def __repr__(self) -> str:
+        return f"<Pkcs11Signer {self._key} on {self._pool!r}>"
+
+    @property
+    def key(self) -> KeyRef:
+        return self._key
+
+    @property
+    def algorithm(self) -> SignatureAlgorithm:
+        """The chosen algorithm (mechanism name, digest); known once started."""
+        if self._algorithm is None:
+            raise SignerError(f"{self!r}: signer not started")
+        return self._algorithm
+
+    @property
+    def signature_algorithm_der(self) -> bytes:
+        return self.algorithm.algorithm_identifier_der
+
+    def public_key(self) -> PublicKeyTypes:
+        if self._public_key is None:
+            raise SignerError(f"{self!r}: signer not started")
+        return self._public_key
+
+    def start(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        if self._owns_pool:
+            await self._pool.start()
+        spki = await self._pool.public_key(self._key)
+        try:
+            public_key = serialization.load_der_public_key(spki)
+        except ValueError as err:
+            raise SignerError(f"{self!r}: token returned an unreadable public key") from err
+        try:
+            algorithm = choose_algorithm(public_key, self._rsa_hash)
+        except SignerError as err:
+            raise SignerError(f"{self!r}: {err}") from err
+        self._public_key = public_key
+        self._algorithm = algorithm
+
+    def stop(self) -> Deferred[None]:
+        if self._owns_pool:
+            return self._pool.stop()
+        return defer.succeed(None)
+
+    def sign(self, data: bytes) -> Deferred[bytes]:
+        try:
+            algorithm = self.algorithm
+        except SignerError:
+            return defer.fail()
+        if algorithm.prehash:
+            h = hashes.Hash(algorithm.digest)
+            h.update(data)
+            data = h.finalize()
+        d = self._pool.sign(self._key, algorithm.mechanism, data)
+        if algorithm.is_ecdsa:
+            d.addCallback(ecdsa_raw_to_der)
+        return d
+
+    def check(self) -> Deferred[None]:
+        return self._pool.check()

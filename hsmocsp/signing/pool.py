@@ -1,0 +1,528 @@
+"""A pool of signing worker processes, each holding one logged-in PKCS#11 session.
+
+Why processes (measured, see docs/design-signing.md): PyKCS11 holds the GIL for
+the whole of C_Sign, so a signing thread freezes the reactor, and two threads
+sign no faster than one. Worker processes sign in parallel and the reactor only
+ever waits on a pipe.
+
+The bridge is Twisted's own ``spawnProcess`` with length-prefixed JSON frames
+(:mod:`hsmocsp.signing.wire`), not ``ProcessPoolExecutor``: the pool has to know
+which worker holds which request, so that a dead worker fails exactly its own
+request, a hung one can be killed alone, and one crash never breaks the pool.
+
+Policy, all in this file:
+
+* dispatch: one request per worker at a time; others wait in a FIFO of at most
+  ``max_queue`` entries; beyond that ``sign`` fails at once with
+  SignerUnavailable (load shedding -> tryLater).
+* timeout: a caller waits at most ``timeout`` seconds, queue time included; a
+  worker busy on one request for longer than ``timeout`` is killed (hung HSM).
+* restart: a worker that exits (crash, kill -9, fatal session error) fails its
+  in-flight request with SignerUnavailable and is replaced, at once the first
+  time, then with exponential back-off while replacements keep failing. While no
+  worker is up or starting, requests fail fast instead of queueing.
+* secrets: the PIN travels in the first frame on the worker's stdin, never in
+  argv, the environment, logs or exception messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import hsmocsp
+from hsmocsp.errors import SignerError, SignerUnavailable
+from hsmocsp.signing import wire
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """Names a key on the token by CKA_LABEL, CKA_ID or both."""
+
+    label: str | None = None
+    key_id: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.label is None and self.key_id is None:
+            raise ValueError("KeyRef needs a label or a key_id")
+
+    def __str__(self) -> str:
+        parts = []
+        if self.label is not None:
+            parts.append(f"label={self.label!r}")
+        if self.key_id is not None:
+            parts.append(f"id={self.key_id.hex()}")
+        return " ".join(parts)
+
+
+class _Request:
+    def __init__(self, pool: TokenPool, message: dict[str, Any]) -> None:
+        self.message = message
+        self.deferred: Deferred[bytes] = Deferred(self._cancel)
+        self.pool = pool
+        self.worker: _Worker | None = None
+        self.deadline: IDelayedCall | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.deferred.called
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        # The HTTP client went away. A queued request leaves the queue; an
+        # in-flight one is abandoned and its reply dropped when it comes.
+        self.pool._forget(self)
+
+    def finish(self, result: bytes | Exception) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+        if not self.done:
+            if isinstance(result, Exception):
+                self.deferred.errback(result)
+            else:
+                self.deferred.callback(result)
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.decoder = wire.Decoder()
+        self.stderr = bytearray()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1:
+            try:
+                messages = self.decoder.feed(data)
+            except wire.FrameError as err:
+                log.error("signing worker {pid} sent garbage ({err}); killing it",
+                          pid=self.worker.pid, err=err)
+                self.worker.kill()
+                return
+            for message in messages:
+                self.worker.received(message)
+        else:
+            self.stderr += data
+            while b"\n" in self.stderr:
+                line, _, rest = self.stderr.partition(b"\n")
+                self.stderr = bytearray(rest)
+                log.warn("signing worker {pid}: {line}", pid=self.worker.pid,
+                         line=line.decode(errors="replace"))
+            if len(self.stderr) > 4096:
+                del self.stderr[:-4096]
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.stderr:
+            log.warn("signing worker {pid}: {line}", pid=self.worker.pid,
+                     line=self.stderr.decode(errors="replace"))
+        self.worker.ended(reason)
+
+
+class _Worker:
+    """The parent's view of one worker process."""
+
+    def __init__(self, pool: TokenPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.state = "starting"  # -> ready -> (stopping) -> dead
+        self.transport: IProcessTransport | None = None
+        self.pid: int | None = None
+        self.request: _Request | None = None
+        self.hang_timer: IDelayedCall | None = None
+        self.ready: Deferred[None] = Deferred()
+        self.exited: Deferred[None] = Deferred()
+        self.init_failure: str | None = None
+
+    def spawn(self, init: dict[str, Any]) -> None:
+        env = dict(os.environ)
+        # The worker imports hsmocsp; make that work from a source checkout too.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(hsmocsp.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH")) if p
+        )
+        protocol = _WorkerProtocol(self)
+        self.transport = self.pool._reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, "-m", "hsmocsp.signing.worker"],
+            env=env,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+        self.pid = self.transport.pid
+        self.transport.write(wire.encode(init))
+        self.hang_timer = self.pool._reactor.callLater(self.pool.start_timeout, self._init_hung)
+
+    def _init_hung(self) -> None:
+        self.hang_timer = None
+        self.init_failure = f"worker did not log in within {self.pool.start_timeout:g} s"
+        log.error("signing worker {pid}: {problem}; killing it", pid=self.pid,
+                  problem=self.init_failure)
+        self.kill()
+
+    def send(self, request: _Request) -> None:
+        assert self.transport is not None and self.request is None
+        self.request = request
+        request.worker = self
+        self.transport.write(wire.encode(request.message))
+        self.hang_timer = self.pool._reactor.callLater(self.pool.timeout, self._hung)
+
+    def _hung(self) -> None:
+        self.hang_timer = None
+        log.error("signing worker {pid} busy for more than {timeout} s; killing it",
+                  pid=self.pid, timeout=self.pool.timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.transport is not None and self.state != "dead":
+            try:
+                self.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+    def close(self) -> None:
+        """Ask the worker to exit once its current request is answered (EOF on stdin)."""
+        if self.transport is not None and self.state != "dead":
+            self.transport.closeStdin()
+
+    def _cancel_timer(self) -> None:
+        if self.hang_timer is not None and self.hang_timer.active():
+            self.hang_timer.cancel()
+        self.hang_timer = None
+
+    def received(self, message: dict[str, Any]) -> None:
+        self._cancel_timer()
+        if self.state == "starting":
+            if message.get("ok") is True:
+                self.state = "ready"
+                self.ready.callback(None)
+                self.pool._worker_ready(self)
+            else:
+                self.init_failure = str(message.get("message", "worker init failed"))
+            return
+        request, self.request = self.request, None
+        if request is None or message.get("id") != request.message.get("id"):
+            log.error("signing worker {pid} answered a request it was not given; killing it",
+                      pid=self.pid)
+            self.kill()
+            return
+        request.worker = None
+        if message.get("ok") is True:
+            try:
+                result = wire.unb64(message.get("result_b64", ""))
+            except wire.FrameError as err:
+                request.finish(SignerError(f"bad reply from signing worker: {err}"))
+            else:
+                request.finish(result)
+        else:
+            text = str(message.get("message", "signing failed"))
+            exc: Exception = (
+                SignerError(text) if message.get("kind") == "error" else SignerUnavailable(text)
+            )
+            request.finish(exc)
+        self.pool._worker_idle(self)
+
+    def ended(self, reason: Failure) -> None:
+        self._cancel_timer()
+        was = self.state
+        self.state = "dead"
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = f"signal {sig}" if sig else f"exit code {code}"
+        if was == "starting":
+            problem = self.init_failure or f"worker exited during start-up ({how})"
+            self.ready.errback(SignerError(problem))
+        request, self.request = self.request, None
+        if request is not None:
+            request.worker = None
+            request.finish(SignerUnavailable(f"signing worker {self.pid} died ({how})"))
+        self.exited.callback(None)
+        self.pool._worker_ended(self, was, how)
+
+
+class TokenPool:
+    """Worker processes signing with keys on one PKCS#11 token.
+
+    One pool per token; several :class:`~hsmocsp.signing.pkcs11.Pkcs11Signer`
+    may share it. ``start``/``stop`` belong to whoever built the pool (the
+    service tree), not to the signers.
+    """
+
+    def __init__(
+        self,
+        *,
+        module: str,
+        token_label: str | None,
+        slot: int | None,
+        pin: str,
+        workers: int = 2,
+        max_queue: int = 1000,
+        timeout: float = 10.0,
+        start_timeout: float = 30.0,
+        max_restart_delay: float = 10.0,
+        reactor: Any = None,
+    ) -> None:
+        if token_label is None and slot is None:
+            raise SignerError(f"PKCS#11 module {module}: give a token label or a slot")
+        if workers < 1:
+            raise SignerError(f"PKCS#11 module {module}: workers must be at least 1")
+        if max_queue < 0:
+            raise SignerError(f"PKCS#11 module {module}: max_queue must not be negative")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+        self.module = module
+        self.token_label = token_label
+        self.slot = slot
+        self._pin = pin
+        self.workers = workers
+        self.max_queue = max_queue
+        self.timeout = timeout
+        self.start_timeout = start_timeout
+        self.max_restart_delay = max_restart_delay
+        self._live: list[_Worker] = []
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._ids = itertools.count(1)
+        self._numbers = itertools.count(1)
+        self._running = False
+        self._failures = 0  # consecutive failed (re)starts, for back-off
+        self._restarts: list[IDelayedCall] = []
+
+    def __repr__(self) -> str:
+        # Never the PIN.
+        return f"<TokenPool {self._where} workers={self.workers}>"
+
+    @property
+    def _where(self) -> str:
+        if self.token_label is None:
+            return f"slot {self.slot} in PKCS#11 module {self.module}"
+        token = f"token {self.token_label!r}"
+        return f"{token} in PKCS#11 module {self.module}"
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Spawn the workers; fires when every one is logged in.
+
+        Fails with SignerError (module missing, token missing, wrong PIN...) after
+        stopping any worker that did start.
+        """
+        if self._running:
+            return defer.succeed(None)
+        self._running = True
+        workers = [self._spawn() for _ in range(self.workers)]
+        readies = defer.DeferredList(
+            [w.ready for w in workers], fireOnOneErrback=False, consumeErrors=True
+        )
+
+        def check(results: list[tuple[bool, Any]]) -> Deferred[None]:
+            failures = [r for ok, r in results if not ok]
+            if not failures:
+                log.info("signing pool up: {n} workers on {where}", n=self.workers,
+                         where=self._where)
+                return defer.succeed(None)
+            err = failures[0].value
+            message = str(err) if isinstance(err, SignerError) else repr(err)
+            if self._where not in message:
+                message = f"{self._where}: {message}"
+            d = self.stop()
+            d.addCallback(lambda _: defer.fail(SignerError(message)))
+            return d
+
+        return readies.addCallback(check)
+
+    def stop(self) -> Deferred[None]:
+        """Fail queued requests, let in-flight ones finish, end every worker.
+
+        A worker still running ``timeout`` seconds after being asked to exit is
+        killed, so stop always completes.
+        """
+        self._running = False
+        for call in self._restarts:
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        while self._queue:
+            self._queue.popleft().finish(SignerUnavailable("signing pool stopping"))
+        workers = list(self._live)
+        for worker in workers:
+            worker.close()
+        if not workers:
+            return defer.succeed(None)
+        def kill_all() -> None:
+            for w in workers:
+                w.kill()
+
+        killer = self._reactor.callLater(self.timeout, kill_all)
+
+        def done(_: object) -> None:
+            if killer.active():
+                killer.cancel()
+
+        d = defer.DeferredList([w.exited for w in workers], consumeErrors=True)
+        return d.addCallback(done)
+
+    # --- operations ---------------------------------------------------------------------
+
+    def sign(self, key: KeyRef, mechanism: str, data: bytes) -> Deferred[bytes]:
+        """The raw PKCS#11 signature of ``data`` (ECDSA: r || s)."""
+        return self._submit({"op": "sign", **_key_fields(key), "mechanism": mechanism,
+                             "data_b64": wire.b64(data)})
+
+    def public_key(self, key: KeyRef) -> Deferred[bytes]:
+        """SubjectPublicKeyInfo DER of ``key``'s public half."""
+        return self._submit({"op": "public_key", **_key_fields(key)})
+
+    def check(self) -> Deferred[None]:
+        """Fires when a worker has answered a session round trip through the queue."""
+        d = self._submit({"op": "check"})
+        result: Deferred[None] = d.addCallback(lambda _: None)
+        return result
+
+    def busy(self) -> int:
+        """Workers currently running a request."""
+        return sum(1 for w in self._live if w.request is not None)
+
+    def queue_depth(self) -> int:
+        """Requests waiting for a worker."""
+        return len(self._queue)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (tests, diagnostics)."""
+        return [w.pid for w in self._live if w.pid is not None and w.state != "dead"]
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        worker = _Worker(self, next(self._numbers))
+        self._live.append(worker)
+        init = {"op": "init", "module": self.module, "token_label": self.token_label,
+                "slot": self.slot, "pin": self._pin}
+        try:
+            worker.spawn(init)
+        except Exception as err:  # e.g. fork failed: out of processes/memory
+            self._live.remove(worker)
+            worker.state = "dead"
+            worker.ready.errback(SignerError(f"cannot start signing worker: {err}"))
+        else:
+            # ready may fail later; its errback is consumed by start() or here.
+            worker.ready.addErrback(lambda _: None)
+        return worker
+
+    def _submit(self, message: dict[str, Any]) -> Deferred[Any]:
+        if not self._running:
+            return defer.fail(SignerUnavailable(f"signing pool for {self._where} is not running"))
+        if not any(w.state in ("starting", "ready") for w in self._live):
+            return defer.fail(SignerUnavailable(f"no signing worker up for {self._where}"))
+        if len(self._queue) >= self.max_queue and not self._idle_worker():
+            return defer.fail(SignerUnavailable(
+                f"signing queue full ({self.max_queue} waiting) for {self._where}"))
+        message["id"] = next(self._ids)
+        request = _Request(self, message)
+        request.deadline = self._reactor.callLater(self.timeout, self._expire, request)
+        self._queue.append(request)
+        self._dispatch()
+        return request.deferred
+
+    def _idle_worker(self) -> _Worker | None:
+        for worker in self._live:
+            if worker.state == "ready" and worker.request is None:
+                return worker
+        return None
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            worker = self._idle_worker()
+            if worker is None:
+                return
+            request = self._queue.popleft()
+            if request.done:
+                continue
+            worker.send(request)
+
+    def _expire(self, request: _Request) -> None:
+        request.deadline = None
+        if request.done:
+            return
+        where = "waiting for a worker" if request.worker is None else "in the HSM"
+        # The worker's own hang timer decides whether to kill it.
+        self._forget(request)
+        request.finish(SignerUnavailable(
+            f"signing timed out after {self.timeout:g} s {where} ({self._where})"))
+
+    def _forget(self, request: _Request) -> None:
+        if request.worker is None:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                pass
+        if request.deadline is not None and request.deadline.active():
+            request.deadline.cancel()
+        request.deadline = None
+
+    def _worker_ready(self, worker: _Worker) -> None:
+        self._failures = 0
+        self._dispatch()
+
+    def _worker_idle(self, worker: _Worker) -> None:
+        self._dispatch()
+
+    def _worker_ended(self, worker: _Worker, was: str, how: str) -> None:
+        if worker in self._live:
+            self._live.remove(worker)
+        if not self._running:
+            return
+        if was == "starting":
+            self._failures += 1
+            log.error("signing worker {pid} failed to start on {where}: {problem}",
+                      pid=worker.pid, where=self._where,
+                      problem=worker.init_failure or how)
+        else:
+            log.error("signing worker {pid} on {where} ended ({how}); replacing it",
+                      pid=worker.pid, where=self._where, how=how)
+        delay = 0.0 if self._failures == 0 else min(
+            self.max_restart_delay, 0.1 * 2 ** (self._failures - 1))
+        if not any(w.state in ("starting", "ready") for w in self._live):
+            # Nobody can serve the queue now; fail it rather than let it time out.
+            while self._queue:
+                self._queue.popleft().finish(SignerUnavailable(
+                    f"no signing worker up for {self._where}"))
+        self._schedule_restart(delay)
+
+    def _schedule_restart(self, delay: float) -> None:
+        if delay <= 0:
+            # At once, so there is no instant with no worker starting (which
+            # would make new requests fail fast).
+            self._spawn()
+            return
+
+        def restart() -> None:
+            self._restarts[:] = [c for c in self._restarts if c.active()]
+            if self._running:
+                self._spawn()
+
+        call = self._reactor.callLater(delay, restart)
+        self._restarts.append(call)
+
+
+def _key_fields(key: KeyRef) -> dict[str, Any]:
+    fields: dict[str, Any] = {"label": key.label}
+    if key.key_id is not None:
+        fields["key_id_b64"] = wire.b64(key.key_id)
+    return fields
+
+
+__all__ = ["KeyRef", "TokenPool"]
