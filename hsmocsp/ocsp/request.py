@@ -17,7 +17,7 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1_modules import rfc6960
 
 from hsmocsp.errors import MalformedRequest, UnsupportedHashAlgorithm
-from hsmocsp.ocsp import der
+from hsmocsp.ocsp import der as _der
 
 #: More CertIDs than this in one request is refused (each costs a lookup and a SingleResponse).
 MAX_CERT_IDS = 64
@@ -47,7 +47,7 @@ _HASH_OIDS = {name: dotted for dotted, (name, _) in _HASHES.items()}
 # AlgorithmIdentifier DER per (hash name, NULL parameters present): the echo must keep
 # the client's choice, since some clients compare the CertID byte for byte.
 _ALGORITHM_DER: dict[tuple[str, bool], bytes] = {
-    (name, with_null): der.sequence(der.oid(dotted), b"\x05\x00" if with_null else b"")
+    (name, with_null): _der.sequence(_der.oid(dotted), b"\x05\x00" if with_null else b"")
     for dotted, (name, _) in _HASHES.items()
     for with_null in (False, True)
 }
@@ -92,8 +92,8 @@ def cert_id_der(hash_algorithm: str, name_hash: bytes, key_hash: bytes, serial: 
         algorithm = _ALGORITHM_DER[(hash_algorithm, null_params)]
     except KeyError:
         raise UnsupportedHashAlgorithm(f"unsupported hash algorithm {hash_algorithm!r}") from None
-    return der.sequence(
-        algorithm, der.octet_string(name_hash), der.octet_string(key_hash), der.integer(serial)
+    return _der.sequence(
+        algorithm, _der.octet_string(name_hash), _der.octet_string(key_hash), _der.integer(serial)
     )
 
 
@@ -106,7 +106,7 @@ def make_cert_id(hash_algorithm: str, name_hash: bytes, key_hash: bytes, serial:
     )
 
 
-def parse_request(der_bytes: bytes) -> OCSPRequestInfo:
+def parse_request(der: bytes) -> OCSPRequestInfo:
     """Decode and check a DER OCSPRequest.
 
     Refuses trailing bytes, a version other than v1, an empty or over-long
@@ -115,10 +115,10 @@ def parse_request(der_bytes: bytes) -> OCSPRequestInfo:
     length and nonces outside 1..32 octets. The optional request signature is
     not checked (RFC 6960 lets a responder ignore it).
     """
-    if not der_bytes:
+    if not der:
         raise MalformedRequest("empty request")
     try:
-        request, rest = der_decoder.decode(der_bytes, asn1Spec=rfc6960.OCSPRequest())
+        request, rest = der_decoder.decode(der, asn1Spec=rfc6960.OCSPRequest())
     except Exception as err:  # pyasn1 raises PyAsn1Error, but also others on odd input
         raise MalformedRequest("request is not a DER OCSPRequest") from err
     if rest:
@@ -196,7 +196,7 @@ def _check_extensions(extensions: Any, known: frozenset[str]) -> dict[str, bytes
 
 def _check_nonce(value: bytes) -> None:
     """RFC 8954: extnValue is a DER OCTET STRING of 1..32 octets, nothing after it."""
-    if len(value) < 2 or value[0] != der.OCTET_STRING:
+    if len(value) < 2 or value[0] != _der.OCTET_STRING:
         raise MalformedRequest("nonce is not an OCTET STRING")
     length = value[1]
     if length >= 0x80 or length != len(value) - 2:
