@@ -245,15 +245,23 @@ def _ensure_secret(path: Path) -> str:
     return value
 
 
+def load_cert(path: Path) -> x509.Certificate:
+    """Parse a PEM certificate, or raise :class:`DevPkiError` naming the file."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise DevPkiError(f"{path}: not a readable PEM certificate ({err})") from err
+
+
 def _der_of_pem_cert(pem: Path, der: Path) -> None:
     if not der.exists():
-        cert = x509.load_pem_x509_certificate(pem.read_bytes())
+        cert = load_cert(pem)
         der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
 
 
 def _spki(cert: Path) -> bytes:
     return (
-        x509.load_pem_x509_certificate(cert.read_bytes())
+        load_cert(cert)
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
@@ -298,7 +306,9 @@ def _ensure_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:
             "-keyform", "engine", "-key", dev.key_uri(label),
             "-subj", f"/CN={cn}", "-out", str(csr),
         )  # fmt: skip
-        _sign_csr(dev, csr, out, "ocsp_ext", SIGNER_DAYS)
+        tmp_out = out.with_suffix(".pem.tmp")
+        _sign_csr(dev, csr, tmp_out, "ocsp_ext", SIGNER_DAYS)
+        tmp_out.rename(out)
     return True
 
 
@@ -331,7 +341,7 @@ def issue_leaf(dev: DevPki, name: str) -> Path:
 
 
 def _serial_hex(cert: Path) -> str:
-    return format(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number, "X")
+    return format(load_cert(cert).serial_number, "X")
 
 
 def _index_rows(dev: DevPki) -> list[list[str]]:
