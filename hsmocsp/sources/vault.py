@@ -1,0 +1,612 @@
+"""Certificate status from a Vault/OpenBao PKI mount.
+
+Per-serial lookups go to ``GET /v1/<mount>/cert/<serial>`` (cached ``cache_ttl`` seconds);
+the mount's CRLs are fetched, verified against their issuers and refreshed in the
+background, so a revocation shows up at the next CRL refresh even for cached serials, and
+so revoked answers carry the CRL's reason code (Vault's own cert endpoint has none).
+
+When Vault cannot be reached and no fresh entry exists, ``status`` fails with
+:class:`SourceUnavailable` (-> tryLater); :meth:`VaultSource.last_known` keeps the last
+status seen per serial for the signed-response cache above, which decides what it may
+still serve.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL.SSL import Error as OpenSSLError
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.sources.vaultauth import VaultAuth, VaultResponse, VaultTransport
+from hsmocsp.status import CertStatus, CRLReason, Status
+
+__all__ = ["VaultSource", "VaultTLS", "vault_serial"]
+
+log = Logger()
+
+#: A failed CRL refresh is retried after at most this many seconds.
+CRL_RETRY = 15.0
+#: Never refresh more often than this, even if a CRL's nextUpdate is already past.
+CRL_MIN_INTERVAL = 5.0
+
+
+def vault_serial(serial: int) -> str:
+    """Vault's spelling of a serial: lowercase hex byte pairs joined by ``:``.
+
+    A one-byte serial ``0xca`` would spell ``ca`` and hit ``/cert/ca`` (the CA certificate);
+    Vault lower-cases serials before looking them up, so upper case is used for one-byte
+    serials, which keeps the path off the special routes.
+    """
+    raw = serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big")
+    text = ":".join(f"{b:02x}" for b in raw)
+    return text.upper() if len(raw) == 1 else text
+
+
+@dataclass(frozen=True, slots=True)
+class VaultTLS:
+    """TLS to Vault: CA bundle (default: the platform's roots), optional client cert/key."""
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+@implementer(IPolicyForHTTPS)
+class _VaultTLSPolicy:
+    """``optionsForClientTLS`` (service-identity hostname checks) with our trust roots."""
+
+    def __init__(self, tls: VaultTLS) -> None:
+        try:
+            if tls.ca_bundle is not None:
+                pem = tls.ca_bundle.read_bytes()
+                certs = [
+                    ssl.Certificate.loadPEM(c.public_bytes(_PEM))
+                    for c in x509.load_pem_x509_certificates(pem)
+                ]
+                self._trust: Any = ssl.trustRootFromCertificates(certs)  # type: ignore[no-untyped-call]
+            else:
+                self._trust = ssl.platformTrust()  # type: ignore[no-untyped-call]
+            self._client: ssl.PrivateCertificate | None = None
+            if tls.client_cert is not None:
+                key_path = tls.client_key or tls.client_cert
+                self._client = ssl.PrivateCertificate.loadPEM(  # type: ignore[no-untyped-call]
+                    tls.client_cert.read_bytes() + b"\n" + key_path.read_bytes()
+                )
+        except (OSError, ValueError, OpenSSLError) as err:
+            raise SourceError(f"vault tls: cannot load CA bundle or client cert: {err}") from err
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        return ssl.optionsForClientTLS(
+            hostname.decode("ascii"), trustRoot=self._trust, clientCertificate=self._client
+        )
+
+
+_PEM = Encoding.PEM
+
+
+@dataclass(slots=True)
+class _Entry:
+    status: CertStatus
+    issuer_id: str | None
+    fetched_at: float
+
+
+def _epoch(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _same_ca(a: x509.Certificate, b: x509.Certificate) -> bool:
+    """Same subject and key: indistinguishable for an OCSP CertID."""
+    return a == b or (a.subject == b.subject and a.public_key() == b.public_key())
+
+
+class VaultSource:
+    """A :class:`~hsmocsp.sources.StatusSource` over one Vault/OpenBao PKI mount."""
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        mount: str,
+        auth: VaultAuth,
+        namespace: str | None = None,
+        tls: VaultTLS | None = None,
+        cache_ttl: float = 60,
+        crl_refresh: float = 300,
+        request_timeout: float = 5,
+        reactor: Any = None,
+        http_client: Any = None,
+        cache_size: int = 100_000,
+    ) -> None:
+        if not address.startswith(("http://", "https://")):
+            raise SourceError(f"vault address {address!r} must start with http:// or https://")
+        mount = mount.strip("/")
+        if not mount:
+            raise SourceError("vault mount must not be empty")
+        if cache_ttl < 0 or crl_refresh <= 0 or request_timeout <= 0:
+            raise SourceError("vault cache_ttl/crl_refresh/request_timeout must be positive")
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self.address = address.rstrip("/")
+        self.mount = mount
+        self._auth = auth
+        self._cache_ttl = cache_ttl
+        self._crl_refresh = crl_refresh
+        self._cache_size = cache_size
+        self._pool: HTTPConnectionPool | None = None
+        if http_client is None:
+            import treq.client
+
+            self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+            self._pool.maxPersistentPerHost = 4
+            policy = _VaultTLSPolicy(tls or VaultTLS()) if address.startswith("https") else None
+            agent = (
+                Agent(reactor, contextFactory=policy, pool=self._pool)  # type: ignore[no-untyped-call]
+                if policy is not None
+                else Agent(reactor, pool=self._pool)  # type: ignore[no-untyped-call]
+            )
+            http_client = treq.client.HTTPClient(agent)
+        self._transport = VaultTransport(
+            address=self.address,
+            http_client=http_client,
+            clock=self._clock,
+            namespace=namespace,
+            timeout=request_timeout,
+        )
+        self._issuers: list[x509.Certificate] = []
+        self._issuer_ids: dict[str, x509.Certificate] = {}
+        self._crl_paths: list[tuple[x509.Certificate, str]] = []
+        self._crls: dict[bytes, tuple[x509.CertificateRevocationList, bytes]] = {}
+        self._revoked: dict[int, CertStatus] = {}
+        self._cache: OrderedDict[int, _Entry] = OrderedDict()
+        self._inflight: dict[int, list[Deferred[tuple[CertStatus, str | None]]]] = {}
+        self._listeners: list[Callable[[frozenset[int] | None], None]] = []
+        self._generation = 0
+        self._ok = False
+        self._started = False
+        self._timer: IDelayedCall | None = None
+        self._refresh_waiters: list[Deferred[None]] | None = None
+        self._stopped = False
+        self._issuer_keys: dict[x509.Certificate, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"VaultSource({self.address!r}, mount={self.mount!r})"
+
+    # --- StatusSource -------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
+        self._listeners.append(listener)
+
+    def issuers(self) -> Sequence[x509.Certificate]:
+        return tuple(self._issuers)
+
+    def ready(self) -> bool:
+        return self._started and bool(self._issuers) and self._ok
+
+    def crl_der(self, issuer: x509.Certificate) -> bytes | None:
+        key = self._issuer_key(issuer)
+        found = self._crls.get(key) if key is not None else None
+        return found[1] if found else None
+
+    def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
+        """Serials seen in lookups or CRLs (Vault has no cheap unauthenticated listing)."""
+        return sorted(set(self._cache) | set(self._revoked))
+
+    def last_known(self, serial: int) -> CertStatus | None:
+        """The last status seen for ``serial``, however old (for the signed-response cache)."""
+        entry = self._cache.get(serial)
+        if entry is not None:
+            return entry.status
+        return self._revoked.get(serial)
+
+    def start(self) -> Deferred[None]:
+        self._auth.bind(self._transport)
+        return Deferred.fromCoroutine(self._start())
+
+    def stop(self) -> Deferred[None]:
+        self._started = False
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._auth.stop()
+        if self._pool is not None:
+            closing: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+            return closing
+        return succeed(None)
+
+    def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
+        if self._issuer_key(issuer) is None:
+            raise_d: Deferred[CertStatus] = Deferred()
+            raise_d.errback(UnknownIssuer(f"vault mount {self.mount!r} does not serve this CA"))
+            return raise_d
+        if serial <= 0:
+            return succeed(CertStatus.unknown())  # Vault never issues such serials
+        entry = self._cache.get(serial)
+        now = self._clock.seconds()
+        if entry is not None and now - entry.fetched_at < self._cache_ttl:
+            self._cache.move_to_end(serial)
+            return succeed(self._for_issuer(entry.status, entry.issuer_id, issuer))
+        return self._lookup_shared(serial).addCallback(
+            lambda res: self._for_issuer(res[0], res[1], issuer)
+        )
+
+    # --- public extras ------------------------------------------------------------------
+
+    def refresh_crl(self) -> Deferred[None]:
+        """Fetch every issuer's CRL now (also what the background timer does)."""
+        waiter: Deferred[None] = Deferred()
+        if self._refresh_waiters is not None:
+            self._refresh_waiters.append(waiter)
+            return waiter
+        self._refresh_waiters = [waiter]
+
+        def done(result: object) -> None:
+            waiters, self._refresh_waiters = self._refresh_waiters or [], None
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(None)
+
+        # Never fails after start-up: errors are logged and retried by the timer.
+        Deferred.fromCoroutine(self._refresh_crls()).addBoth(done)
+        return waiter
+
+    # --- start-up -----------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"vault {self.address} mount {self.mount!r}"
+
+    async def _start(self) -> None:
+        token = await self._auth.token()
+        resp = await self._transport.request("GET", "auth/token/lookup-self", token=token)
+        if resp.code == 403:
+            raise SourceError(f"{self._where()}: permission denied: the token was rejected")
+        if resp.code != 200:
+            raise SourceUnavailable(
+                f"{self._where()}: token lookup: HTTP {resp.code} {resp.errors()}"
+            )
+        await self._load_issuers(token)
+        await self._refresh_crls(initial=True)
+        self._ok = True
+        self._started = True
+        log.info("{where}: serving {n} issuer(s)", where=self._where(), n=len(self._issuers))
+
+    async def _get(self, path: str, token: str | None) -> VaultResponse:
+        """GET with one re-login after a 403; a second 403 is a clear SourceError."""
+        resp = await self._transport.request("GET", path, token=token)
+        if resp.code == 403:
+            self._auth.invalidate()
+            token = await self._auth.token()
+            resp = await self._transport.request("GET", path, token=token)
+            if resp.code == 403:
+                raise SourceError(f"{self._where()}: permission denied on /v1/{path}")
+        return resp
+
+    async def _load_issuers(self, token: str) -> None:
+        m = self.mount
+        resp = await self._get(f"{m}/issuers?list=true", token)
+        issuers: list[x509.Certificate] = []
+        ids: dict[str, x509.Certificate] = {}
+        crl_paths: list[tuple[x509.Certificate, str]] = []
+        if resp.code == 200:
+            keys = (resp.json().get("data") or {}).get("keys")
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise SourceError(f"{self._where()}: issuers list has no 'keys'")
+            for issuer_id in keys:
+                ref = quote(issuer_id, safe="")
+                cert = await self._fetch_cert(f"{m}/issuer/{ref}/der", token)
+                ids[issuer_id] = cert
+                if not any(_same_ca(cert, c) for c in issuers):
+                    issuers.append(cert)
+                crl_paths.append((cert, f"{m}/issuer/{ref}/crl/der"))
+        elif resp.code in (404, 405):
+            # Pre-1.11 Vault (one issuer per mount), or a mount with no issuer yet.
+            cert = await self._fetch_cert(f"{m}/ca", token)
+            issuers.append(cert)
+            crl_paths.append((cert, f"{m}/crl"))
+        else:
+            raise SourceUnavailable(
+                f"{self._where()}: listing issuers: HTTP {resp.code} {resp.errors()}"
+            )
+        if not issuers:
+            raise SourceError(f"{self._where()}: the mount has no issuer")
+        self._issuers, self._issuer_ids, self._crl_paths = issuers, ids, crl_paths
+        self._issuer_keys = {c: c.public_bytes(Encoding.DER) for c in issuers}
+
+    async def _fetch_cert(self, path: str, token: str) -> x509.Certificate:
+        resp = await self._get(path, token)
+        if resp.code != 200 or not resp.body:
+            raise SourceError(
+                f"{self._where()}: no CA certificate at /v1/{path} "
+                f"(HTTP {resp.code}) {resp.errors()}".rstrip()
+            )
+        try:
+            return x509.load_der_x509_certificate(resp.body)
+        except ValueError:
+            try:
+                return x509.load_pem_x509_certificate(resp.body)
+            except ValueError as err:
+                raise SourceError(f"{self._where()}: /v1/{path} is not a certificate") from err
+
+    # --- CRLs ---------------------------------------------------------------------------
+
+    async def _refresh_crls(self, initial: bool = False) -> None:
+        """Fetch and verify every issuer's CRL; on start-up a failure is fatal."""
+        try:
+            token = await self._auth.token()
+            fetched: dict[bytes, tuple[x509.CertificateRevocationList, bytes]] = {}
+            for issuer, path in self._crl_paths:
+                key = self._issuer_key(issuer)
+                assert key is not None
+                if key in fetched:
+                    continue
+                crl = await self._fetch_crl(issuer, path, token)
+                if crl is not None:
+                    fetched[key] = crl
+        except (SourceError, SourceUnavailable) as err:
+            if initial:
+                raise
+            if isinstance(err, SourceUnavailable):
+                self._ok = False  # a bad CRL (SourceError) does not mean Vault is down
+            log.warn("{where}: CRL refresh failed: {err}", where=self._where(), err=str(err))
+            self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
+            return
+        self._ok = True
+        self._apply_crls(fetched, initial)
+        self._schedule_refresh(self._next_refresh())
+
+    async def _fetch_crl(
+        self, issuer: x509.Certificate, path: str, token: str
+    ) -> tuple[x509.CertificateRevocationList, bytes] | None:
+        resp = await self._get(path, token)
+        if resp.code in (204, 404) or (resp.code == 200 and not resp.body):
+            return None  # no CRL (disabled); status comes from lookups alone
+        if resp.code != 200:
+            raise SourceUnavailable(f"{self._where()}: CRL /v1/{path}: HTTP {resp.code}")
+        der = resp.body
+        try:
+            crl = x509.load_der_x509_crl(der)
+        except ValueError:
+            try:
+                crl = x509.load_pem_x509_crl(der)
+                der = crl.public_bytes(Encoding.DER)
+            except ValueError as err:
+                raise SourceError(f"{self._where()}: /v1/{path} is not a CRL") from err
+        if crl.issuer != issuer.subject:
+            raise SourceError(f"{self._where()}: CRL /v1/{path} names another issuer")
+        try:
+            valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise SourceError(f"{self._where()}: CRL /v1/{path} has a bad signature")
+        return crl, der
+
+    def _apply_crls(
+        self, fetched: dict[bytes, tuple[x509.CertificateRevocationList, bytes]], initial: bool
+    ) -> None:
+        changed_der = any(self._crls.get(k, (None, b""))[1] != v[1] for k, v in fetched.items())
+        if not changed_der and len(fetched) == len(self._crls):
+            return
+        revoked: dict[int, CertStatus] = {}
+        for crl, _der in fetched.values():
+            for entry in crl:
+                revoked[entry.serial_number] = _status_from_entry(entry)
+        old = self._revoked
+        added = {s for s in revoked if s not in old}
+        removed = {s for s in old if s not in revoked}
+        self._crls = fetched
+        self._revoked = revoked
+        for serial in added:
+            cached = self._cache.get(serial)
+            if cached is not None:
+                cached.status = revoked[serial]
+        for serial in removed:
+            self._cache.pop(serial, None)  # look it up again rather than guess
+        self._generation += 1
+        changed = frozenset(added | removed)
+        if changed and not initial:
+            log.info(
+                "{where}: CRL shows {n} newly revoked serial(s)", where=self._where(), n=len(added)
+            )
+            self._notify(changed)
+
+    def _next_refresh(self) -> float:
+        delay = self._crl_refresh
+        now = self._clock.seconds()
+        for crl, _ in self._crls.values():
+            nxt = crl.next_update_utc
+            if nxt is not None:
+                delay = min(delay, nxt.timestamp() - now)
+        return max(CRL_MIN_INTERVAL if delay < self._crl_refresh else 0.0, delay)
+
+    def _schedule_refresh(self, delay: float) -> None:
+        if self._stopped:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._timed_refresh)
+
+    def _timed_refresh(self) -> None:
+        self._timer = None
+        if self._started:
+            self.refresh_crl()
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def _lookup_shared(self, serial: int) -> Deferred[tuple[CertStatus, str | None]]:
+        waiter: Deferred[tuple[CertStatus, str | None]] = Deferred()
+        waiters = self._inflight.get(serial)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._inflight[serial] = [waiter]
+
+        def done(result: tuple[CertStatus, str | None] | Failure) -> None:
+            for w in self._inflight.pop(serial, []):
+                if not w.called:
+                    if isinstance(result, Failure):
+                        w.errback(result)
+                    else:
+                        w.callback(result)
+
+        Deferred.fromCoroutine(self._lookup(serial)).addBoth(done)
+        return waiter
+
+    async def _lookup(self, serial: int) -> tuple[CertStatus, str | None]:
+        path = f"{self.mount}/cert/{vault_serial(serial)}"
+        try:
+            token = await self._auth.token()
+            resp = await self._get(path, token)
+        except SourceUnavailable:
+            self._ok = False
+            raise
+        except SourceError as err:
+            self._ok = False
+            raise SourceUnavailable(str(err)) from err
+        if resp.code == 404:
+            result: tuple[CertStatus, str | None] = (CertStatus.unknown(), None)
+        elif resp.code == 200:
+            try:
+                result = self._parse_cert(serial, resp)
+            except SourceError:
+                self._ok = False
+                raise
+        elif resp.code == 429 or resp.code >= 500:
+            self._ok = False
+            raise SourceUnavailable(
+                f"{self._where()}: /v1/{path}: HTTP {resp.code} {resp.errors()}".rstrip()
+            )
+        else:
+            self._ok = False
+            raise SourceError(f"{self._where()}: /v1/{path}: unexpected HTTP {resp.code}")
+        self._ok = True
+        self._remember(serial, result[0], result[1])
+        return result
+
+    def _parse_cert(self, serial: int, resp: VaultResponse) -> tuple[CertStatus, str | None]:
+        data = resp.json().get("data")
+        if not data:
+            return CertStatus.unknown(), None
+        if not isinstance(data, dict):
+            raise SourceError(f"{self._where()}: {resp.path}: 'data' is not an object")
+        pem = data.get("certificate")
+        if isinstance(pem, str) and pem:
+            try:
+                cert = x509.load_pem_x509_certificate(pem.encode())
+            except ValueError as err:
+                raise SourceError(f"{self._where()}: {resp.path}: bad certificate") from err
+            if cert.serial_number != serial:
+                # e.g. a special route answered; never call a serial we did not find good.
+                return CertStatus.unknown(), None
+        elif not pem:
+            return CertStatus.unknown(), None
+        issuer_id = data.get("issuer_id")
+        issuer_id = issuer_id if isinstance(issuer_id, str) and issuer_id else None
+        rt = data.get("revocation_time", 0)
+        if not isinstance(rt, int | float) or isinstance(rt, bool):
+            raise SourceError(f"{self._where()}: {resp.path}: bad revocation_time")
+        if rt == 0:
+            return CertStatus.good(), issuer_id
+        when = datetime.fromtimestamp(int(rt), UTC)
+        from_crl = self._revoked.get(serial)
+        if from_crl is not None:
+            return (
+                CertStatus.revoked(when, from_crl.reason, from_crl.invalidity_date),
+                issuer_id,
+            )
+        return CertStatus.revoked(when), issuer_id
+
+    def _remember(self, serial: int, status: CertStatus, issuer_id: str | None) -> None:
+        previous = self.last_known(serial)
+        self._cache[serial] = _Entry(status, issuer_id, self._clock.seconds())
+        self._cache.move_to_end(serial)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        if previous is not None and previous.status != status.status:
+            self._generation += 1
+            self._notify(frozenset({serial}))
+
+    def _for_issuer(
+        self, status: CertStatus, issuer_id: str | None, issuer: x509.Certificate
+    ) -> CertStatus:
+        """``unknown`` when Vault says another issuer of the mount signed the serial."""
+        if issuer_id is None or status.status is Status.unknown:
+            return status
+        signer = self._issuer_ids.get(issuer_id)
+        if signer is not None and not _same_ca(signer, issuer):
+            return CertStatus.unknown()
+        return status
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _issuer_key(self, issuer: x509.Certificate) -> bytes | None:
+        """The DER of the served issuer equivalent to ``issuer`` (same subject and key)."""
+        key = self._issuer_keys.get(issuer)
+        if key is not None:
+            return key
+        for known in self._issuers:
+            if _same_ca(known, issuer):
+                return known.public_bytes(Encoding.DER)
+        return None
+
+    def _notify(self, serials: frozenset[int] | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(serials)
+            except Exception:
+                log.failure("vault source on_change listener failed")
+
+
+def _status_from_entry(entry: x509.RevokedCertificate) -> CertStatus:
+    when = entry.revocation_date_utc
+    reason: CRLReason | None = None
+    invalidity: datetime | None = None
+    for ext in entry.extensions:
+        value = ext.value
+        if isinstance(value, x509.CRLReason):
+            reason = _REASONS.get(value.reason)
+        elif isinstance(value, x509.InvalidityDate):
+            invalidity = _epoch(value.invalidity_date_utc)
+    return CertStatus.revoked(when, reason, invalidity)
+
+
+_REASONS: dict[x509.ReasonFlags, CRLReason] = {
+    x509.ReasonFlags.unspecified: CRLReason.unspecified,
+    x509.ReasonFlags.key_compromise: CRLReason.keyCompromise,
+    x509.ReasonFlags.ca_compromise: CRLReason.cACompromise,
+    x509.ReasonFlags.affiliation_changed: CRLReason.affiliationChanged,
+    x509.ReasonFlags.superseded: CRLReason.superseded,
+    x509.ReasonFlags.cessation_of_operation: CRLReason.cessationOfOperation,
+    x509.ReasonFlags.certificate_hold: CRLReason.certificateHold,
+    x509.ReasonFlags.remove_from_crl: CRLReason.removeFromCRL,
+    x509.ReasonFlags.privilege_withdrawn: CRLReason.privilegeWithdrawn,
+    x509.ReasonFlags.aa_compromise: CRLReason.aACompromise,
+}
