@@ -1,7 +1,12 @@
 """``hsmocsp-devpki``: build the dev PKI from the command line.
 
-Exit codes: 0 built (or already complete), 2 a tool is missing or the arguments are bad,
-1 a step failed (the message shows the command, without the PIN, and its stderr).
+``hsmocsp-devpki [--dir D]`` builds (idempotently). Three small actions help try the
+responder's reload by hand; each first completes the build:
+``leaf NAME`` issues ``root/leaves/NAME.pem``, ``revoke CERT [--reason R]`` marks it revoked
+in index.txt, ``crl`` signs a new CRL.
+
+Exit codes: 0 done, 2 a tool is missing or the arguments are bad, 1 a step failed (the
+message shows the command, without the PIN, and its stderr).
 """
 
 from __future__ import annotations
@@ -11,7 +16,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hsmocsp.devpki.opensslca import build_level1
+from hsmocsp.devpki.opensslca import (
+    CRL_REASONS,
+    DevPki,
+    build_level1,
+    issue_leaf,
+    regen_crl,
+    revoke,
+)
 from hsmocsp.devpki.tools import DevPkiError, MissingToolError
 
 
@@ -27,23 +39,17 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("var/devpki"),
         help="folder that holds everything (default: var/devpki)",
     )
+    sub = p.add_subparsers(dest="action")
+    leaf = sub.add_parser("leaf", help="issue root/leaves/NAME.pem (once)")
+    leaf.add_argument("name")
+    rev = sub.add_parser("revoke", help="revoke a certificate in index.txt (then run 'crl')")
+    rev.add_argument("cert", type=Path)
+    rev.add_argument("--reason", default="unspecified", choices=CRL_REASONS)
+    sub.add_parser("crl", help="sign a new CRL (root/crl.pem, root/crl.der)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the builder; print where things are (never the PIN)."""
-    args = _parser().parse_args(argv)
-    try:
-        dev = build_level1(args.dir)
-    except MissingToolError as err:
-        print(f"hsmocsp-devpki: {err}", file=sys.stderr)
-        return 2
-    except DevPkiError as err:
-        print(f"hsmocsp-devpki: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"hsmocsp-devpki: error: {err}", file=sys.stderr)
-        return 1
+def _summary(dev: DevPki) -> None:
     print(f"dev PKI ready in {dev.directory}")
     print(f"  token      {dev.token_label} ({dev.softhsm_conf}); PIN in {dev.pin_file}")
     print(f"  root CA    {dev.ca_pem}")
@@ -53,4 +59,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  CRL        {dev.crl_der}")
     print(f"  leaves     {dev.good_pem}, {dev.revoked_pem}")
     print(f"  env        {dev.env_file}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the builder (and an optional action); print where things are, never the PIN."""
+    args = _parser().parse_args(argv)
+    try:
+        dev = build_level1(args.dir)
+        if args.action == "leaf":
+            print(issue_leaf(dev, args.name))
+        elif args.action == "revoke":
+            revoke(dev, args.cert.resolve(), args.reason)
+            print(f"revoked {args.cert} ({args.reason}); run 'crl' to publish")
+        elif args.action == "crl":
+            regen_crl(dev)
+            print(dev.crl_der)
+        else:
+            _summary(dev)
+    except MissingToolError as err:
+        print(f"hsmocsp-devpki: {err}", file=sys.stderr)
+        return 2
+    except (DevPkiError, OSError) as err:
+        print(f"hsmocsp-devpki: error: {err}", file=sys.stderr)
+        return 1
     return 0

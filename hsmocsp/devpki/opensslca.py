@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from hsmocsp.devpki import softhsm
@@ -365,6 +366,14 @@ def revoke(dev: DevPki, cert: Path, reason: str = "unspecified") -> None:
     """
     if reason not in CRL_REASONS:
         raise DevPkiError(f"bad revocation reason {reason!r}; one of {', '.join(CRL_REASONS)}")
+    target, root = load_cert(cert), load_cert(dev.ca_pem)
+    if target == root:
+        raise DevPkiError(f"{cert} is the root CA certificate itself")
+    try:
+        target.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        # openssl ca -revoke would happily add a foreign certificate to index.txt.
+        raise DevPkiError(f"{cert} was not issued by {dev.ca_pem}") from err
     if is_revoked(dev, cert):
         return
     _openssl(

@@ -199,6 +199,16 @@ def test_revoke_and_regen_crl(tmp_path: Path) -> None:
     assert crl.get_revoked_certificate_by_serial_number(serial) is not None
     with pytest.raises(DevPkiError, match="bad revocation reason"):
         revoke(dev, dev.good_pem, "because")
+    with pytest.raises(DevPkiError, match="root CA certificate itself"):
+        revoke(dev, dev.ca_pem, "superseded")
+    foreign = tmp_path / "foreign.pem"
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=foreign", "-keyout", str(tmp_path / "foreign.key"),
+         "-out", str(foreign)])  # fmt: skip
+    index_before = dev.index.read_bytes()
+    with pytest.raises(DevPkiError, match="not issued by"):
+        revoke(dev, foreign, "superseded")
+    assert dev.index.read_bytes() == index_before
 
 
 def test_missing_tool_exits_2_without_traceback(tmp_path: Path) -> None:
