@@ -15,7 +15,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
-from hsmocsp.devpki import DevPki, DevPkiError, build_level1, issue_leaf, regen_crl, revoke, softhsm
+from hsmocsp.devpki import (
+    DevPki,
+    DevPkiError,
+    build_level1,
+    issue_leaf,
+    main,
+    regen_crl,
+    revoke,
+    softhsm,
+)
 from hsmocsp.devpki.opensslca import TOKEN_KEYS
 from hsmocsp.devpki.tools import CommandError, run
 
@@ -234,3 +243,25 @@ def test_command_error_masks_pin(tmp_path: Path) -> None:
             secrets=("s3cretPIN",))  # fmt: skip
     assert "s3cretPIN" not in str(info.value)
     assert "openssl pkey -in" in str(info.value)
+
+
+def test_cli_actions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "pki"
+    assert main(["--dir", str(directory), "leaf", "cli"]) == 0
+    leaf = directory / "root" / "leaves" / "cli.pem"
+    assert capsys.readouterr().out.strip() == str(leaf.resolve())
+    assert (
+        main(["--dir", str(directory), "revoke", str(leaf), "--reason", "cessationOfOperation"])
+        == 0
+    )
+    assert main(["--dir", str(directory), "crl"]) == 0
+    crl = x509.load_der_x509_crl((directory / "root" / "crl.der").read_bytes())
+    entry = crl.get_revoked_certificate_by_serial_number(_cert(leaf).serial_number)
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.cessation_of_operation
+    assert main(["--dir", str(directory), "leaf", "No/Good"]) == 1
+    out = capsys.readouterr()
+    assert "bad leaf name" in out.err
+    pin = (directory / "pin").read_text().strip()
+    assert pin not in out.out + out.err
