@@ -240,6 +240,9 @@ class _Worker:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"signal {sig}" if sig else f"exit code {code}"
+        # The pool first (it starts a replacement), then the callers: a caller
+        # whose errback sends a new request must find a worker starting.
+        self.pool._worker_ended(self, was, how)
         if was == "starting":
             problem = self.init_failure or f"worker exited during start-up ({how})"
             self.ready.errback(SignerError(problem))
@@ -248,7 +251,6 @@ class _Worker:
             request.worker = None
             request.finish(SignerUnavailable(f"signing worker {self.pid} died ({how})"))
         self.exited.callback(None)
-        self.pool._worker_ended(self, was, how)
 
 
 class TokenPool:
@@ -417,10 +419,11 @@ class TokenPool:
             self._live.remove(worker)
             worker.state = "dead"
             worker.ready.errback(SignerError(f"cannot start signing worker: {err}"))
-        else:
-            # ready may fail later; its errback is consumed by start() or here.
-            worker.ready.addErrback(lambda _: None)
         return worker
+
+    def _respawn(self) -> None:
+        # A replacement's start-up failure is logged by _worker_ended; nobody awaits it.
+        self._spawn().ready.addErrback(lambda _: None)
 
     def _submit(self, message: dict[str, Any]) -> Deferred[Any]:
         if not self._running:
@@ -495,24 +498,24 @@ class TokenPool:
                       pid=worker.pid, where=self._where, how=how)
         delay = 0.0 if self._failures == 0 else min(
             self.max_restart_delay, 0.1 * 2 ** (self._failures - 1))
+        self._schedule_restart(delay)
         if not any(w.state in ("starting", "ready") for w in self._live):
             # Nobody can serve the queue now; fail it rather than let it time out.
             while self._queue:
                 self._queue.popleft().finish(SignerUnavailable(
                     f"no signing worker up for {self._where}"))
-        self._schedule_restart(delay)
 
     def _schedule_restart(self, delay: float) -> None:
         if delay <= 0:
             # At once, so there is no instant with no worker starting (which
             # would make new requests fail fast).
-            self._spawn()
+            self._respawn()
             return
 
         def restart() -> None:
             self._restarts[:] = [c for c in self._restarts if c.active()]
             if self._running:
-                self._spawn()
+                self._respawn()
 
         call = self._reactor.callLater(delay, restart)
         self._restarts.append(call)
