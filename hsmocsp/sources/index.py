@@ -223,7 +223,9 @@ class SerialSet:
         if dup is not None:
             raise KeyError(dup)
         top = serials[-1] if serials else 0
-        width = max(1, (top.bit_length() + 7) // 8)
+        # At least 8 bytes, so that sequential serials growing past a byte
+        # boundary keep the width and the cheap diff path.
+        width = max(_MIN_WIDTH, (top.bit_length() + 7) // 8)
         buf = bytearray(width * len(serials))
         pos = 0
         for s in serials:
@@ -274,60 +276,66 @@ class SerialSet:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def symmetric_difference(self, other: SerialSet) -> set[int]:
-        """Serials in exactly one of the two sets.
+    def symmetric_difference(self, other: SerialSet, limit: int | None = None) -> set[int] | None:
+        """Serials in exactly one of the two sets; ``None`` once more than ``limit``.
 
-        Cheap when the sets share most of their sorted order (the usual case:
-        a few rows added or revoked): the common prefix and suffix are skipped
-        with chunked ``bytes`` comparisons, only the middle is decoded.
+        Cheap when the sets differ in few places (the usual case: a few rows
+        added or revoked): a merge walk over both sorted arrays that skips
+        equal runs with chunked ``bytes`` comparisons (memcmp), so the Python
+        work grows with the number of differences, not the size of the sets.
         """
         result = set(self._negative ^ other._negative)
         if self._width != other._width:
             a = set(self) - self._negative
             b = set(other) - other._negative
-            return result | (a ^ b)
-        w = self._width
-        old, new = self._blob, other._blob
-        shortest = min(len(old), len(new))
-        prefix = _common_prefix(old, new, shortest) // w * w
-        suffix = _common_suffix(old, new, shortest - prefix) // w * w
-        old_mid = old[prefix : len(old) - suffix]
-        new_mid = new[prefix : len(new) - suffix]
-        a = {int.from_bytes(old_mid[p : p + w], "big") for p in range(0, len(old_mid), w)}
-        b = {int.from_bytes(new_mid[p : p + w], "big") for p in range(0, len(new_mid), w)}
-        return result | (a ^ b)
+            result |= a ^ b
+        else:
+            _merge_diff(self._blob, other._blob, self._width, result, limit)
+        if limit is not None and len(result) > limit:
+            return None
+        return result
 
 
-_CHUNK = 1 << 16
+_MIN_WIDTH = 8
+_CHUNK_ENTRIES = 4096
 
 
-def _common_prefix(a: bytes, b: bytes, limit: int) -> int:
-    """Length of the common prefix of ``a`` and ``b``, at most ``limit``."""
-    pos = 0
-    while pos < limit:
-        end = min(pos + _CHUNK, limit)
-        if a[pos:end] == b[pos:end]:
-            pos = end
+def _merge_diff(old: bytes, new: bytes, w: int, out: set[int], limit: int | None) -> None:
+    """Add to ``out`` the entries of exactly one of two sorted fixed-width arrays."""
+    i = j = 0
+    end_old, end_new = len(old), len(new)
+    chunk = _CHUNK_ENTRIES * w
+    while i < end_old and j < end_new:
+        span = min(chunk, end_old - i, end_new - j)
+        if old[i : i + span] == new[j : j + span]:
+            i += span
+            j += span
             continue
-        while a[pos] == b[pos]:
-            pos += 1
-        return pos
-    return limit
-
-
-def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
-    """Length of the common suffix of ``a`` and ``b``, at most ``limit``."""
-    la, lb = len(a), len(b)
-    n = 0
-    while n < limit:
-        step = min(_CHUNK, limit - n)
-        if a[la - n - step : la - n] == b[lb - n - step : lb - n]:
-            n += step
-            continue
-        while a[la - n - 1] == b[lb - n - 1]:
-            n += 1
-        return n
-    return limit
+        # The first `lo` entries of this span are equal; find the first that is not.
+        lo, hi = 0, span // w
+        while lo < hi:
+            mid = (lo + hi) // 2
+            n = (mid + 1) * w
+            if old[i : i + n] == new[j : j + n]:
+                lo = mid + 1
+            else:
+                hi = mid
+        i += lo * w
+        j += lo * w
+        a, b = old[i : i + w], new[j : j + w]
+        if a < b:
+            out.add(int.from_bytes(a, "big"))
+            i += w
+        else:
+            out.add(int.from_bytes(b, "big"))
+            j += w
+        if limit is not None and len(out) > limit:
+            return
+    for blob, pos, end in ((old, i, end_old), (new, j, end_new)):
+        for p in range(pos, end, w):
+            out.add(int.from_bytes(blob[p : p + w], "big"))
+            if limit is not None and len(out) > limit:
+                return
 
 
 def _first_duplicate(sorted_serials: list[int]) -> int | None:
@@ -366,15 +374,23 @@ class IndexData:
         yield from self.good
         yield from self.revoked
 
-    def changed_serials(self, newer: IndexData) -> set[int]:
-        """Serials whose status may differ between ``self`` and ``newer``."""
-        changed = self.good.symmetric_difference(newer.good)
+    def changed_serials(self, newer: IndexData, limit: int | None = None) -> set[int] | None:
+        """Serials whose status may differ between ``self`` and ``newer``.
+
+        ``None`` when more than ``limit`` differ (the caller then treats
+        everything as changed rather than handle a huge set).
+        """
+        changed = self.good.symmetric_difference(newer.good, limit)
+        if changed is None:
+            return None
         changed |= self.revoked.keys() ^ newer.revoked.keys()
         new_revoked = newer.revoked
         for serial, status in self.revoked.items():
             other = new_revoked.get(serial)
             if other is not None and other != status:
                 changed.add(serial)
+        if limit is not None and len(changed) > limit:
+            return None
         return changed
 
 

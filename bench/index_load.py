@@ -1,0 +1,126 @@
+"""Benchmark: parse a large OpenSSL index.txt and report time and memory.
+
+Generates an index of ``--lines`` rows (default 1,000,000; ``--revoked`` of them
+revoked with assorted reasons) with random 159-bit serials like ``openssl ca``
+with ``rand_serial``, or sequential ones with ``--sequential``, then measures:
+
+* load time of :func:`hsmocsp.sources.index.parse_index`;
+* peak traced Python allocations during the load (tracemalloc, a second run,
+  since tracing slows the parse) and the size of the result kept afterwards;
+* the process's peak RSS (``ru_maxrss``);
+* the cost of the change diff after one row is revoked and one added.
+
+Run: ``.venv/bin/python bench/index_load.py [--lines N] [--sequential]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from hsmocsp.sources.index import parse_index
+
+_REASONS = [
+    "",
+    ",keyCompromise",
+    ",superseded",
+    ",cessationOfOperation",
+    ",holdInstruction,holdInstructionReject",
+    ",keyTime,20240102030405Z",
+    ",affiliationChanged",
+]
+
+
+def generate(path: Path, lines: int, revoked: int, sequential: bool, seed: int = 1) -> list[int]:
+    """Write an index file; return its serials in file order."""
+    rng = random.Random(seed)
+    serials = (
+        list(range(0x1000, 0x1000 + lines))
+        if sequential
+        else [rng.getrandbits(159) | (1 << 100) for _ in range(lines)]
+    )
+    revoked_at = set(rng.sample(range(lines), revoked))
+    with path.open("w", encoding="ascii") as f:
+        for i, serial in enumerate(serials):
+            hexs = f"{serial:X}"
+            if len(hexs) % 2:
+                hexs = "0" + hexs
+            if i in revoked_at:
+                reason = _REASONS[i % len(_REASONS)]
+                f.write(f"R\t301231235959Z\t240101000000Z{reason}\t{hexs}\tunknown\t/CN=host{i}\n")
+            else:
+                f.write(f"V\t301231235959Z\t\t{hexs}\tunknown\t/CN=host{i}.example.org\n")
+    return serials
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--revoked", type=int, default=10_000)
+    parser.add_argument("--sequential", action="store_true", help="sequential serials")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.txt"
+        t0 = time.perf_counter()
+        serials = generate(path, args.lines, args.revoked, args.sequential)
+        gen_s = time.perf_counter() - t0
+        size_mb = path.stat().st_size / 1e6
+        del serials
+        gc.collect()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        t0 = time.perf_counter()
+        data = parse_index(path)
+        load_s = time.perf_counter() - t0
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        del data
+        gc.collect()
+        tracemalloc.start()
+        data = parse_index(path)
+        kept, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+
+        # One revocation and one new certificate, then diff old against new.
+        victim = next(iter(data.good))
+        text = path.read_text(encoding="ascii")
+        victim_hex = f"{victim:X}".rjust(len(f"{victim:X}") + len(f"{victim:X}") % 2, "0")
+        text = text.replace(
+            f"V\t301231235959Z\t\t{victim_hex}\t",
+            f"R\t301231235959Z\t250101000000Z,superseded\t{victim_hex}\t",
+            1,
+        )
+        text += "V\t301231235959Z\t\t0ABCDEF0123456\tunknown\t/CN=new\n"
+        path.write_text(text, encoding="ascii")
+        del text
+        newer = parse_index(path)
+        t0 = time.perf_counter()
+        changed = data.changed_serials(newer)
+        diff_s = time.perf_counter() - t0
+
+    kind = "sequential" if args.sequential else "random 159-bit"
+    print(
+        f"index: {args.lines:,} lines ({args.revoked:,} revoked, {kind} serials),"
+        f" {size_mb:.0f} MB"
+    )
+    print(f"generate:          {gen_s:6.2f} s")
+    print(f"parse_index:       {load_s:6.2f} s  ({args.lines / load_s / 1e6:.2f} M lines/s)")
+    print(f"peak RSS:          {rss_after:6.0f} MiB (before load {rss_before:.0f} MiB)")
+    print(f"traced peak/kept:  {peak / 2**20:6.1f} / {kept / 2**20:.1f} MiB (Python allocations)")
+    print(f"good set width:    {data.good.width} bytes/serial")
+    print(f"diff after 1 revoke + 1 add: {diff_s * 1000:.1f} ms, {len(changed or ())} serials changed")
+    print(f"python {sys.version.split()[0]}, pid {os.getpid()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
