@@ -109,15 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
     kind = "sequential" if args.sequential else "random 159-bit"
     print(
-        f"index: {args.lines:,} lines ({args.revoked:,} revoked, {kind} serials),"
-        f" {size_mb:.0f} MB"
+        f"index: {args.lines:,} lines ({args.revoked:,} revoked, {kind} serials), {size_mb:.0f} MB"
     )
     print(f"generate:          {gen_s:6.2f} s")
     print(f"parse_index:       {load_s:6.2f} s  ({args.lines / load_s / 1e6:.2f} M lines/s)")
     print(f"peak RSS:          {rss_after:6.0f} MiB (before load {rss_before:.0f} MiB)")
     print(f"traced peak/kept:  {peak / 2**20:6.1f} / {kept / 2**20:.1f} MiB (Python allocations)")
     print(f"good set width:    {data.good.width} bytes/serial")
-    print(f"diff after 1 revoke + 1 add: {diff_s * 1000:.1f} ms, {len(changed or ())} serials changed")
+    n_changed = "too many" if changed is None else len(changed)
+    print(f"diff after 1 revoke + 1 add: {diff_s * 1000:.1f} ms, {n_changed} serials changed")
     print(f"python {sys.version.split()[0]}, pid {os.getpid()}")
     return 0
 
