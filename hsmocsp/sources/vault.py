@@ -101,10 +101,23 @@ class _VaultTLSPolicy:
 _PEM = Encoding.PEM
 
 
+#: Who signed a looked-up certificate: (issuer Name DER, authority key id or None).
+_Signer = tuple[bytes, bytes | None] | None
+
+
+def _signer_of(cert: x509.Certificate) -> _Signer:
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        key_id = aki.value.key_identifier
+    except x509.ExtensionNotFound:
+        key_id = None
+    return cert.issuer.public_bytes(), key_id
+
+
 @dataclass(slots=True)
 class _Entry:
     status: CertStatus
-    issuer_id: str | None
+    signer: _Signer
     fetched_at: float
 
 
@@ -180,7 +193,7 @@ class VaultSource:
         self._crls: dict[bytes, tuple[x509.CertificateRevocationList, bytes]] = {}
         self._revoked: dict[int, CertStatus] = {}
         self._cache: OrderedDict[int, _Entry] = OrderedDict()
-        self._inflight: dict[int, list[Deferred[tuple[CertStatus, str | None]]]] = {}
+        self._inflight: dict[int, list[Deferred[tuple[CertStatus, _Signer]]]] = {}
         self._listeners: list[Callable[[frozenset[int] | None], None]] = []
         self._generation = 0
         self._ok = False
@@ -189,6 +202,7 @@ class VaultSource:
         self._refresh_waiters: list[Deferred[None]] | None = None
         self._stopped = False
         self._issuer_keys: dict[x509.Certificate, bytes] = {}
+        self._skis: dict[x509.Certificate, bytes] = {}
 
     def __repr__(self) -> str:
         return f"VaultSource({self.address!r}, mount={self.mount!r})"
@@ -251,7 +265,7 @@ class VaultSource:
         now = self._clock.seconds()
         if entry is not None and now - entry.fetched_at < self._cache_ttl:
             self._cache.move_to_end(serial)
-            return succeed(self._for_issuer(entry.status, entry.issuer_id, issuer))
+            return succeed(self._for_issuer(entry.status, entry.signer, issuer))
         return self._lookup_shared(serial).addCallback(
             lambda res: self._for_issuer(res[0], res[1], issuer)
         )
@@ -461,15 +475,15 @@ class VaultSource:
 
     # --- lookups ------------------------------------------------------------------------
 
-    def _lookup_shared(self, serial: int) -> Deferred[tuple[CertStatus, str | None]]:
-        waiter: Deferred[tuple[CertStatus, str | None]] = Deferred()
+    def _lookup_shared(self, serial: int) -> Deferred[tuple[CertStatus, _Signer]]:
+        waiter: Deferred[tuple[CertStatus, _Signer]] = Deferred()
         waiters = self._inflight.get(serial)
         if waiters is not None:
             waiters.append(waiter)
             return waiter
         self._inflight[serial] = [waiter]
 
-        def done(result: tuple[CertStatus, str | None] | Failure) -> None:
+        def done(result: tuple[CertStatus, _Signer] | Failure) -> None:
             for w in self._inflight.pop(serial, []):
                 if not w.called:
                     if isinstance(result, Failure):
@@ -480,7 +494,7 @@ class VaultSource:
         Deferred.fromCoroutine(self._lookup(serial)).addBoth(done)
         return waiter
 
-    async def _lookup(self, serial: int) -> tuple[CertStatus, str | None]:
+    async def _lookup(self, serial: int) -> tuple[CertStatus, _Signer]:
         path = f"{self.mount}/cert/{vault_serial(serial)}"
         try:
             token = await self._auth.token()
@@ -492,7 +506,7 @@ class VaultSource:
             self._ok = False
             raise SourceUnavailable(str(err)) from err
         if resp.code == 404:
-            result: tuple[CertStatus, str | None] = (CertStatus.unknown(), None)
+            result: tuple[CertStatus, _Signer] = (CertStatus.unknown(), None)
         elif resp.code == 200:
             try:
                 result = self._parse_cert(serial, resp)
@@ -511,7 +525,7 @@ class VaultSource:
         self._remember(serial, result[0], result[1])
         return result
 
-    def _parse_cert(self, serial: int, resp: VaultResponse) -> tuple[CertStatus, str | None]:
+    def _parse_cert(self, serial: int, resp: VaultResponse) -> tuple[CertStatus, _Signer]:
         data = resp.json().get("data")
         if not data:
             return CertStatus.unknown(), None
@@ -526,27 +540,26 @@ class VaultSource:
             if cert.serial_number != serial:
                 # e.g. a special route answered; never call a serial we did not find good.
                 return CertStatus.unknown(), None
-        elif not pem:
+            signer = _signer_of(cert)
+        else:
             return CertStatus.unknown(), None
-        issuer_id = data.get("issuer_id")
-        issuer_id = issuer_id if isinstance(issuer_id, str) and issuer_id else None
         rt = data.get("revocation_time", 0)
         if not isinstance(rt, int | float) or isinstance(rt, bool):
             raise SourceError(f"{self._where()}: {resp.path}: bad revocation_time")
         if rt == 0:
-            return CertStatus.good(), issuer_id
+            return CertStatus.good(), signer
         when = datetime.fromtimestamp(int(rt), UTC)
         from_crl = self._revoked.get(serial)
         if from_crl is not None:
             return (
                 CertStatus.revoked(when, from_crl.reason, from_crl.invalidity_date),
-                issuer_id,
+                signer,
             )
-        return CertStatus.revoked(when), issuer_id
+        return CertStatus.revoked(when), signer
 
-    def _remember(self, serial: int, status: CertStatus, issuer_id: str | None) -> None:
+    def _remember(self, serial: int, status: CertStatus, signer: _Signer) -> None:
         previous = self.last_known(serial)
-        self._cache[serial] = _Entry(status, issuer_id, self._clock.seconds())
+        self._cache[serial] = _Entry(status, signer, self._clock.seconds())
         self._cache.move_to_end(serial)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -555,15 +568,33 @@ class VaultSource:
             self._notify(frozenset({serial}))
 
     def _for_issuer(
-        self, status: CertStatus, issuer_id: str | None, issuer: x509.Certificate
+        self, status: CertStatus, signer: _Signer, issuer: x509.Certificate
     ) -> CertStatus:
-        """``unknown`` when Vault says another issuer of the mount signed the serial."""
-        if issuer_id is None or status.status is Status.unknown:
+        """``unknown`` when the certificate Vault returned was signed by another CA.
+
+        Vault serials are unique per mount, but a mount may hold several issuers; the
+        CertID names one of them, so the answer must come from that one. (Vault's
+        ``issuer_id`` is only set for revoked certificates, hence the name/AKI check.)
+        """
+        if signer is None or status.status is Status.unknown:
             return status
-        signer = self._issuer_ids.get(issuer_id)
-        if signer is not None and not _same_ca(signer, issuer):
+        name, aki = signer
+        if name != issuer.subject.public_bytes():
+            return CertStatus.unknown()
+        if aki is not None and aki != self._ski(issuer):
             return CertStatus.unknown()
         return status
+
+    def _ski(self, issuer: x509.Certificate) -> bytes:
+        ski = self._skis.get(issuer)
+        if ski is None:
+            try:
+                ext = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+                ski = ext.value.key_identifier
+            except x509.ExtensionNotFound:
+                ski = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).key_identifier
+            self._skis[issuer] = ski
+        return ski
 
     # --- helpers ------------------------------------------------------------------------
 
