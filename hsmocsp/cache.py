@@ -108,14 +108,16 @@ class ResponseCache(Generic[V]):
                 return value
             self._drop(key)
         self.stats.misses += 1
+        waiter: Deferred[V] = Deferred()
         flight = self._flights.get(key)
         if flight is None:
-            flight = self._start(key, serial, produce, background=False)
+            # The waiter is registered before production starts: a producer may fire
+            # synchronously (file signer, cached source status).
+            self._start(key, serial, produce, background=False, waiter=waiter)
         else:
             self.stats.coalesced += 1
             flight.background = False
-        waiter: Deferred[V] = Deferred()
-        flight.waiters.append(waiter)
+            flight.waiters.append(waiter)
         return waiter
 
     def put(self, key: bytes, serial: int, value: V) -> None:
@@ -151,9 +153,16 @@ class ResponseCache(Generic[V]):
     # --- internals -----------------------------------------------------------------
 
     def _start(
-        self, key: bytes, serial: int, produce: Callable[[], Deferred[V]], background: bool
+        self,
+        key: bytes,
+        serial: int,
+        produce: Callable[[], Deferred[V]],
+        background: bool,
+        waiter: Deferred[V] | None = None,
     ) -> _Flight[V]:
         flight: _Flight[V] = _Flight(serial=serial, background=background)
+        if waiter is not None:
+            flight.waiters.append(waiter)
         self._flights[key] = flight
 
         def done(result: V | Failure) -> None:

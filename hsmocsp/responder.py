@@ -28,7 +28,7 @@ from hsmocsp.errors import (
     SourceUnavailable,
     UnknownIssuer,
 )
-from hsmocsp.ocsp.request import CertID, OCSPRequestInfo
+from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, parse_request
 from hsmocsp.ocsp.response import (
     ResponseStatus,
     SingleResponseData,
@@ -158,6 +158,10 @@ class Handle:
         self.publish_crl = publish_crl
         self._on_signed = on_signed
         self.signatures = 0
+        # Raw request bytes -> the CertID they asked about, for single-CertID requests
+        # without a nonce: a repeated request then costs two dict lookups, no pyasn1.
+        self._parsed: dict[bytes, tuple[CertID, x509.Certificate]] = {}
+        self.max_memo = 100_000
         source.on_change(self.cache.invalidate)
 
     # --- start-up ------------------------------------------------------------------
@@ -199,6 +203,7 @@ class Handle:
                 name_hash, key_hash = issuer_hashes(issuer, alg)
                 index[(alg, name_hash, key_hash)] = issuer
         self._issuer_index = index
+        self._parsed.clear()
         self._indexed_issuers = issuers
 
     def issuer_for(self, cert_id: CertID) -> x509.Certificate:
@@ -215,6 +220,21 @@ class Handle:
         return issuer
 
     # --- answering -----------------------------------------------------------------
+
+    def respond_der(self, der: bytes) -> Deferred[SignedResponse] | SignedResponse:
+        """Answer the DER of an OCSPRequest; the hot path for repeated requests."""
+        memo = self._parsed.get(der)
+        if memo is not None:
+            cid, issuer = memo
+            return self.cache.get(cid.der, cid.serial, lambda: self._produce([cid], [issuer], None))
+        request = parse_request(der)
+        if len(request.cert_ids) == 1 and (request.nonce is None or self.nonce_policy == "ignore"):
+            cid = request.cert_ids[0]
+            issuer = self.issuer_for(cid)
+            if len(self._parsed) >= self.max_memo:
+                self._parsed.clear()
+            self._parsed[der] = (cid, issuer)
+        return self.respond(request)
 
     def respond(self, request: OCSPRequestInfo) -> Deferred[SignedResponse] | SignedResponse:
         """Answer a parsed request; a cache hit returns the bare value (no Deferred)."""

@@ -109,7 +109,7 @@ class ResponderService(service.MultiService):
                 pin=pin,
                 workers=token.workers,
                 max_queue=token.max_queue,
-                sign_timeout=token.sign_timeout,
+                timeout=token.sign_timeout,
                 reactor=self.reactor,
             )
         return pool
@@ -124,7 +124,8 @@ class ResponderService(service.MultiService):
                 password_env=pw.env if pw else None,
                 password_file=str(pw.file) if pw and pw.file else None,
             )
-        from hsmocsp.signing.pool import KeyRef, Pkcs11Signer
+        from hsmocsp.signing.pkcs11 import Pkcs11Signer
+        from hsmocsp.signing.pool import KeyRef
 
         pool = self._pool(self.cfg.tokens[h.signer.token])
         return Pkcs11Signer(pool, KeyRef(label=h.signer.key_label, key_id=h.signer.key_id))

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from hsmocsp.errors import HsmOcspError, MalformedRequest
-from hsmocsp.ocsp.request import decode_get_path, parse_request
+from hsmocsp.ocsp.request import decode_get_path
 from hsmocsp.ocsp.response import ResponseStatus, error_response
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.web.metrics import Metrics
@@ -124,8 +124,7 @@ class OCSPApp:
 
     def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
         try:
-            info = parse_request(der)
-            result = handle.respond(info)
+            result = handle.respond_der(der)
         except HsmOcspError as err:
             return self._error(handle, request, ocsp_status_for(Failure(err)), str(err), method)
         if isinstance(result, SignedResponse):
