@@ -130,10 +130,9 @@ def parse_time(text: str, what: str, *, generalized: bool = False) -> datetime:
             return (naive - _zone(m[7])).replace(tzinfo=UTC)
         g = _GENTIME.match(text)
         if g is not None:
-            micro = int((g[7] or "0")[:6].ljust(6, "0"))
-            naive = datetime(
-                int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]), int(g[6] or 0), micro
-            )
+            # Fractional seconds (g[7]) are dropped: RFC 5280 forbids them in
+            # the GeneralizedTime of an invalidity date we will re-encode.
+            naive = datetime(int(g[1]), int(g[2]), int(g[3]), int(g[4]), int(g[5]), int(g[6] or 0))
             return (naive - _zone(g[8])).replace(tzinfo=UTC)
     except (ValueError, OverflowError) as err:  # e.g. month 13, day 31 in June
         raise _LineError(f"bad {what} {text!r}: {err}") from err
