@@ -27,13 +27,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 from twisted.internet import defer, reactor, task, threads  # noqa: E402
 
 from hsmocsp.signing.pkcs11 import Pkcs11Signer  # noqa: E402
 from hsmocsp.signing.pool import KeyRef, TokenPool  # noqa: E402
-from softhsm_helpers import SOFTHSM_MODULE, gen_keypair, init_token  # noqa: E402
+from tests.integration.softhsm_helpers import (  # noqa: E402
+    SOFTHSM_MODULE,
+    gen_keypair,
+    init_token,
+)
 
 PIN = "1234"
 TICK = 0.001
