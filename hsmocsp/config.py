@@ -327,7 +327,8 @@ def _vault_auth(r: _Reader) -> VaultAuthConfig:
         cfg = VaultAuthConfig(
             method="approle",
             role_id=r.req_str("role_id"),
-            secret_id=r.secret("secret_id"),
+            # A file, re-read at every login: secret_ids rotate (response wrapping, agents).
+            secret_id=Secret(file=r.path("secret_id_file", required=True, must_exist=False)),
             mount=r.str("mount", default="approle"),
         )
     elif method == "kubernetes":

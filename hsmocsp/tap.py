@@ -144,9 +144,7 @@ class ResponderService(service.MultiService):
                 reactor=self.reactor,
             )
         assert isinstance(src, VaultSourceConfig)
-        from hsmocsp.sources.vaultfactory import make_vault_source
-
-        return make_vault_source(src, f"handles.{h.name}.source", self.reactor)
+        return _vault_source(src, self.reactor)
 
     def _build_handle(self, h: HandleConfig) -> Handle:
         issuer = _load_cert(h.issuer, f"handles.{h.name}.issuer", self.cfg) if h.issuer else None
@@ -217,6 +215,40 @@ class ResponderService(service.MultiService):
 
         self.running = False
         return ensureDeferred(stop())
+
+
+def _vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
+    from hsmocsp.sources.vault import VaultSource, VaultTLS
+    from hsmocsp.sources.vaultauth import AppRoleAuth, KubernetesAuth, TokenAuth, VaultAuth
+
+    a = src.auth
+    auth: VaultAuth
+    if a.method == "approle":
+        assert a.role_id is not None and a.secret_id is not None
+        assert a.secret_id.file is not None
+        auth = AppRoleAuth(a.role_id, a.secret_id.file, mount=a.mount or "approle")
+    elif a.method == "kubernetes":
+        assert a.jwt_file is not None and a.role is not None
+        auth = KubernetesAuth(a.jwt_file, a.role, mount=a.mount or "kubernetes")
+    else:
+        assert a.token is not None
+        auth = TokenAuth(env=a.token.env, file=a.token.file)
+    tls = None
+    if src.tls is not None:
+        tls = VaultTLS(
+            ca_bundle=src.tls.ca_file, client_cert=src.tls.cert_file, client_key=src.tls.key_file
+        )
+    return VaultSource(
+        address=src.address,
+        mount=src.mount,
+        auth=auth,
+        namespace=src.namespace,
+        tls=tls,
+        cache_ttl=src.cache_ttl,
+        crl_refresh=src.crl_refresh,
+        request_timeout=src.request_timeout,
+        reactor=reactor,
+    )
 
 
 async def _all(ds: Sequence[Deferred[Any]]) -> None:
