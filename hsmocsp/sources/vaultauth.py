@@ -117,7 +117,12 @@ class VaultTransport:
         """``method /v1/<path>``; the result's body is fully read."""
         path = path.lstrip("/")
         d = Deferred.fromCoroutine(self._request(method, path, token, json_body))
-        d.addTimeout(self.timeout, self.clock)
+
+        def timed_out(result: object, timeout: float) -> None:
+            # The agent wraps our cancellation (ResponseNeverReceived etc.): say what happened.
+            raise TimeoutError(f"no answer within {timeout:g}s")
+
+        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=timed_out)
 
         def translate(failure: Failure) -> None:
             reason = failure.value
