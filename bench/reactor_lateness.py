@@ -15,6 +15,7 @@ Prints max/p99/median timer lateness and signatures per second for each mode.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -106,7 +107,7 @@ async def drive(sign: Any, seconds: float, in_flight: int) -> dict[str, float]:
 class ThreadSigner:
     """PyKCS11 in reactor threads, one session per thread (the design we rejected)."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, ec: bool) -> None:
         import PyKCS11
 
         self._pkcs11 = PyKCS11
@@ -114,6 +115,7 @@ class ThreadSigner:
         self._lib.load(SOFTHSM_MODULE)
         self._slot = self._lib.getSlotList(tokenPresent=True)[0]
         self._label = label
+        self._ec = ec
         self._local = threading.local()
 
     def _session(self) -> Any:
@@ -133,7 +135,12 @@ class ThreadSigner:
 
     def _sign(self, data: bytes) -> bytes:
         session, key = self._session()
-        mech = self._pkcs11.Mechanism(self._pkcs11.CKM_SHA256_RSA_PKCS, None)
+        p = self._pkcs11
+        if self._ec:  # as Pkcs11Signer does: digest here, CKM_ECDSA on the token
+            data = hashlib.sha256(data).digest()
+            mech = p.Mechanism(p.CKM_ECDSA, None)
+        else:
+            mech = p.Mechanism(p.CKM_SHA256_RSA_PKCS, None)
         return bytes(session.sign(key, data, mech))
 
     def sign(self, data: bytes) -> defer.Deferred[bytes]:
@@ -165,7 +172,7 @@ async def main(args: argparse.Namespace) -> None:
         await pool.stop()
 
         reactor.suggestThreadPoolSize(args.workers)  # type: ignore[attr-defined]
-        thread_signer = ThreadSigner("bench")
+        thread_signer = ThreadSigner("bench", ec=args.key.lower().startswith("ec"))
         results["thread"] = await drive(thread_signer.sign, args.seconds, args.in_flight)
         print("thread", results["thread"], file=sys.stderr)
     print(json.dumps(results, indent=2))
