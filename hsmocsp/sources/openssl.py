@@ -1,0 +1,431 @@
+"""Status source backed by an OpenSSL CA database (``index.txt``) and, optionally, its CRL.
+
+``openssl ca`` keeps its database in ``index.txt`` and rewrites it by writing
+``index.txt.new`` and renaming it over the old file (a new inode); other tools
+edit it in place. Either way we notice by polling ``(mtime_ns, size, inode)``
+every ``poll_interval`` seconds, and re-parse in a thread so that a
+million-line file never blocks the reactor. A new file replaces the current
+data only if it parsed completely; otherwise the last good data stays and
+the problem (file and line) is logged once. A file that fails is tried again
+at the next poll even when it looks unchanged (it may have been caught
+mid-write within one mtime tick), then only after it changes again.
+
+Status rules: a serial revoked in the index or in the CRL is revoked (the
+index's time and reason win when both have it, because the CRL may be
+older); a serial in the index as ``V``/``E`` (or un-held with
+``removeFromCRL``) is good; anything else is unknown, never good.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from cryptography import x509
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.sources.crl import CRLInfo, load_crl
+from hsmocsp.sources.index import IndexData, parse_index_file
+from hsmocsp.status import CertStatus
+
+__all__ = ["OpenSSLSource", "ThreadRunner"]
+
+_T = TypeVar("_T")
+
+# (st_mtime_ns, st_size, st_ino): what tells us a file changed.
+_Sig = tuple[int, int, int]
+
+ChangeListener = Callable[[frozenset[int] | None], None]
+
+
+class ThreadRunner(Protocol):
+    """Runs a blocking callable off the reactor thread; fires with its result."""
+
+    def __call__(self, f: Callable[[], _T], /) -> Deferred[_T]: ...
+
+
+def _sig(st: os.stat_result) -> _Sig:
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _read_index(path: Path) -> tuple[IndexData, _Sig]:
+    """Parse ``path`` streaming; the signature is taken from the open file."""
+    try:
+        with path.open("rb") as f:
+            sig = _sig(os.fstat(f.fileno()))
+            return parse_index_file(f, str(path)), sig
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read: {err.strerror or err}") from err
+
+
+def _read_crl(path: Path, issuer: x509.Certificate) -> tuple[CRLInfo, _Sig]:
+    try:
+        with path.open("rb") as f:
+            sig = _sig(os.fstat(f.fileno()))
+            data = f.read()
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read: {err.strerror or err}") from err
+    try:
+        return load_crl(data, issuer), sig
+    except SourceError as err:
+        raise SourceError(f"{path}: {err}") from err
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Snapshot:
+    """Everything a lookup needs, swapped as one reference."""
+
+    index: IndexData
+    crl: CRLInfo | None
+    revoked: dict[int, CertStatus]  # index revocations over CRL revocations
+
+    @classmethod
+    def build(cls, index: IndexData, crl: CRLInfo | None) -> _Snapshot:
+        if crl is None or not crl.revoked:
+            return cls(index, crl, index.revoked)
+        merged = dict(crl.revoked)
+        merged.update(index.revoked)
+        return cls(index, crl, merged)
+
+    def status(self, serial: int) -> CertStatus:
+        found = self.revoked.get(serial)
+        if found is not None:
+            return found
+        if serial in self.index.good:
+            return CertStatus.good()
+        return CertStatus.unknown()
+
+
+@dataclass(slots=True)
+class _Watched:
+    """Change tracking and error de-duplication for one file."""
+
+    path: Path
+    kind: str
+    good_sig: _Sig | None = None
+    failed_sig: _Sig | None = None
+    failed_tries: int = 0
+    last_problem: str | None = None
+
+    def wants_load(self, sig: _Sig) -> bool:
+        if sig == self.good_sig:
+            return False
+        return not (sig == self.failed_sig and self.failed_tries >= 2)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What one load in the thread produced, applied later on the reactor thread."""
+
+    snapshot: _Snapshot | None = None
+    changed: set[int] | None = None
+    index_sig: _Sig | None = None
+    crl_sig: _Sig | None = None
+    index_error: tuple[_Sig | None, str] | None = None
+    crl_error: tuple[_Sig | None, str] | None = None
+
+
+class OpenSSLSource:
+    """A :class:`~hsmocsp.sources.StatusSource` for one CA managed by ``openssl ca``.
+
+    ``reactor`` provides time (and the thread pool, if it is a real reactor);
+    ``run_in_thread`` overrides how parsing is taken off the reactor thread
+    (tests pass a synchronous runner; with a reactor that has no thread pool,
+    such as ``task.Clock``, parsing runs inline). ``max_changed`` caps the set
+    handed to change listeners: beyond it they get ``None`` ("anything may have
+    changed").
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        issuer: x509.Certificate,
+        index_path: Path,
+        crl_path: Path | None,
+        poll_interval: float = 2.0,
+        reactor: IReactorTime | None = None,
+        run_in_thread: ThreadRunner | None = None,
+        max_changed: int = 100_000,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        assert reactor is not None
+        self._issuer = issuer
+        self._reactor = reactor
+        self._poll_interval = poll_interval
+        self._max_changed = max_changed
+        self._run = run_in_thread if run_in_thread is not None else _default_runner(reactor)
+        self._index = _Watched(Path(index_path), "index")
+        self._crl = _Watched(Path(crl_path), "CRL") if crl_path is not None else None
+        self._snapshot: _Snapshot | None = None
+        self._generation = 0
+        self._listeners: list[ChangeListener] = []
+        self._loop: LoopingCall | None = None
+        self._inflight: Deferred[None] | None = None
+
+    # --- StatusSource -------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def start(self) -> Deferred[None]:
+        """Load both files (in a thread), then start polling.
+
+        Fails with :class:`SourceError` if either file cannot be read or parsed.
+        """
+        return self._run(self._load_initial).addCallback(self._started)
+
+    def stop(self) -> Deferred[None]:
+        """Stop polling; fires once any parse in progress has finished."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._inflight is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._inflight.addBoth(lambda _: done.callback(None))
+        return done
+
+    def issuers(self) -> Sequence[x509.Certificate]:
+        return (self._issuer,)
+
+    def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
+        if issuer is not self._issuer and issuer != self._issuer:
+            return fail(UnknownIssuer(f"{issuer.subject.rfc4514_string()} is not served here"))
+        snap = self._snapshot
+        if snap is None:
+            return fail(SourceUnavailable(f"{self._index.path} not loaded yet"))
+        return succeed(snap.status(serial))
+
+    def crl_der(self, issuer: x509.Certificate) -> bytes | None:
+        snap = self._snapshot
+        if snap is None or snap.crl is None or issuer != self._issuer:
+            return None
+        return snap.crl.der
+
+    def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
+        """Every serial in the index (good ones in sorted order, then revoked ones)."""
+        snap = self._snapshot
+        if snap is None or issuer != self._issuer:
+            return ()
+        return snap.index.serials()
+
+    def ready(self) -> bool:
+        return self._snapshot is not None
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    # --- extras ---------------------------------------------------------------------
+
+    def check_now(self) -> Deferred[None]:
+        """Look for changed files now (e.g. on SIGHUP) instead of at the next poll."""
+        if self._inflight is not None:
+            done: Deferred[None] = Deferred()
+            self._inflight.addBoth(lambda _: done.callback(None))
+            return done
+        d = self._poll()
+        return d if d is not None else succeed(None)
+
+    # --- loading --------------------------------------------------------------------
+
+    def _load_initial(self) -> _Outcome:
+        out = _Outcome()
+        index, out.index_sig = _read_index(self._index.path)
+        crl: CRLInfo | None = None
+        if self._crl is not None:
+            crl, out.crl_sig = _read_crl(self._crl.path, self._issuer)
+        out.snapshot = _Snapshot.build(index, crl)
+        return out
+
+    def _started(self, out: _Outcome) -> None:
+        snapshot = out.snapshot
+        assert snapshot is not None
+        self._index.good_sig = out.index_sig
+        if self._crl is not None:
+            self._crl.good_sig = out.crl_sig
+        self._install(snapshot)
+        self._log.info(
+            "{path}: loaded {good} good and {revoked} revoked serials{crl}",
+            path=str(self._index.path),
+            good=len(snapshot.index.good),
+            revoked=len(snapshot.index.revoked),
+            crl=_describe_crl(snapshot.crl),
+        )
+        self._warn_crl(snapshot.crl)
+        loop = LoopingCall(self._poll)
+        loop.clock = self._reactor
+        self._loop = loop
+        loop.start(self._poll_interval, now=False).addErrback(
+            lambda f: self._log.failure("OpenSSL source poll loop died", f)
+        )
+
+    def _install(self, snapshot: _Snapshot) -> None:
+        self._snapshot = snapshot
+        self._generation += 1
+
+    def _stat(self, watched: _Watched) -> _Sig | None:
+        try:
+            return _sig(os.stat(watched.path))
+        except OSError as err:
+            self._problem(watched, f"{watched.path}: {err.strerror or err}; keeping last good data")
+            return None
+
+    def _poll(self) -> Deferred[None] | None:
+        """One polling round; returns a Deferred while a reload runs (LoopingCall waits)."""
+        if self._inflight is not None or self._snapshot is None:
+            return None
+        index_sig = self._stat(self._index)
+        load_index = index_sig is not None and self._index.wants_load(index_sig)
+        load_crl = False
+        if self._crl is not None:
+            crl_sig = self._stat(self._crl)
+            load_crl = crl_sig is not None and self._crl.wants_load(crl_sig)
+        if not (load_index or load_crl):
+            return None
+        current = self._snapshot
+        d = self._run(lambda: self._reload(current, load_index, load_crl))
+        inflight = d.addCallback(self._apply).addErrback(self._reload_crashed)
+        self._inflight = inflight
+
+        def _done(result: None) -> None:
+            self._inflight = None
+
+        inflight.addBoth(_done)
+        return inflight
+
+    def _reload(self, current: _Snapshot, load_index: bool, load_crl: bool) -> _Outcome:
+        """Runs in a thread: parse what changed, build the new snapshot and the diff."""
+        out = _Outcome()
+        index, crl = current.index, current.crl
+        if load_index:
+            try:
+                index, out.index_sig = _read_index(self._index.path)
+            except SourceError as err:
+                out.index_error = (self._sig_or_none(self._index.path), str(err))
+        if load_crl and self._crl is not None:
+            try:
+                crl, out.crl_sig = _read_crl(self._crl.path, self._issuer)
+            except SourceError as err:
+                out.crl_error = (self._sig_or_none(self._crl.path), str(err))
+        if index is current.index and crl is current.crl:
+            return out
+        changed: set[int] | None = set()
+        if index is not current.index:
+            changed = current.index.changed_serials(index, self._max_changed)
+        if changed is not None and crl is not current.crl:
+            if current.crl is None or crl is None:
+                old = current.crl.revoked if current.crl is not None else {}
+                new = crl.revoked if crl is not None else {}
+                changed |= old.keys() ^ new.keys()
+            else:
+                changed |= current.crl.changed_serials(crl)
+            if len(changed) > self._max_changed:
+                changed = None
+        crl_bytes_same = (crl.der if crl else None) == (current.crl.der if current.crl else None)
+        if changed is not None and not changed and crl_bytes_same:
+            # Same content (touched, or rewritten identically): nothing to swap.
+            return out
+        out.snapshot = _Snapshot.build(index, crl)
+        out.changed = changed
+        return out
+
+    @staticmethod
+    def _sig_or_none(path: Path) -> _Sig | None:
+        try:
+            return _sig(os.stat(path))
+        except OSError:
+            return None
+
+    def _apply(self, out: _Outcome) -> None:
+        """Reactor thread: record what loaded and what failed, swap, notify."""
+        for watched, sig, error in (
+            (self._index, out.index_sig, out.index_error),
+            (self._crl, out.crl_sig, out.crl_error),
+        ):
+            if watched is None:
+                continue
+            if sig is not None:
+                watched.good_sig = sig
+                watched.failed_sig = None
+                watched.failed_tries = 0
+                if watched.last_problem is not None:
+                    self._log.info("{path}: loaded again", path=str(watched.path))
+                watched.last_problem = None
+            if error is not None:
+                failed_sig, message = error
+                if failed_sig is not None and failed_sig == watched.failed_sig:
+                    watched.failed_tries += 1
+                else:
+                    watched.failed_sig, watched.failed_tries = failed_sig, 1
+                self._problem(watched, f"{message}; keeping last good data")
+        if out.snapshot is None:
+            return
+        self._install(out.snapshot)
+        self._warn_crl(out.snapshot.crl if out.crl_sig is not None else None)
+        changed = frozenset(out.changed) if out.changed is not None else None
+        self._log.info(
+            "{path}: reloaded (generation {generation}, {n} serials changed){crl}",
+            path=str(self._index.path),
+            generation=self._generation,
+            n="all" if changed is None else len(changed),
+            crl=_describe_crl(out.snapshot.crl),
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(changed)
+            except Exception:
+                self._log.failure("change listener {listener!r} failed", listener=listener)
+
+    def _reload_crashed(self, failure: Failure) -> None:
+        # Not a data error (those are in _Outcome): a bug. Log it, keep polling.
+        self._log.failure("OpenSSL source reload failed unexpectedly", failure)
+
+    def _problem(self, watched: _Watched, message: str) -> None:
+        """Log ``message`` unless it is the one last logged for this file."""
+        if message != watched.last_problem:
+            watched.last_problem = message
+            self._log.warn("{kind} file problem: {message}", kind=watched.kind, message=message)
+
+    def _warn_crl(self, crl: CRLInfo | None) -> None:
+        if crl is None or self._crl is None:
+            return
+        for warning in crl.warnings:
+            self._log.warn("{path}: {warning}", path=str(self._crl.path), warning=warning)
+
+
+def _describe_crl(crl: CRLInfo | None) -> str:
+    if crl is None:
+        return ""
+    number = "" if crl.crl_number is None else f" #{crl.crl_number}"
+    return f"; CRL{number} with {len(crl.revoked)} entries"
+
+
+def _default_runner(reactor: IReactorTime) -> ThreadRunner:
+    """The reactor's thread pool, or inline for reactors without one (``task.Clock``)."""
+    if IReactorThreads.providedBy(reactor):
+        threads = reactor
+
+        def run_in_pool(f: Callable[[], _T]) -> Deferred[_T]:
+            return deferToThreadPool(threads, threads.getThreadPool(), f)
+
+        return run_in_pool
+
+    def run_inline(f: Callable[[], _T]) -> Deferred[_T]:
+        return maybeDeferred(f)
+
+    return run_inline
