@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,10 +58,13 @@ def free_port() -> int:
 class BaoAPI:
     """Blocking calls to one OpenBao server with one token (dev/test use only)."""
 
-    def __init__(self, address: str, token: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, address: str, token: str, timeout: float = 10.0, cafile: Path | None = None
+    ) -> None:
         self.address = address.rstrip("/")
         self._token = token
         self._timeout = timeout
+        self._context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
 
     def __repr__(self) -> str:  # never show the token
         return f"BaoAPI({self.address!r})"
@@ -78,7 +82,7 @@ class BaoAPI:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self._timeout, context=self._context) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as err:
             detail = err.read()[:500].decode("utf-8", "replace")
@@ -94,7 +98,7 @@ class BaoAPI:
         """Unauthenticated GET returning the raw body (DER endpoints)."""
         req = urllib.request.Request(f"{self.address}/v1/{path.lstrip('/')}")
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self._timeout, context=self._context) as resp:
                 body: bytes = resp.read()
                 return body
         except OSError as err:
@@ -218,6 +222,7 @@ class BaoServer:
         self._address: str | None = None
         self._token: str | None = None
         self._log_path: Path | None = None
+        self.ca_file: Path | None = None
 
     def __repr__(self) -> str:
         return f"BaoServer(address={self._address!r}, running={self.running})"
@@ -247,12 +252,21 @@ class BaoServer:
         return None if self._proc is None else self._proc.pid
 
     def api(self, token: str | None = None) -> BaoAPI:
-        return BaoAPI(self.address, token if token is not None else self.root_token)
+        token = token if token is not None else self.root_token
+        return BaoAPI(self.address, token, cafile=self.ca_file)
 
     def start(
-        self, data_dir: Path, port: int | None = None, root_token: str | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        root_token: str | None = None,
+        tls: bool = False,
     ) -> BaoServer:
-        """Start and wait until ``/v1/sys/health`` answers; raises :class:`BaoError` on failure."""
+        """Start and wait until ``/v1/sys/health`` answers; raises :class:`BaoError` on failure.
+
+        With ``tls=True`` the server uses bao's ``-dev-tls`` (its own CA, written to
+        :attr:`ca_file`), listening on ``https://127.0.0.1:<port>``.
+        """
         if self.running:
             raise BaoError(f"already running at {self._address}")
         binary = self._binary or find_bao()
@@ -260,7 +274,10 @@ class BaoServer:
         data_dir.mkdir(parents=True, exist_ok=True)
         port = port if port is not None else free_port()
         token = root_token if root_token is not None else secrets.token_urlsafe(24)
-        self._address = f"http://127.0.0.1:{port}"
+        self._address = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        self.ca_file = data_dir / "tls" / "vault-ca.pem" if tls else None
+        if tls:
+            (data_dir / "tls").mkdir(mode=0o700, exist_ok=True)
         self._token = token
         self._log_path = data_dir / "bao.log"
         env = dict(os.environ)
@@ -276,6 +293,7 @@ class BaoServer:
                     f"-dev-root-token-id={token}",
                     f"-dev-listen-address=127.0.0.1:{port}",
                     "-dev-no-store-token",
+                    *([f"-dev-tls-cert-dir={data_dir / 'tls'}", "-dev-tls"] if tls else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -302,7 +320,12 @@ class BaoServer:
                 self._proc = None
                 raise BaoError(f"bao exited with status {code} at start:\n{self._log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
+                context = None
+                if self.ca_file is not None:
+                    if not self.ca_file.exists():
+                        raise FileNotFoundError(self.ca_file)
+                    context = ssl.create_default_context(cafile=str(self.ca_file))
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                     if resp.status == 200:
                         return
             except (OSError, ValueError):
