@@ -61,6 +61,9 @@ class OCSPApp:
         route("/metrics", methods=["GET"])(self.metrics_page)
         for handle in self.handles:
             self._add_handle(handle)
+        # The router does not match "/ocsp//MEIw..." (an AIA URL with a trailing slash) to
+        # the handle's GET rule, so anything unmatched is dispatched here on the raw URI.
+        route("/", branch=True, methods=["GET", "HEAD"], endpoint="fallback")(self.fallback)
 
     def resource(self) -> Any:
         return self.router.resource()
@@ -97,6 +100,15 @@ class OCSPApp:
                 self.router.route(url, methods=["GET", "HEAD"], endpoint=f"pub:{url}")(
                     self._publisher(handle, content_type, body)
                 )
+
+    def fallback(self, request: IRequest, **_: Any) -> Any:
+        raw = request.uri.split(b"?", 1)[0].decode("latin-1")  # type: ignore[attr-defined]
+        for handle in sorted(self.handles, key=lambda h: -len(h.path)):
+            prefix = handle.path.rstrip("/")
+            if raw.startswith(prefix + "/"):
+                return self.ocsp_get(handle, prefix, request)
+        request.setResponseCode(404)
+        return b"not found\n"
 
     def ocsp_post(self, handle: Handle, request: IRequest) -> Any:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
