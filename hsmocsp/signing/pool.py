@@ -146,7 +146,7 @@ class _Worker:
         self.init_failure: str | None = None
 
     def spawn(self, init: dict[str, Any]) -> None:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in self.pool.env_drop}
         # The worker imports hsmocsp; make that work from a source checkout too.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(hsmocsp.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(
@@ -273,6 +273,7 @@ class TokenPool:
         timeout: float = 10.0,
         start_timeout: float = 30.0,
         max_restart_delay: float = 10.0,
+        env_drop: tuple[str, ...] = (),
         reactor: Any = None,
     ) -> None:
         if token_label is None and slot is None:
@@ -295,6 +296,9 @@ class TokenPool:
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.max_restart_delay = max_restart_delay
+        # Environment variables the workers must not inherit (e.g. the one the
+        # PIN was read from), since /proc/<pid>/environ outlives reading it.
+        self.env_drop = env_drop
         self._live: list[_Worker] = []
         self._queue: collections.deque[_Request] = collections.deque()
         self._ids = itertools.count(1)

@@ -178,6 +178,24 @@ async def test_owning_signer_starts_and_stops_pool(token: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_pin_not_in_worker_cmdline_or_environment(
+    token: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_TOKEN_PIN", PIN)
+    pool = make_pool(workers=1, env_drop=("TEST_TOKEN_PIN",))
+    await pool.start()
+    try:
+        (pid,) = pool.worker_pids()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert PIN.encode() not in cmdline
+        assert not [v for v in environ if v.startswith(b"TEST_TOKEN_PIN=")]
+        assert f"SOFTHSM2_CONF={token}".encode() in environ
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_pin_is_signer_error_without_pin(token: Path) -> None:
     pool = make_pool(pin="98765432")
     err = await expect(pool.start(), SignerError)
