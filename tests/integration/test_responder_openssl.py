@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import OCSPExtensionOID
 
 from hsmocsp.devpki.opensslca import DevPki, issue_leaf, regen_crl, revoke
 from tests.integration.conftest import dev_env, level1_config
@@ -75,7 +76,7 @@ def test_nonce_echoed_and_verified(responder: Responder, devpki: DevPki, tmp_pat
     assert "WARNING: no nonce" not in out
     assert "nonce" not in out.lower() or "verify error" not in out.lower()
     parsed = ocsp.load_der_ocsp_response(resp.read_bytes())
-    assert any(ext.oid == x509.OID_NONCE for ext in parsed.extensions)
+    assert any(ext.oid == OCSPExtensionOID.NONCE for ext in parsed.extensions)
 
 
 def _get(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from cryptography import x509
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import OCSPExtensionOID
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -194,7 +195,7 @@ def test_nonce_ignore_serves_cached_without_nonce() -> None:
     r1 = resolve(handle.respond_der(request_for(1, nonce=True)))
     r2 = resolve(handle.respond_der(request_for(1, nonce=False)))
     assert r1 is r2 and signer.calls == 1
-    assert not any(e.oid == x509.OID_NONCE for e in parsed(r1).extensions)
+    assert not any(e.oid == OCSPExtensionOID.NONCE for e in parsed(r1).extensions)
 
 
 def test_unknown_issuer_and_error_mapping() -> None:
