@@ -304,6 +304,7 @@ class TokenPool:
         self._ids = itertools.count(1)
         self._numbers = itertools.count(1)
         self._running = False
+        self._starting = False
         self._failures = 0  # consecutive failed (re)starts, for back-off
         self._restarts: list[IDelayedCall] = []
 
@@ -323,32 +324,35 @@ class TokenPool:
     def start(self) -> Deferred[None]:
         """Spawn the workers; fires when every one is logged in.
 
-        Fails with SignerError (module missing, token missing, wrong PIN...) after
-        stopping any worker that did start.
+        Workers start one after the other: a login writes token state (SoftHSM
+        rewrites its token.object; Nitrokey-class tokens spend flash cycles), and
+        a process initialising the module while another logs in was seen here to
+        miss the token altogether. Fails with SignerError (module missing, token
+        missing, wrong PIN...) after stopping any worker that did start.
         """
         if self._running:
             return defer.succeed(None)
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
         self._running = True
-        workers = [self._spawn() for _ in range(self.workers)]
-        readies = defer.DeferredList(
-            [w.ready for w in workers], fireOnOneErrback=False, consumeErrors=True
-        )
-
-        def check(results: list[tuple[bool, Any]]) -> Deferred[None]:
-            failures = [r for ok, r in results if not ok]
-            if not failures:
-                log.info("signing pool up: {n} workers on {where}", n=self.workers,
-                         where=self._where)
-                return defer.succeed(None)
-            err = failures[0].value
-            message = str(err) if isinstance(err, SignerError) else repr(err)
-            if self._where not in message:
-                message = f"{self._where}: {message}"
-            d = self.stop()
-            d.addCallback(lambda _: defer.fail(SignerError(message)))
-            return d
-
-        return readies.addCallback(check)
+        self._starting = True
+        try:
+            for _ in range(self.workers):
+                worker = self._spawn()
+                try:
+                    await worker.ready
+                except Exception as err:
+                    message = str(err) if isinstance(err, SignerError) else repr(err)
+                    if self._where not in message:
+                        message = f"{self._where}: {message}"
+                    self._starting = False
+                    await self.stop()
+                    raise SignerError(message) from None
+        finally:
+            self._starting = False
+        log.info("signing pool up: {n} workers on {where}", n=self.workers, where=self._where)
+        self._fill()  # in case one died during start-up
 
     def stop(self) -> Deferred[None]:
         """Fail queued requests, let in-flight ones finish, end every worker.
@@ -425,9 +429,19 @@ class TokenPool:
             worker.ready.errback(SignerError(f"cannot start signing worker: {err}"))
         return worker
 
-    def _respawn(self) -> None:
-        # A replacement's start-up failure is logged by _worker_ended; nobody awaits it.
-        self._spawn().ready.addErrback(lambda _: None)
+    def _fill(self) -> None:
+        """Start one replacement if a worker is missing, none is starting and no
+        back-off is pending; called again when that one is up or has failed."""
+        if not self._running or self._starting:
+            return
+        if any(w.state == "starting" for w in self._live):
+            return
+        if any(call.active() for call in self._restarts):
+            return
+        self._restarts.clear()
+        if len(self._live) < self.workers:
+            # A replacement's start-up failure is logged by _worker_ended.
+            self._spawn().ready.addErrback(lambda _: None)
 
     def _submit(self, message: dict[str, Any]) -> Deferred[Any]:
         if not self._running:
@@ -483,6 +497,7 @@ class TokenPool:
     def _worker_ready(self, worker: _Worker) -> None:
         self._failures = 0
         self._dispatch()
+        self._fill()
 
     def _worker_idle(self, worker: _Worker) -> None:
         self._dispatch()
@@ -513,16 +528,15 @@ class TokenPool:
         if delay <= 0:
             # At once, so there is no instant with no worker starting (which
             # would make new requests fail fast).
-            self._respawn()
+            self._fill()
             return
+        if any(call.active() for call in self._restarts):
+            return
+        self._restarts.append(self._reactor.callLater(delay, self._fill_after_delay))
 
-        def restart() -> None:
-            self._restarts[:] = [c for c in self._restarts if c.active()]
-            if self._running:
-                self._respawn()
-
-        call = self._reactor.callLater(delay, restart)
-        self._restarts.append(call)
+    def _fill_after_delay(self) -> None:
+        self._restarts = [call for call in self._restarts if call.active()]
+        self._fill()
 
 
 def _key_fields(key: KeyRef) -> dict[str, Any]:
