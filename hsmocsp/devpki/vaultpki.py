@@ -384,9 +384,7 @@ def _ensure_leaf(
 
 def _ensure_token(api: BaoAPI, token_file: Path, mounts: Sequence[str]) -> None:
     """A periodic token that may only read the PKI mounts, for the responder's token_file."""
-    rules = "\n".join(
-        f'path "{m}/*" {{ capabilities = ["read", "list"] }}' for m in mounts
-    )
+    rules = "\n".join(f'path "{m}/*" {{ capabilities = ["read", "list"] }}' for m in mounts)
     try:
         current = api.call("GET", f"sys/policies/acl/{RESPONDER_POLICY}").get("data") or {}
     except BaoError:
