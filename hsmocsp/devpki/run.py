@@ -1,0 +1,342 @@
+"""``make run``: the whole dev stack in the foreground (SoftHSM, OpenBao, hsmocsp).
+
+``python -m hsmocsp.devpki.run --dir var/devpki --config etc/hsmocsp-dev.yaml
+--listen tcp:8080:interface=127.0.0.1``
+
+1. builds level 1 (:func:`~hsmocsp.devpki.opensslca.build_level1`);
+2. starts a *persistent* OpenBao on 127.0.0.1:8200 (raft storage in ``<dir>/bao/data``),
+   initialises it once (one unseal key, ``<dir>/bao/unseal-key`` and ``root-token``, both
+   0600) and unseals it at every start, so two runs keep the same Vault hierarchy;
+3. builds levels 2 and 3 (:func:`~hsmocsp.devpki.vaultpki.build_vault_levels`);
+4. runs ``twistd --nodaemon hsmocsp`` with ``SOFTHSM2_CONF`` set, forwarding SIGINT and
+   SIGTERM to it, and stops OpenBao when it exits.
+
+twistd and bao run in their own sessions so a Ctrl-C reaches them once, through us, in
+order: the responder stops first, then the Vault it reads from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from hsmocsp.devpki.bao import BaoError, find_bao
+from hsmocsp.devpki.opensslca import DevPki, build_level1
+from hsmocsp.devpki.tools import DevPkiError, MissingToolError, write_private
+from hsmocsp.devpki.vaultpki import VaultPki, build_vault_levels
+
+__all__ = ["PersistentBao", "check_commands", "main"]
+
+REPO = Path(__file__).resolve().parents[2]
+BAO_HOST = "127.0.0.1"
+BAO_PORT = 8200
+README_CHECKS = "README.md, section 'Check it with `openssl ocsp`'"
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _health(address: str) -> int | None:
+    """HTTP status of ``/v1/sys/health`` (200 active, 429 standby, 501 uninit, 503 sealed)."""
+    try:
+        with urllib.request.urlopen(f"{address}/v1/sys/health", timeout=2) as resp:
+            code: int = resp.status
+            return code
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def _put(address: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        f"{address}/v1/{path}",
+        data=json.dumps(body).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            result: dict[str, Any] = json.loads(resp.read() or b"{}")
+            return result
+    except urllib.error.HTTPError as err:
+        detail = err.read()[:300].decode("utf-8", "replace")
+        raise BaoError(f"PUT /v1/{path}: HTTP {err.code}: {detail}") from err
+    except OSError as err:
+        raise BaoError(f"PUT /v1/{path}: {err}") from err
+
+
+class PersistentBao:
+    """``bao server -config`` with raft storage under ``directory``; init once, unseal always.
+
+    ``directory`` holds ``bao.hcl``, ``data/``, ``bao.log``, ``bao.pid`` and the secrets
+    ``unseal-key`` and ``root-token`` (0600). Dev use only: one key share, no TLS, loopback.
+    """
+
+    def __init__(self, directory: Path, port: int = BAO_PORT, start_timeout: float = 60.0) -> None:
+        self.directory = Path(directory).resolve()
+        self.port = port
+        self.address = f"http://{BAO_HOST}:{port}"
+        self.config = self.directory / "bao.hcl"
+        self.data = self.directory / "data"
+        self.log = self.directory / "bao.log"
+        self.pid_file = self.directory / "bao.pid"
+        self.unseal_key_file = self.directory / "unseal-key"
+        self.root_token_file = self.directory / "root-token"
+        self._start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._adopted: int | None = None
+
+    def __repr__(self) -> str:
+        return f"PersistentBao({self.address!r}, {str(self.directory)!r})"
+
+    @property
+    def root_token(self) -> str:
+        return self.root_token_file.read_text().strip()
+
+    def _config_text(self) -> str:
+        return (
+            "# written by hsmocsp.devpki.run (dev only: no TLS, one unseal key)\n"
+            f'storage "raft" {{\n  path = "{self.data}"\n  node_id = "hsmocsp-dev"\n}}\n'
+            f'listener "tcp" {{\n  address = "{BAO_HOST}:{self.port}"\n'
+            f'  cluster_address = "{BAO_HOST}:{self.port + 1}"\n  tls_disable = true\n}}\n'
+            f'api_addr = "{self.address}"\n'
+            f'cluster_addr = "http://{BAO_HOST}:{self.port + 1}"\n'
+            "ui = false\n"
+        )
+
+    def _ours_running(self) -> int | None:
+        """The pid of a bao left running from an earlier run with our config, if any."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if str(self.config).encode() in cmdline and any(a.endswith(b"bao") for a in cmdline[:1]):
+            return pid
+        return None
+
+    def start(self) -> PersistentBao:
+        """Start (or adopt a leftover of ours), initialise once, unseal; wait until active."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)
+        self.data.mkdir(mode=0o700, exist_ok=True)
+        leftover = self._ours_running()
+        if leftover is not None and _health(self.address) is not None:
+            self._adopted = leftover
+        else:
+            for port in (self.port, self.port + 1):
+                if _port_open(BAO_HOST, port):
+                    raise DevPkiError(
+                        f"{BAO_HOST}:{port} is already in use by a program that is not the "
+                        f"OpenBao of {self.directory}; stop it (or free ports {self.port} "
+                        f"and {self.port + 1}) and run again"
+                    )
+            text = self._config_text()
+            if not self.config.exists() or self.config.read_text() != text:
+                self.config.write_text(text)
+            env = dict(os.environ, HOME=str(self.directory))
+            for var in ("VAULT_ADDR", "BAO_ADDR", "VAULT_TOKEN", "BAO_TOKEN"):
+                env.pop(var, None)
+            with self.log.open("ab") as log:
+                self._proc = subprocess.Popen(
+                    [find_bao(), "server", f"-config={self.config}"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=self.directory,
+                    start_new_session=True,
+                )
+            self.pid_file.write_text(f"{self._proc.pid}\n")
+        try:
+            self._init_and_unseal()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _log_tail(self) -> str:
+        return self.log.read_text("utf-8", "replace")[-1500:] if self.log.exists() else ""
+
+    def _wait(self, ok: Sequence[int]) -> int:
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise DevPkiError(
+                    f"bao exited with status {self._proc.returncode}:\n{self._log_tail()}"
+                )
+            code = _health(self.address)
+            if code in ok:
+                assert code is not None
+                return code
+            if time.monotonic() > deadline:
+                raise DevPkiError(
+                    f"OpenBao at {self.address} not ready in {self._start_timeout:.0f}s "
+                    f"(health {code}); log {self.log}:\n{self._log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def _init_and_unseal(self) -> None:
+        code = self._wait((200, 429, 472, 473, 501, 503))
+        try:
+            if code == 501:  # not initialised: the first run
+                if self.unseal_key_file.exists():
+                    raise DevPkiError(
+                        f"OpenBao in {self.data} is empty but {self.unseal_key_file} exists; "
+                        f"remove {self.directory} to start over"
+                    )
+                init = _put(self.address, "sys/init", {"secret_shares": 1, "secret_threshold": 1})
+                write_private(self.unseal_key_file, (init["keys_base64"][0] + "\n").encode())
+                write_private(self.root_token_file, (init["root_token"] + "\n").encode())
+                code = 503
+            if code == 503:
+                try:
+                    key = self.unseal_key_file.read_text().strip()
+                except OSError as err:
+                    raise DevPkiError(
+                        f"OpenBao in {self.data} is sealed and {self.unseal_key_file} is "
+                        f"unreadable ({err.strerror}); remove {self.directory} to start over"
+                    ) from err
+                _put(self.address, "sys/unseal", {"key": key})
+        except BaoError as err:
+            raise DevPkiError(f"OpenBao at {self.address}: {err}") from err
+        self._wait((200,))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM our bao (started or adopted), SIGKILL after ``timeout``; idempotent."""
+        proc, self._proc = self._proc, None
+        adopted, self._adopted = self._adopted, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        elif adopted is not None:
+            try:
+                os.kill(adopted, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while Path(f"/proc/{adopted}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        else:
+            return
+        self.pid_file.unlink(missing_ok=True)
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the current directory when below it (README lines run there)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def check_commands(dev: DevPki, vault: VaultPki, base_url: str = "http://127.0.0.1:8080") -> str:
+    """The ``openssl ocsp`` lines that check good/revoked/unknown at all three levels."""
+    lines: list[str] = []
+
+    def three(label: str, url: str, issuer: Path, good: Path, revoked: Path, va: Path,
+              ca: Path) -> None:  # fmt: skip
+        tail = f"-VAfile {_rel(va)} -CAfile {_rel(ca)}"
+        head = f"openssl ocsp -url {base_url}{url} -issuer {_rel(issuer)}"
+        lines.append(f"# {label}")
+        lines.append(f"{head} -cert {_rel(good)} {tail}")
+        lines.append(f"{head} -cert {_rel(revoked)} {tail}")
+        lines.append(f"{head} -serial 0xDEADBEEF {tail}")
+
+    three("level 1: OpenSSL root (index.txt)", "/ocsp", dev.ca_pem, dev.good_pem,
+          dev.revoked_pem, dev.ocsp_pem, dev.ca_pem)  # fmt: skip
+    for level, files in ((2, vault.level2), (3, vault.level3)):
+        three(f"level {level}: Vault mount {files.mount}", files.ocsp_path, files.ca_pem,
+              files.good_pem, files.revoked_pem, files.ocsp_pem, files.chain_pem)  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _run_twistd(dev: DevPki, config: Path, listen: str) -> int:
+    """twistd in the foreground (own session); SIGINT/SIGTERM are forwarded to it."""
+    twistd = Path(sys.executable).with_name("twistd")
+    env = dict(os.environ, SOFTHSM2_CONF=str(dev.softhsm_conf), PYTHONPATH=str(REPO))
+    argv = [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "hsmocsp",
+            "--config", str(config), "--listen", listen]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # pragma: no cover - handler replaced above
+                forward(signal.SIGINT, None)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hsmocsp.devpki.run",
+        description="Build the dev PKI (levels 1-3), start OpenBao, run hsmocsp in the "
+        "foreground. Ctrl-C stops both.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("var/devpki"))
+    p.add_argument("--config", type=Path, default=Path("etc/hsmocsp-dev.yaml"))
+    p.add_argument("--listen", default="tcp:8080:interface=127.0.0.1")
+    p.add_argument("--bao-port", type=int, default=BAO_PORT, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: twistd's own; 2 a tool is missing; 1 the dev stack could not be built."""
+    args = _parser().parse_args(argv)
+    if not args.config.is_file():
+        print(f"hsmocsp run: error: no config file {args.config}", file=sys.stderr)
+        return 2
+    bao = PersistentBao(args.dir / "bao", port=args.bao_port)
+    try:
+        dev = build_level1(args.dir)
+        bao.start()
+        vault = build_vault_levels(dev, bao.address, bao.root_token)
+        checks = dev.directory / "check-commands.txt"
+        checks.write_text(check_commands(dev, vault))
+    except MissingToolError as err:
+        bao.stop()
+        print(f"hsmocsp run: {err}", file=sys.stderr)
+        return 2
+    except (DevPkiError, BaoError, OSError) as err:
+        bao.stop()
+        print(f"hsmocsp run: error: {err}", file=sys.stderr)
+        return 1
+    rebuilt = f" (rebuilt: {', '.join(vault.rebuilt)})" if vault.rebuilt else ""
+    print(f"OpenBao at {bao.address} (root token in {bao.root_token_file}){rebuilt}", flush=True)
+    print(f"check lines: {README_CHECKS}; for this tree: {_rel(checks)}", flush=True)
+    try:
+        return _run_twistd(dev, args.config, args.listen)
+    finally:
+        bao.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
