@@ -75,7 +75,7 @@ class ResponseCache(Generic[V]):
         self._entries: dict[bytes, tuple[int, V]] = {}
         self._by_serial: dict[int, set[bytes]] = {}
         self._flights: dict[bytes, _Flight[V]] = {}
-        self._on_store = on_store
+        self.on_store = on_store
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -197,8 +197,8 @@ class ResponseCache(Generic[V]):
             self._evict()
         self._entries[key] = (serial, value)
         self._by_serial.setdefault(serial, set()).add(key)
-        if notify and self._on_store is not None:
-            self._on_store(key, serial, value)
+        if notify and self.on_store is not None:
+            self.on_store(key, serial, value)
 
     def _drop(self, key: bytes) -> None:
         hit = self._entries.pop(key, None)

@@ -9,7 +9,7 @@ in exactly one place, :func:`ocsp_status_for`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -68,10 +68,19 @@ class SignedResponse:
     refresh_at: float
     etag: str
     cacheable: bool
+    status_key: str = ""
 
     @property
     def expires_at(self) -> float:
         return self.next_update
+
+
+def status_key(status: CertStatus) -> str:
+    """A short, comparable summary of a status (persisted next to stored responses)."""
+    if status.revocation_time is None:
+        return status.status.value
+    reason = "" if status.reason is None else str(int(status.reason))
+    return f"revoked:{int(status.revocation_time.timestamp())}:{reason}"
 
 
 def _ts(seconds: float) -> datetime:
@@ -138,6 +147,7 @@ class Handle:
         publish_ca: str | None = None,
         publish_crl: str | None = None,
         on_signed: Callable[[str, float], None] | None = None,
+        queue_depth: Callable[[], int] | None = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -157,6 +167,7 @@ class Handle:
         self.publish_ca = publish_ca
         self.publish_crl = publish_crl
         self._on_signed = on_signed
+        self.queue_depth = queue_depth or (lambda: 0)
         self.signatures = 0
         # Raw request bytes -> the CertID they asked about, for single-CertID requests
         # without a nonce: a repeated request then costs two dict lookups, no pyasn1.
@@ -252,8 +263,44 @@ class Handle:
         return self._produce(list(request.cert_ids), issuers, nonce)
 
     def signer_saturated(self) -> bool:
-        probe = getattr(self.signer, "saturated", None)
-        return bool(probe()) if callable(probe) else False
+        """True when signatures are already waiting for a free HSM worker."""
+        return self.queue_depth() > 0
+
+    def produce_single(self, cid: CertID, issuer: x509.Certificate) -> Deferred[SignedResponse]:
+        """Sign a fresh response for one CertID (the cache's producer; pre-signing)."""
+        return self._produce([cid], [issuer], None)
+
+    @property
+    def key_hash(self) -> bytes:
+        return self._key_hash
+
+    def restore(self, rows: Iterable[tuple[bytes, int, str, SignedResponse]]) -> Deferred[int]:
+        """Put persisted responses back in the cache if their status is still current.
+
+        Each row's serial is looked up in the source; only rows whose status is
+        unchanged are kept (a revocation that happened while we were down wins).
+        """
+        rows = list(rows)
+        issuers = self.source.issuers()
+        if not rows or not issuers:
+            return succeed(0)
+        issuer = issuers[0]
+        kept = 0
+
+        def check(status: CertStatus, row: tuple[bytes, int, str, SignedResponse]) -> None:
+            nonlocal kept
+            key, serial, stored, response = row
+            if status_key(status) == stored:
+                self.cache.put(key, serial, response)
+                kept += 1
+
+        lookups = []
+        for row in rows:
+            d = self.source.status(issuer, row[1])
+            d.addCallback(check, row)
+            d.addErrback(lambda _: None)  # unreachable source: the row is simply not restored
+            lookups.append(d)
+        return gatherResults(lookups).addCallback(lambda _: kept)
 
     def _produce(
         self, cert_ids: Sequence[CertID], issuers: Sequence[x509.Certificate], nonce: bytes | None
@@ -292,6 +339,7 @@ class Handle:
                 refresh_at=now + self.validity * self.refresh_fraction,
                 etag='"' + hashlib.sha256(der).hexdigest()[:32] + '"',
                 cacheable=nonce is None,
+                status_key=status_key(statuses[0]) if len(statuses) == 1 else "",
             )
 
         return self.signer.sign(tbs).addCallback(assemble)

@@ -37,9 +37,11 @@ from hsmocsp.config import (
     load_config,
 )
 from hsmocsp.errors import ConfigError, HsmOcspError
+from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle
 from hsmocsp.signing import Signer
 from hsmocsp.sources import StatusSource
+from hsmocsp.store import ResponseStore
 from hsmocsp.web.app import OCSPApp
 
 log = Logger()
@@ -85,12 +87,15 @@ class ResponderService(service.MultiService):
         self.pools: dict[str, Any] = {}
         self.signers: list[Signer] = []
         self.sources: list[StatusSource] = []
+        self._handle_pools: dict[str, Any] = {}
         self.handles: list[Handle] = [self._build_handle(h) for h in cfg.handles]
         self.app = OCSPApp(
             self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size
         )
         for handle in self.handles:
             handle._on_signed = self.app.metrics.signed
+        self.presigners: list[Presigner] = []
+        self.store: ResponseStore | None = None
         self.port_service: service.Service | None = None
         self.started: Deferred[None] = Deferred()
 
@@ -128,6 +133,7 @@ class ResponderService(service.MultiService):
         from hsmocsp.signing.pool import KeyRef
 
         pool = self._pool(self.cfg.tokens[h.signer.token])
+        self._handle_pools[h.name] = pool
         return Pkcs11Signer(pool, KeyRef(label=h.signer.key_label, key_id=h.signer.key_id))
 
     def _source(self, h: HandleConfig, issuer: x509.Certificate | None) -> StatusSource:
@@ -153,7 +159,9 @@ class ResponderService(service.MultiService):
         source = self._source(h, issuer)
         self.signers.append(signer)
         self.sources.append(source)
+        pool = self._handle_pools.get(h.name)
         return Handle(
+            queue_depth=pool.queue_depth if pool is not None else None,
             name=h.name,
             path=h.path,
             source=source,
@@ -182,6 +190,15 @@ class ResponderService(service.MultiService):
         await _all([source.start() for source in self.sources])
         for handle in self.handles:
             handle.prepare()
+        if self.cfg.data_dir is not None:
+            store = self.store = ResponseStore(self.cfg.data_dir / "responses.sqlite", self.reactor)
+            for handle in self.handles:
+                kept = await handle.restore(store.load(handle.name, handle.key_hash))
+                handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
+                if kept:
+                    log.info("handle {name}: {n} stored responses restored", name=handle.name,
+                             n=kept)
+            store.start()
         site = Site(self.app.resource())
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
@@ -195,6 +212,17 @@ class ResponderService(service.MultiService):
                 n=len(handle.source.issuers()),
             )
         log.info("hsmocsp listening on {listen}", listen=self.listen)
+        for handle in self.handles:
+            pool = self._handle_pools.get(handle.name)
+            presigner = Presigner(
+                handle,
+                clock=self.reactor,
+                rate=self.cfg.presign_rate,
+                concurrency=pool.workers if pool is not None else 1,
+                signer_backlog=handle.queue_depth,
+            )
+            presigner.start()
+            self.presigners.append(presigner)
 
     def _fatal(self, failure: Any) -> None:
         if failure.check(HsmOcspError):
@@ -209,6 +237,10 @@ class ResponderService(service.MultiService):
         async def stop() -> None:
             if self.port_service is not None and self.port_service.running:
                 await self.port_service.stopService()  # type: ignore[misc]
+            for presigner in self.presigners:
+                presigner.stop()
+            if self.store is not None:
+                await self.store.stop()
             await _all([source.stop() for source in self.sources])
             await _all([signer.stop() for signer in self.signers])
             await _all([pool.stop() for pool in self.pools.values()])

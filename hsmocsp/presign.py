@@ -1,0 +1,144 @@
+"""Pre-signing: sign every known serial in the background, at a bounded rate.
+
+A token-class HSM signs a handful of responses per second; if the first client
+to ask about a serial had to wait for the HSM, a burst of new clients would
+queue behind it. So on start and on every source change, the handle's known
+serials are signed ahead of demand through the handle's own cache (so a live
+miss for the same key coalesces with the pre-signing, never signs twice).
+
+Live misses jump the queue: pre-signing only starts a signature when the
+signer has no request waiting, and keeps at most ``concurrency`` of its own in
+flight, so a live request waits for at most that many signatures.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from cryptography import x509
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from hsmocsp.ocsp.request import make_cert_id
+from hsmocsp.ocsp.response import issuer_hashes
+from hsmocsp.responder import Handle, SignedResponse
+
+log = Logger()
+
+
+class Presigner:
+    """Keeps a handle's cache filled for every serial its source knows."""
+
+    def __init__(
+        self,
+        handle: Handle,
+        *,
+        clock: Any,
+        rate: float = 50.0,
+        concurrency: int = 1,
+        hashes: Iterable[str] = ("sha1",),
+        signer_backlog: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.handle = handle
+        self.rate = rate
+        self.concurrency = concurrency
+        self.hashes = tuple(hashes)
+        self._clock = clock
+        self._backlog = signer_backlog
+        self._urgent: deque[int] = deque()
+        self._sweep: Iterator[tuple[x509.Certificate, int]] | None = None
+        self._in_flight = 0
+        self._loop: LoopingCall | None = None
+        self.signed = 0
+        self.failed = 0
+        handle.source.on_change(self._changed)
+
+    def start(self) -> None:
+        if self.rate <= 0:
+            return
+        self._restart_sweep()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(0.1, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def pending(self) -> bool:
+        return bool(self._urgent) or self._sweep is not None or self._in_flight > 0
+
+    def _changed(self, serials: frozenset[int] | None) -> None:
+        # Changed serials first (their cached bytes were just dropped), then a new sweep
+        # for anything that appeared without being reported.
+        if serials is not None:
+            self._urgent.extend(serials)
+        self._restart_sweep()
+
+    def _restart_sweep(self) -> None:
+        source = self.handle.source
+
+        def walk() -> Iterator[tuple[x509.Certificate, int]]:
+            for issuer in source.issuers():
+                for serial in source.known_serials(issuer):
+                    yield issuer, serial
+
+        self._sweep = walk()
+
+    def _next(self) -> tuple[x509.Certificate, int] | None:
+        while self._urgent:
+            serial = self._urgent.popleft()
+            issuers = self.handle.source.issuers()
+            if issuers:
+                return issuers[0], serial
+        if self._sweep is not None:
+            item = next(self._sweep, None)
+            if item is not None:
+                return item
+            self._sweep = None
+        return None
+
+    def _tick(self) -> None:
+        budget = max(1, int(self.rate * 0.1 + 0.5))
+        examined = 0
+        while (
+            budget > 0
+            and self._in_flight < self.concurrency
+            and self._backlog() == 0
+            and examined < 10_000
+        ):
+            item = self._next()
+            if item is None:
+                return
+            examined += 1
+            issuer, serial = item
+            for alg in self.hashes:
+                if self._sign(issuer, serial, alg):
+                    budget -= 1
+
+    def _sign(self, issuer: x509.Certificate, serial: int, alg: str) -> bool:
+        """Start signing ``serial`` unless a fresh response is already cached."""
+        name_hash, key_hash = issuer_hashes(issuer, alg)
+        cid = make_cert_id(alg, name_hash, key_hash, serial)
+        cached = self.handle.cache.peek(cid.der)
+        if cached is not None and self._clock.seconds() < cached.refresh_at:
+            return False
+        result = self.handle.cache.get(
+            cid.der, serial, lambda: self.handle.produce_single(cid, issuer)
+        )
+        if not isinstance(result, Deferred):
+            return False
+        self._in_flight += 1
+
+        def done(outcome: SignedResponse | Any) -> None:
+            self._in_flight -= 1
+            if isinstance(outcome, SignedResponse):
+                self.signed += 1
+            else:
+                self.failed += 1
+
+        result.addBoth(done)
+        return True

@@ -1,0 +1,92 @@
+"""Pre-signing through the cache, and the SQLite store across a 'restart'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from hsmocsp.presign import Presigner
+from hsmocsp.status import CertStatus, CRLReason
+from hsmocsp.store import ResponseStore
+from tests.unit.test_responder import REVOKED_AT, make, parsed, request_for, resolve
+
+
+def test_presign_fills_cache_then_requests_hit_without_signing() -> None:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, source, signer = make(clock)
+    for serial in range(10, 40):
+        source.statuses[serial] = CertStatus.good()
+    presigner = Presigner(handle, clock=clock, rate=100, concurrency=1)
+    presigner.start()
+    for _ in range(50):
+        clock.advance(0.1)
+    assert presigner.signed == 32 and signer.calls == 32  # serials 1, 2 and 10..39
+    assert not presigner.pending()
+    before = signer.calls
+    for serial in (1, 2, 25):
+        resolve(handle.respond_der(request_for(serial)))
+    assert signer.calls == before
+    presigner.stop()
+
+
+def test_presign_yields_to_live_backlog_and_resigns_changes() -> None:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, source, signer = make(clock)
+    backlog = [5]
+    presigner = Presigner(handle, clock=clock, rate=100, signer_backlog=lambda: backlog[0])
+    presigner.start()
+    clock.advance(1)
+    assert signer.calls == 0  # the HSM is busy with live requests: pre-signing waits
+    backlog[0] = 0
+    clock.advance(1)
+    assert signer.calls == 2
+    source.set(1, CertStatus.revoked(REVOKED_AT, CRLReason.superseded))
+    clock.advance(0.2)
+    assert signer.calls == 3  # only the changed serial was signed again
+    assert parsed(resolve(handle.respond_der(request_for(1)))).revocation_reason is not None
+    presigner.stop()
+
+
+def test_store_round_trip_and_stale_status_dropped(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, source, _ = make(clock)
+    store = ResponseStore(tmp_path / "r.sqlite", clock)
+    handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
+    good = resolve(handle.respond_der(request_for(1)))
+    resolve(handle.respond_der(request_for(2)))
+    done: list[object] = []
+    store.flush().addBoth(done.append)
+    _wait(done)
+
+    # "Restart": a new handle, same key; serial 1 was revoked while we were down.
+    handle2, source2, signer2 = make(clock)
+    source2.statuses[1] = CertStatus.revoked(REVOKED_AT, CRLReason.keyCompromise)
+    kept: list[int] = []
+    handle2.restore(store.load(handle2.name, handle2.key_hash)).addCallback(kept.append)
+    assert kept == [1]  # serial 2 restored, serial 1 dropped
+    resolve(handle2.respond_der(request_for(2)))
+    assert signer2.calls == 0
+    fresh = resolve(handle2.respond_der(request_for(1)))
+    assert parsed(fresh).revocation_reason is not None and signer2.calls == 1
+    assert good.der != fresh.der
+    # Rows of another responder key are not loaded.
+    assert list(store.load(handle2.name, b"\x00" * 20)) == []
+    stopped: list[object] = []
+    store.stop().addBoth(stopped.append)
+    _wait(stopped)
+
+
+def _wait(box: list[object]) -> None:
+    """Spin the global reactor's thread pool results in (deferToThread)."""
+    import time
+
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + 10
+    while not box and time.monotonic() < deadline:
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+    assert box and not hasattr(box[0], "getTraceback"), box
