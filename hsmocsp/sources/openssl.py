@@ -115,6 +115,7 @@ class _Watched:
     failed_sig: _Sig | None = None
     failed_tries: int = 0
     last_problem: str | None = None
+    missing: bool = False
 
     def wants_load(self, sig: _Sig) -> bool:
         if sig == self.good_sig:
@@ -280,10 +281,17 @@ class OpenSSLSource:
 
     def _stat(self, watched: _Watched) -> _Sig | None:
         try:
-            return _sig(os.stat(watched.path))
+            sig = _sig(os.stat(watched.path))
         except OSError as err:
+            watched.missing = True
             self._problem(watched, f"{watched.path}: {err.strerror or err}; keeping last good data")
             return None
+        if watched.missing:
+            # Back again; a later disappearance is worth a new warning.
+            watched.missing = False
+            watched.last_problem = None
+            self._log.info("{path}: present again", path=str(watched.path))
+        return sig
 
     def _poll(self) -> Deferred[None] | None:
         """One polling round; returns a Deferred while a reload runs (LoopingCall waits)."""

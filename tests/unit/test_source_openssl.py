@@ -283,6 +283,10 @@ def test_deleted_file_keeps_old_data(env: Env) -> None:
     env.poll()
     assert status(src, env.ca, 7) == CertStatus.good()
     assert env.changes == [frozenset({7})]
+    env.index.unlink()  # gone again: warned again
+    env.poll()
+    assert len(env.warnings()) == 2
+    assert status(src, env.ca, 7) == CertStatus.good()
 
 
 # --- the CRL ----------------------------------------------------------------------------
