@@ -232,3 +232,32 @@ def test_wrong_pin_fails_start_without_leaking(devpki: DevPki, tmp_path: Path) -
     assert code != 0, r.output()
     assert "99887766" not in r.output()
     assert "cannot start" in r.output()
+
+
+def _metric(r: Responder, name: str) -> float:
+    _, _, body = http(r.url + "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split()[0] == name:
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_restart_serves_stored_responses_without_signing(devpki: DevPki, tmp_path: Path) -> None:
+    cfg = level1_config(devpki, tmp_path)
+    cfg.write_text("presign_rate: 0\n" + cfg.read_text())
+    r = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
+    try:
+        assert "good" in _check(r, devpki, "-cert", str(devpki.good_pem), "-no_nonce")
+        assert _metric(r, 'hsmocsp_signatures{handle="root"}') == 1
+        time.sleep(1.5)  # the store flushes once a second
+    finally:
+        assert r.stop() in (0, -15)  # twistd re-raises SIGTERM after a clean shutdown
+        assert "Main loop terminated" in r.output()
+    r2 = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
+    try:
+        assert _metric(r2, 'hsmocsp_cache_entries{handle="root"}') == 1
+        out = _check(r2, devpki, "-cert", str(devpki.good_pem), "-no_nonce")
+        assert f"{devpki.good_pem}: good" in out
+        assert _metric(r2, 'hsmocsp_signatures{handle="root"}') == 0
+    finally:
+        r2.stop()
