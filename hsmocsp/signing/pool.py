@@ -426,8 +426,18 @@ class TokenPool:
         except Exception as err:  # e.g. fork failed: out of processes/memory
             self._live.remove(worker)
             worker.state = "dead"
+            log.error("cannot start a signing worker for {where}: {err}", where=self._where,
+                      err=err)
             worker.ready.errback(SignerError(f"cannot start signing worker: {err}"))
+            if self._running and not self._starting:
+                self._failures += 1
+                self._schedule_restart(self._backoff())
         return worker
+
+    def _backoff(self) -> float:
+        if self._failures == 0:
+            return 0.0
+        return float(min(self.max_restart_delay, 0.1 * 2 ** (self._failures - 1)))
 
     def _fill(self) -> None:
         """Start one replacement if a worker is missing, none is starting and no
@@ -515,9 +525,7 @@ class TokenPool:
         else:
             log.error("signing worker {pid} on {where} ended ({how}); replacing it",
                       pid=worker.pid, where=self._where, how=how)
-        delay = 0.0 if self._failures == 0 else min(
-            self.max_restart_delay, 0.1 * 2 ** (self._failures - 1))
-        self._schedule_restart(delay)
+        self._schedule_restart(self._backoff())
         if not any(w.state in ("starting", "ready") for w in self._live):
             # Nobody can serve the queue now; fail it rather than let it time out.
             while self._queue:

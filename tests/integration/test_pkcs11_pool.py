@@ -346,3 +346,44 @@ def _children() -> list[int]:
             if int(fields[1]) == me:
                 found.append(int(entry))
     return found
+
+
+def change_pin(conf: Path, token_label: str, old: str, new: str) -> None:
+    import subprocess
+
+    subprocess.run(
+        ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", token_label,
+         "--login", "--pin", old, "--change-pin", "--new-pin", new],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_replacement_backs_off_then_recovers(token: Path) -> None:
+    init_token(token.parent, "T2", PIN, "5678")
+    gen_keypair(token, "k", "01", "EC:prime256v1", token_label="T2")
+    pool = make_pool(token_label="T2", workers=1, max_restart_delay=0.3)
+    await pool.start()
+    signer = Pkcs11Signer(pool, KeyRef(label="k"))
+    await signer.start()
+    try:
+        change_pin(token, "T2", PIN, "4321")  # the running worker stays logged in
+        await signer.sign(DATA)
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        # Replacements now fail to log in; requests get tryLater, never hang.
+        await wait_for(lambda: gone(pid), "worker reaped")
+        err = await expect(signer.sign(DATA), SignerUnavailable)
+        assert "4321" not in str(err) and PIN not in str(err)
+        change_pin(token, "T2", "4321", PIN)
+        for _ in range(200):
+            try:
+                await signer.sign(DATA)
+                break
+            except SignerUnavailable:
+                await sleep(0.1)
+        else:
+            raise AssertionError("pool did not recover")
+    finally:
+        await pool.stop()
