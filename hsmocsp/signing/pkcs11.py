@@ -102,3 +102,11 @@ class Pkcs11Signer:
 
     def check(self) -> Deferred[None]:
         return self._pool.check()
+
+    # Metrics probes (the pool is shared: these are the token's, not this key's).
+
+    def queue_depth(self) -> int:
+        return self._pool.queue_depth()
+
+    def busy(self) -> int:
+        return self._pool.busy()
