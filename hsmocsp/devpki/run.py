@@ -127,7 +127,7 @@ class PersistentBao:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return None
-        if str(self.config).encode() in cmdline and any(a.endswith(b"bao") for a in cmdline[:1]):
+        if f"-config={self.config}".encode() in cmdline and cmdline[0].endswith(b"bao"):
             return pid
         return None
 
@@ -277,19 +277,22 @@ def _run_twistd(dev: DevPki, config: Path, listen: str) -> int:
     env = dict(os.environ, SOFTHSM2_CONF=str(dev.softhsm_conf), PYTHONPATH=str(REPO))
     argv = [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "hsmocsp",
             "--config", str(config), "--listen", listen]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    procs: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        # Always SIGTERM: a twistd started while SIGINT was ignored (a background job of
+        # a non-interactive shell) keeps ignoring SIGINT, but stops cleanly on SIGTERM.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
+    # Handlers first: a caught signal is reset to the default in the child at exec.
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:  # pragma: no cover - handler replaced above
-                forward(signal.SIGINT, None)
+        procs.append(
+            subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        )
+        return procs[0].wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
