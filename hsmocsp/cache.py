@@ -88,9 +88,7 @@ class ResponseCache(Generic[V]):
             return None
         return hit[1]
 
-    def get(
-        self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]
-    ) -> Deferred[V] | V:
+    def get(self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]) -> Deferred[V] | V:
         """Return the value for ``key`` (the bare value on a hit, so the hot path
         allocates no Deferred), or a Deferred that fires when ``produce`` has made one."""
         hit = self._entries.get(key)

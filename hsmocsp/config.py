@@ -49,9 +49,7 @@ class Secret:
             try:
                 return self.file.read_text().strip()
             except OSError as err:
-                raise ConfigError(
-                    str(self.file), what, f"cannot read: {err.strerror}"
-                ) from err
+                raise ConfigError(str(self.file), what, f"cannot read: {err.strerror}") from err
         raise ConfigError("config", what, "no source given")
 
 
@@ -186,7 +184,7 @@ class _Reader:
             raise self.error(name, "is required")
         return _Reader(self.file, self.key(name), self.raw(name))
 
-    def str(self, name: str, default: str | None = None, required: bool = False) -> str | None:
+    def string(self, name: str, default: str | None = None, required: bool = False) -> str | None:
         value = self.raw(name)
         if value is None:
             if required:
@@ -197,7 +195,7 @@ class _Reader:
         return value
 
     def req_str(self, name: str) -> str:
-        value = self.str(name, required=True)
+        value = self.string(name, required=True)
         assert value is not None
         return value
 
@@ -222,7 +220,7 @@ class _Reader:
         return value
 
     def path(self, name: str, required: bool = False, must_exist: bool = True) -> Path | None:
-        value = self.str(name, required=required)
+        value = self.string(name, required=required)
         if value is None:
             return None
         p = Path(value).expanduser()
@@ -235,9 +233,7 @@ class _Reader:
     def secret(self, stem: str, required: bool = True) -> Secret | None:
         env, file = f"{stem}_env", f"{stem}_file"
         if self.has(stem):
-            raise self.error(
-                stem, f"secrets are not read from the config; use {env} or {file}"
-            )
+            raise self.error(stem, f"secrets are not read from the config; use {env} or {file}")
         if self.has(env) and self.has(file):
             raise self.error(env, f"give {env} or {file}, not both")
         if self.has(env):
@@ -255,7 +251,7 @@ class _Reader:
 
 
 def _url_path(r: _Reader, name: str, required: bool = False) -> str | None:
-    value = r.str(name, required=required)
+    value = r.string(name, required=required)
     if value is None:
         return None
     if not _URL_PATH.match(value) or "//" in value:
@@ -268,7 +264,7 @@ def _url_path(r: _Reader, name: str, required: bool = False) -> str | None:
 
 def _token(file: Path, name: str, data: Any) -> TokenConfig:
     r = _Reader(file, f"tokens.{name}", data)
-    label = r.str("token_label")
+    label = r.string("token_label")
     slot = r.raw("slot")
     if (label is None) == (slot is None):
         raise r.error("token_label", "give token_label or slot (exactly one)")
@@ -299,11 +295,11 @@ def _signer(r: _Reader, tokens: Mapping[str, TokenConfig]) -> SignerConfig:
         cfg: SignerConfig = FileKeyConfig(key=key, password=r.secret("password", required=False))
         r.finish()
         return cfg
-    token = r.str("token", required=True)
+    token = r.string("token", required=True)
     assert token is not None
     if token not in tokens:
         raise r.error("token", f"no token named {token!r} under tokens:")
-    label = r.str("key_label")
+    label = r.string("key_label")
     key_id_hex = r.raw("key_id")
     if (label is None) == (key_id_hex is None):
         raise r.error("key_label", "give key_label or key_id (exactly one)")
@@ -320,7 +316,7 @@ def _signer(r: _Reader, tokens: Mapping[str, TokenConfig]) -> SignerConfig:
 
 
 def _vault_auth(r: _Reader) -> VaultAuthConfig:
-    method = r.str("method", default="token")
+    method = r.string("method", default="token")
     if method == "token":
         cfg = VaultAuthConfig(method="token", token=r.secret("token"))
     elif method == "approle":
@@ -329,16 +325,15 @@ def _vault_auth(r: _Reader) -> VaultAuthConfig:
             role_id=r.req_str("role_id"),
             # A file, re-read at every login: secret_ids rotate (response wrapping, agents).
             secret_id=Secret(file=r.path("secret_id_file", required=True, must_exist=False)),
-            mount=r.str("mount", default="approle"),
+            mount=r.string("mount", default="approle"),
         )
     elif method == "kubernetes":
         cfg = VaultAuthConfig(
             method="kubernetes",
             role=r.req_str("role"),
-            jwt_file=r.path(
-                "jwt_file", must_exist=False
-            ) or Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
-            mount=r.str("mount", default="kubernetes"),
+            jwt_file=r.path("jwt_file", must_exist=False)
+            or Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+            mount=r.string("mount", default="kubernetes"),
         )
     else:
         raise r.error("method", f"{method!r} is not one of token, approle, kubernetes")
@@ -347,7 +342,7 @@ def _vault_auth(r: _Reader) -> VaultAuthConfig:
 
 
 def _source(r: _Reader) -> SourceConfig:
-    kind = r.str("kind", required=True)
+    kind = r.string("kind", required=True)
     cfg: SourceConfig
     if kind == "openssl":
         index = r.path("index", required=True)
@@ -365,7 +360,9 @@ def _source(r: _Reader) -> SourceConfig:
         if r.has("tls"):
             t = r.sub("tls")
             tls = VaultTLSConfig(
-                ca_file=t.path("ca_file"), cert_file=t.path("cert_file"), key_file=t.path("key_file")
+                ca_file=t.path("ca_file"),
+                cert_file=t.path("cert_file"),
+                key_file=t.path("key_file"),
             )
             if (tls.cert_file is None) != (tls.key_file is None):
                 raise t.error("cert_file", "cert_file and key_file go together")
@@ -373,8 +370,10 @@ def _source(r: _Reader) -> SourceConfig:
         cfg = VaultSourceConfig(
             address=address.rstrip("/"),
             mount=r.req_str("mount").strip("/"),
-            namespace=r.str("namespace"),
-            auth=_vault_auth(r.sub("auth")) if r.has("auth") else _vault_auth(
+            namespace=r.string("namespace"),
+            auth=_vault_auth(r.sub("auth"))
+            if r.has("auth")
+            else _vault_auth(
                 _Reader(r.file, r.key("auth"), {"method": "token", "token_env": "VAULT_TOKEN"})
             ),
             tls=tls,
@@ -406,7 +405,7 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
     refresh = r.number("refresh_fraction", 0.5)
     if not 0.0 < refresh <= 1.0:
         raise r.error("refresh_fraction", "must be in (0, 1]")
-    nonce = r.str("nonce", default="echo")
+    nonce = r.string("nonce", default="echo")
     if nonce not in ("echo", "ignore"):
         raise r.error("nonce", "must be echo or ignore")
     publish_ca = publish_crl = None
@@ -455,12 +454,14 @@ def parse_config(file: Path, data: Any) -> Config:
                 continue
             if url in seen:
                 raise ConfigError(
-                    str(file), f"handles.{handle.name}.{kind}", f"{url} is already used by {seen[url]}"
+                    str(file),
+                    f"handles.{handle.name}.{kind}",
+                    f"{url} is already used by {seen[url]}",
                 )
             seen[url] = f"handles.{handle.name}.{kind}"
     cfg = Config(
         path=file,
-        listen=r.str("listen", default=DEFAULT_LISTEN) or DEFAULT_LISTEN,
+        listen=r.string("listen", default=DEFAULT_LISTEN) or DEFAULT_LISTEN,
         data_dir=r.path("data_dir", must_exist=False),
         tokens=tokens,
         handles=handles,
@@ -482,5 +483,7 @@ def load_config(file: Path) -> Config:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise ConfigError(str(file), where, f"not valid YAML: {getattr(err, 'problem', err)}") from err
+        raise ConfigError(
+            str(file), where, f"not valid YAML: {getattr(err, 'problem', err)}"
+        ) from err
     return parse_config(file.resolve(), data)

@@ -115,7 +115,8 @@ def check_responder_cert(
     if not responder.not_valid_before_utc <= now <= responder.not_valid_after_utc:
         raise ResponderCertError(
             f"responder certificate {subject!r} is not valid now "
-            f"({responder.not_valid_before_utc:%Y-%m-%d} .. {responder.not_valid_after_utc:%Y-%m-%d})"
+            f"({responder.not_valid_before_utc:%Y-%m-%d} .. "
+            f"{responder.not_valid_after_utc:%Y-%m-%d})"
         )
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     enc = serialization.Encoding.DER
@@ -206,8 +207,11 @@ class Handle:
                 f"handle {self.name}: " + ("; ".join(problems) or "the source has no issuer")
             )
         for problem in problems:
-            log.warn("handle {handle}: not serving an issuer: {problem}", handle=self.name,
-                     problem=problem)
+            log.warn(
+                "handle {handle}: not serving an issuer: {problem}",
+                handle=self.name,
+                problem=problem,
+            )
         index: dict[tuple[str, bytes, bytes], x509.Certificate] = {}
         for issuer in served:
             for alg in HASHES:
@@ -252,9 +256,11 @@ class Handle:
         issuers = [self.issuer_for(cid) for cid in request.cert_ids]
         nonce = request.nonce if self.nonce_policy == "echo" else None
         if len(request.cert_ids) == 1:
-            cid, issuer = request.cert_ids[0], issuers[0]
+            cid = request.cert_ids[0]
             if nonce is None:
-                return self.cache.get(cid.der, cid.serial, lambda: self._produce([cid], issuers, None))
+                return self.cache.get(
+                    cid.der, cid.serial, lambda: self._produce([cid], issuers, None)
+                )
             if self.signer_saturated():
                 cached = self.cache.peek(cid.der)
                 if cached is not None:
@@ -320,7 +326,9 @@ class Handle:
         this_update = _ts(now)
         next_update = _ts(now + self.validity)
         singles = [
-            SingleResponseData(cert_id=cid, status=st, this_update=this_update, next_update=next_update)
+            SingleResponseData(
+                cert_id=cid, status=st, this_update=this_update, next_update=next_update
+            )
             for cid, st in zip(cert_ids, statuses, strict=True)
         ]
         tbs = build_response_data(self._key_hash, this_update, singles, nonce)
@@ -330,7 +338,9 @@ class Handle:
             self.signatures += 1
             if self._on_signed is not None:
                 self._on_signed(self.name, self._now() - started)
-            der = build_ocsp_response(tbs, self.signer.signature_algorithm_der, signature, self._certs_der)
+            der = build_ocsp_response(
+                tbs, self.signer.signature_algorithm_der, signature, self._certs_der
+            )
             return SignedResponse(
                 der=der,
                 produced_at=now,
@@ -356,7 +366,7 @@ class Handle:
 
 def _first_error(failure: Failure) -> Failure:
     """gatherResults wraps errors in FirstError; unwrap so the status mapping sees the cause."""
-    if failure.check(FirstError):
+    if isinstance(failure.value, FirstError):
         inner: Failure = failure.value.subFailure
         return inner
     return failure

@@ -89,9 +89,7 @@ class ResponderService(service.MultiService):
         self.sources: list[StatusSource] = []
         self._handle_pools: dict[str, Any] = {}
         self.handles: list[Handle] = [self._build_handle(h) for h in cfg.handles]
-        self.app = OCSPApp(
-            self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size
-        )
+        self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
         for handle in self.handles:
             handle._on_signed = self.app.metrics.signed
         self.presigners: list[Presigner] = []
@@ -115,6 +113,8 @@ class ResponderService(service.MultiService):
                 workers=token.workers,
                 max_queue=token.max_queue,
                 timeout=token.sign_timeout,
+                # The workers get the PIN on stdin; they need not inherit it.
+                env_drop=(token.pin.env,) if token.pin.env else (),
                 reactor=self.reactor,
             )
         return pool
@@ -196,8 +196,9 @@ class ResponderService(service.MultiService):
                 kept = await handle.restore(store.load(handle.name, handle.key_hash))
                 handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
                 if kept:
-                    log.info("handle {name}: {n} stored responses restored", name=handle.name,
-                             n=kept)
+                    log.info(
+                        "handle {name}: {n} stored responses restored", name=handle.name, n=kept
+                    )
             store.start()
         site = Site(self.app.resource())
         site.noisy = False
@@ -236,7 +237,7 @@ class ResponderService(service.MultiService):
     def stopService(self) -> Deferred[None]:
         async def stop() -> None:
             if self.port_service is not None and self.port_service.running:
-                await self.port_service.stopService()  # type: ignore[misc]
+                await self.port_service.stopService()
             for presigner in self.presigners:
                 presigner.stop()
             if self.store is not None:

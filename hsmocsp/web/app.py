@@ -15,7 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -102,7 +102,7 @@ class OCSPApp:
                 )
 
     def fallback(self, request: IRequest, **_: Any) -> Any:
-        raw = request.uri.split(b"?", 1)[0].decode("latin-1")  # type: ignore[attr-defined]
+        raw = request.uri.split(b"?", 1)[0].decode("latin-1")
         for handle in sorted(self.handles, key=lambda h: -len(h.path)):
             prefix = handle.path.rstrip("/")
             if raw.startswith(prefix + "/"):
@@ -116,7 +116,7 @@ class OCSPApp:
             request.setResponseCode(415)
             request.setHeader(b"Cache-Control", NO_CACHE)
             return b"Content-Type must be application/ocsp-request\n"
-        body = request.content.read(self.max_request_size + 1)  # type: ignore[attr-defined]
+        body = request.content.read(self.max_request_size + 1)
         if len(body) > self.max_request_size:
             request.setResponseCode(413)
             request.setHeader(b"Cache-Control", NO_CACHE)
@@ -124,8 +124,8 @@ class OCSPApp:
         return self._answer(handle, request, body, "POST")
 
     def ocsp_get(self, handle: Handle, prefix: str, request: IRequest) -> Any:
-        raw = request.uri.split(b"?", 1)[0].decode("latin-1")  # type: ignore[attr-defined]
-        tail = raw[len(prefix):] if raw.startswith(prefix) else raw
+        raw = request.uri.split(b"?", 1)[0].decode("latin-1")
+        tail = raw[len(prefix) :] if raw.startswith(prefix) else raw
         try:
             if len(tail) > self.max_request_size * 2:
                 raise MalformedRequest("request too large")
@@ -185,8 +185,9 @@ class OCSPApp:
     ) -> bytes:
         self.metrics.response(handle.name, status.name, method)
         if status != ResponseStatus.internalError:
-            log.debug("handle {handle}: {status}: {why}", handle=handle.name, status=status.name,
-                      why=why)
+            log.debug(
+                "handle {handle}: {status}: {why}", handle=handle.name, status=status.name, why=why
+            )
         request.setHeader(b"Content-Type", OCSP_RESPONSE)
         request.setHeader(b"Cache-Control", NO_CACHE)
         return error_response(status)
@@ -216,8 +217,8 @@ class OCSPApp:
     def readyz(self, request: IRequest) -> Deferred[bytes]:
         def one(handle: Handle) -> Deferred[tuple[str, bool, str]]:
             if not handle.ready():
-                return Deferred.fromCoroutine(_const((handle.name, False, "source not ready")))
-            d = handle.signer.check()
+                return succeed((handle.name, False, "source not ready"))
+            d: Deferred[Any] = handle.signer.check()
             d.addCallbacks(
                 lambda _: (handle.name, True, "ok"),
                 lambda f: (handle.name, False, f"signer: {f.getErrorMessage()}"),
@@ -229,7 +230,10 @@ class OCSPApp:
             request.setResponseCode(200 if ok else 503)
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Cache-Control", NO_CACHE)
-            body = {"ready": ok, "handles": {n: {"ready": r, "detail": why} for n, r, why in results}}
+            body = {
+                "ready": ok,
+                "handles": {n: {"ready": r, "detail": why} for n, r, why in results},
+            }
             return json.dumps(body, indent=1).encode() + b"\n"
 
         return gatherResults([one(h) for h in self.handles]).addCallback(render)
@@ -238,10 +242,6 @@ class OCSPApp:
         content_type, body = self.metrics.render()
         request.setHeader(b"Content-Type", content_type.encode())
         return body
-
-
-async def _const(value: tuple[str, bool, str]) -> tuple[str, bool, str]:
-    return value
 
 
 def handle_ca_der(handle: Handle) -> bytes | None:

@@ -7,6 +7,7 @@ source age), so the request path only bumps one counter.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -33,31 +34,57 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, str], Any] = {}
-        cache_hits = Gauge("hsmocsp_cache_hits", "Signed-response cache hits", ["handle"],
-                           registry=self.registry)
-        cache_misses = Gauge("hsmocsp_cache_misses", "Signed-response cache misses", ["handle"],
-                             registry=self.registry)
-        cache_size = Gauge("hsmocsp_cache_entries", "Signed responses held", ["handle"],
-                           registry=self.registry)
-        signatures = Gauge("hsmocsp_signatures", "Signatures made", ["handle"],
-                           registry=self.registry)
-        in_flight = Gauge("hsmocsp_sign_in_flight", "Distinct signatures being produced",
-                          ["handle"], registry=self.registry)
-        queue = Gauge("hsmocsp_signer_queue_depth", "Requests waiting for a signing worker",
-                      ["handle"], registry=self.registry)
-        generation = Gauge("hsmocsp_source_generation", "Times the source data changed",
-                           ["handle"], registry=self.registry)
-        ready = Gauge("hsmocsp_source_ready", "1 when the source is loaded and reachable",
-                      ["handle"], registry=self.registry)
+        cache_hits = Gauge(
+            "hsmocsp_cache_hits", "Signed-response cache hits", ["handle"], registry=self.registry
+        )
+        cache_misses = Gauge(
+            "hsmocsp_cache_misses",
+            "Signed-response cache misses",
+            ["handle"],
+            registry=self.registry,
+        )
+        cache_size = Gauge(
+            "hsmocsp_cache_entries", "Signed responses held", ["handle"], registry=self.registry
+        )
+        signatures = Gauge(
+            "hsmocsp_signatures", "Signatures made", ["handle"], registry=self.registry
+        )
+        in_flight = Gauge(
+            "hsmocsp_sign_in_flight",
+            "Distinct signatures being produced",
+            ["handle"],
+            registry=self.registry,
+        )
+        queue = Gauge(
+            "hsmocsp_signer_queue_depth",
+            "Requests waiting for a signing worker",
+            ["handle"],
+            registry=self.registry,
+        )
+        generation = Gauge(
+            "hsmocsp_source_generation",
+            "Times the source data changed",
+            ["handle"],
+            registry=self.registry,
+        )
+        ready = Gauge(
+            "hsmocsp_source_ready",
+            "1 when the source is loaded and reachable",
+            ["handle"],
+            registry=self.registry,
+        )
         for h in handles:
-            cache_hits.labels(h.name).set_function(lambda h=h: h.cache.stats.hits)
-            cache_misses.labels(h.name).set_function(lambda h=h: h.cache.stats.misses)
-            cache_size.labels(h.name).set_function(lambda h=h: len(h.cache))
-            signatures.labels(h.name).set_function(lambda h=h: h.signatures)
-            in_flight.labels(h.name).set_function(lambda h=h: h.cache.in_flight())
-            queue.labels(h.name).set_function(lambda h=h: _queue_depth(h))
-            generation.labels(h.name).set_function(lambda h=h: h.source.generation)
-            ready.labels(h.name).set_function(lambda h=h: 1 if h.source.ready() else 0)
+            for gauge, read in (
+                (cache_hits, _cache_hits),
+                (cache_misses, _cache_misses),
+                (cache_size, _cache_size),
+                (signatures, _signatures),
+                (in_flight, _in_flight),
+                (queue, _queue_depth),
+                (generation, _generation),
+                (ready, _ready),
+            ):
+                gauge.labels(h.name).set_function(partial(read, h))
 
     def response(self, handle: str, status: str, method: str) -> None:
         key = (handle, status, method)
@@ -73,6 +100,33 @@ class Metrics:
         return CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
 
-def _queue_depth(handle: Handle) -> float:
-    probe = getattr(handle.signer, "queue_depth", None)
-    return float(probe()) if callable(probe) else 0.0
+def _cache_hits(h: Handle) -> float:
+    return float(h.cache.stats.hits)
+
+
+def _cache_misses(h: Handle) -> float:
+    return float(h.cache.stats.misses)
+
+
+def _cache_size(h: Handle) -> float:
+    return float(len(h.cache))
+
+
+def _signatures(h: Handle) -> float:
+    return float(h.signatures)
+
+
+def _in_flight(h: Handle) -> float:
+    return float(h.cache.in_flight())
+
+
+def _queue_depth(h: Handle) -> float:
+    return float(h.queue_depth())
+
+
+def _generation(h: Handle) -> float:
+    return float(h.source.generation)
+
+
+def _ready(h: Handle) -> float:
+    return 1.0 if h.source.ready() else 0.0

@@ -66,10 +66,16 @@ def test_valid_config_resolves_paths_relative_to_file(folder: Path) -> None:
         (("pin_env: TEST_PIN", "pin: 1234"), "tokens.hsm.pin", "not read from the config"),
         (("token_label: t", "slot: -1"), "tokens.hsm.slot", "non-negative"),
         (("token_label: t", "workers: 2"), "tokens.hsm.token_label", "exactly one"),
-        (("    path: /ocsp", "    path: /ocsp\n    colour: blue"), "handles.root.colour",
-         "unknown key"),
-        (("    path: /ocsp", "    path: /ocsp\n    validity: 5"), "handles.root.validity",
-         "at least"),
+        (
+            ("    path: /ocsp", "    path: /ocsp\n    colour: blue"),
+            "handles.root.colour",
+            "unknown key",
+        ),
+        (
+            ("    path: /ocsp", "    path: /ocsp\n    validity: 5"),
+            "handles.root.validity",
+            "at least",
+        ),
     ],
 )
 def test_errors_name_key(folder: Path, change: tuple[str, str], key: str, problem: str) -> None:

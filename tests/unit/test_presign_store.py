@@ -53,7 +53,7 @@ def test_presign_yields_to_live_backlog_and_resigns_changes() -> None:
 def test_store_round_trip_and_stale_status_dropped(tmp_path: Path) -> None:
     clock = Clock()
     clock.advance(1_750_000_000)
-    handle, source, _ = make(clock)
+    handle, _, _ = make(clock)
     store = ResponseStore(tmp_path / "r.sqlite", clock)
     handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
     good = resolve(handle.respond_der(request_for(1)))

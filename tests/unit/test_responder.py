@@ -21,13 +21,20 @@ from tests.unit.fakes import CountingSigner, DictSource, load_cert
 REVOKED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
-def make(clock: Clock, validity: float = 3600, responder: str = "responder_rsa.pem",
-         key: str = "responder_rsa.key") -> tuple[Handle, DictSource, CountingSigner]:
+def make(
+    clock: Clock,
+    validity: float = 3600,
+    responder: str = "responder_rsa.pem",
+    key: str = "responder_rsa.key",
+) -> tuple[Handle, DictSource, CountingSigner]:
     ca = load_cert("ca.pem")
-    source = DictSource(ca, {
-        1: CertStatus.good(),
-        2: CertStatus.revoked(REVOKED_AT, CRLReason.keyCompromise),
-    })
+    source = DictSource(
+        ca,
+        {
+            1: CertStatus.good(),
+            2: CertStatus.revoked(REVOKED_AT, CRLReason.keyCompromise),
+        },
+    )
     signer = CountingSigner(key)
     handle = Handle(
         name="t", path="/ocsp", source=source, signer=signer,
@@ -69,15 +76,19 @@ def test_good_revoked_unknown_and_signature() -> None:
     clock = Clock()
     clock.advance(1_750_000_000)
     handle, _, signer = make(clock)
-    for serial, want in ((1, ocsp.OCSPCertStatus.GOOD), (2, ocsp.OCSPCertStatus.REVOKED),
-                         (99, ocsp.OCSPCertStatus.UNKNOWN)):
+    for serial, want in (
+        (1, ocsp.OCSPCertStatus.GOOD),
+        (2, ocsp.OCSPCertStatus.REVOKED),
+        (99, ocsp.OCSPCertStatus.UNKNOWN),
+    ):
         resp = parsed(resolve(handle.respond_der(request_for(serial))))
         assert resp.certificate_status == want
         assert resp.serial_number == serial
         assert resp.next_update_utc is not None
         assert (resp.next_update_utc - resp.this_update_utc).total_seconds() == 3600
         signer.public_key().verify(  # type: ignore[union-attr,call-arg]
-            resp.signature, resp.tbs_response_bytes,
+            resp.signature,
+            resp.tbs_response_bytes,
             *_verify_args(resp),
         )
     revoked = parsed(resolve(handle.respond_der(request_for(2))))
@@ -201,7 +212,7 @@ def test_nonce_ignore_serves_cached_without_nonce() -> None:
 def test_unknown_issuer_and_error_mapping() -> None:
     clock = Clock()
     clock.advance(1_750_000_000)
-    handle, source, signer = make(clock)
+    handle, _, signer = make(clock)
     cid = make_cert_id("sha1", b"\x01" * 20, b"\x02" * 20, 5)
     with pytest.raises(UnknownIssuer):
         handle.issuer_for(cid)

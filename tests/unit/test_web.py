@@ -27,7 +27,9 @@ def app_and_client() -> tuple[OCSPApp, StubTreq, object, object]:
     return app, StubTreq(app.resource()), source, signer
 
 
-def fetch(client: StubTreq, method: str, url: str, **kw: object) -> tuple[int, dict[bytes, list[bytes]], bytes]:
+def fetch(
+    client: StubTreq, method: str, url: str, **kw: object
+) -> tuple[int, dict[bytes, list[bytes]], bytes]:
     d = client.request(method, "http://responder" + url, **kw)
     out: list[object] = []
     d.addCallback(lambda r: client.content(r).addCallback(lambda b: out.append((r, b))))
@@ -44,8 +46,9 @@ def status_of(body: bytes) -> ocsp.OCSPResponseStatus:
 def test_post_and_get_variants_same_bytes() -> None:
     _, client, _, signer = app_and_client()
     req = request_for(1)
-    code, headers, body = fetch(client, "POST", "/ocsp", data=req,
-                                headers={"Content-Type": "application/ocsp-request"})
+    code, headers, body = fetch(
+        client, "POST", "/ocsp", data=req, headers={"Content-Type": "application/ocsp-request"}
+    )
     assert code == 200 and headers[b"Content-Type"] == [b"application/ocsp-response"]
     assert b"max-age=" in headers[b"Cache-Control"][0]
     b64 = base64.b64encode(req).decode()
@@ -62,7 +65,10 @@ def test_errors_map_to_statuses_and_http_codes() -> None:
         ocsp.OCSPResponseStatus.MALFORMED_REQUEST
     )
     assert fetch(client, "POST", "/ocsp", data=b"\x30" * 5000, headers=ct)[0] == 413
-    assert fetch(client, "POST", "/ocsp", data=request_for(1), headers={"Content-Type": "x/y"})[0] == 415
+    assert (
+        fetch(client, "POST", "/ocsp", data=request_for(1), headers={"Content-Type": "x/y"})[0]
+        == 415
+    )
     assert fetch(client, "DELETE", "/ocsp")[0] == 405
     source.fail_with = SourceUnavailable("vault down")  # type: ignore[attr-defined]
     code, headers, body = fetch(client, "POST", "/ocsp", data=request_for(3), headers=ct)
@@ -77,8 +83,13 @@ def test_probes_and_metrics() -> None:
     source.is_ready = False  # type: ignore[attr-defined]
     code, _, body = fetch(client, "GET", "/readyz")
     assert code == 503 and b"source not ready" in body
-    fetch(client, "POST", "/ocsp", data=request_for(1),
-          headers={"Content-Type": "application/ocsp-request"})
+    fetch(
+        client,
+        "POST",
+        "/ocsp",
+        data=request_for(1),
+        headers={"Content-Type": "application/ocsp-request"},
+    )
     code, _, body = fetch(client, "GET", "/metrics")
     assert code == 200
     assert b'hsmocsp_responses_total{handle="t",method="POST",status="successful"} 1.0' in body

@@ -6,7 +6,7 @@ the real code is in :mod:`hsmocsp.tap`.
 
 from twisted.application.service import ServiceMaker
 
-hsmocsp = ServiceMaker(
+hsmocsp = ServiceMaker(  # type: ignore[no-untyped-call]
     "hsmocsp",
     "hsmocsp.tap",
     "OCSP responder (RFC 6960/5019) signing with a PKCS#11 HSM",
