@@ -7,6 +7,7 @@ handles exactly as ``etc/hsmocsp-dev.yaml`` does, only with temp paths and ports
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hsmocsp.devpki import softhsm
-from hsmocsp.devpki.bao import BaoServer, vault_serial
+from hsmocsp.devpki.bao import BaoServer, free_port, vault_serial
 from hsmocsp.devpki.opensslca import DevPki, build_level1
+from hsmocsp.devpki.run import PersistentBao, _port_open, check_commands
+from hsmocsp.devpki.tools import DevPkiError
 from hsmocsp.devpki.vaultpki import MountFiles, VaultPki, build_vault_levels
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import Responder, openssl_ocsp
@@ -260,3 +263,55 @@ def test_revocation_in_vault_is_seen_while_running(
             break
         assert time.monotonic() < deadline, f"still not revoked:\n{out}"
         time.sleep(0.3)
+
+
+# --- make run's persistent OpenBao -------------------------------------------------------
+
+
+def _two_free_ports() -> int:
+    """A port p with p+1 free too (raft's cluster listener); retried against races."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and not _port_open("127.0.0.1", port + 1):
+            return port
+    raise AssertionError("no two adjacent free ports")
+
+
+def test_persistent_bao_keeps_the_hierarchy_across_restarts(tmp_path: Path) -> None:
+    dev = build_level1(tmp_path / "devpki")
+    bao = PersistentBao(tmp_path / "bao", port=_two_free_ports())
+    try:
+        bao.start()
+        for secret in (bao.unseal_key_file, bao.root_token_file):
+            assert secret.stat().st_mode & 0o077 == 0
+        first = build_vault_levels(dev, bao.address, bao.root_token)
+        assert first.rebuilt == ("pki", "pki_int_development")
+        before = _files(first.directory)
+        bao.stop()
+        assert not bao.pid_file.exists()
+        bao.start()  # sealed after the restart: unsealed with the saved key
+        again = build_vault_levels(dev, bao.address, bao.root_token)
+        assert again.rebuilt == ()
+        assert _files(again.directory) == before
+    finally:
+        bao.stop()
+
+
+def test_persistent_bao_refuses_a_foreign_port(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        bao = PersistentBao(tmp_path / "bao", port=squatter.getsockname()[1])
+        with pytest.raises(DevPkiError, match="not the OpenBao of"):
+            bao.start()
+    assert not bao.pid_file.exists()
+
+
+def test_check_commands_name_existing_files(world: World) -> None:
+    text = check_commands(world.dev, world.vault)
+    lines = [line for line in text.splitlines() if line.startswith("openssl ocsp")]
+    assert len(lines) == 9
+    for line in lines:
+        words = line.split()
+        for flag in ("-issuer", "-VAfile", "-CAfile"):
+            assert Path(words[words.index(flag) + 1]).is_file(), line
