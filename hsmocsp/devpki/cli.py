@@ -3,7 +3,8 @@
 ``hsmocsp-devpki [--dir D]`` builds (idempotently). Three small actions help try the
 responder's reload by hand; each first completes the build:
 ``leaf NAME`` issues ``root/leaves/NAME.pem``, ``revoke CERT [--reason R]`` marks it revoked
-in index.txt, ``crl`` signs a new CRL.
+in index.txt, ``crl`` signs a new CRL. ``vault [--address A] [--token-file F]`` builds
+levels 2-3 on an already running Vault/OpenBao (``make run`` does it for you).
 
 Exit codes: 0 done, 2 a tool is missing or the arguments are bad, 1 a step failed (the
 message shows the command, without the PIN, and its stderr).
@@ -46,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     rev.add_argument("cert", type=Path)
     rev.add_argument("--reason", default="unspecified", choices=CRL_REASONS)
     sub.add_parser("crl", help="sign a new CRL (root/crl.pem, root/crl.der)")
+    vault = sub.add_parser(
+        "vault", help="build levels 2-3 (mounts pki, pki_int_development) on a running Vault"
+    )
+    vault.add_argument("--address", default="http://127.0.0.1:8200")
+    vault.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file holding a token that may mount engines (default: <dir>/bao/root-token)",
+    )
     return p
 
 
@@ -74,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.action == "crl":
             regen_crl(dev)
             print(dev.crl_der)
+        elif args.action == "vault":
+            from hsmocsp.devpki.vaultpki import build_vault_levels
+
+            token_file: Path = args.token_file or dev.directory / "bao" / "root-token"
+            built = build_vault_levels(dev, args.address, token_file.read_text().strip())
+            for files in built.mounts:
+                print(f"{files.mount}: {files.ca_pem.parent} (OCSP at {files.ocsp_path})")
+            print(f"responder token in {built.token_file}")
         else:
             _summary(dev)
     except MissingToolError as err:

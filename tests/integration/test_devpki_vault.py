@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hsmocsp.devpki import softhsm
 from hsmocsp.devpki.bao import BaoServer, free_port, vault_serial
+from hsmocsp.devpki.cli import main
 from hsmocsp.devpki.opensslca import DevPki, build_level1
 from hsmocsp.devpki.run import PersistentBao, _port_open, check_commands
 from hsmocsp.devpki.tools import DevPkiError
@@ -315,3 +316,13 @@ def test_check_commands_name_existing_files(world: World) -> None:
         words = line.split()
         for flag in ("-issuer", "-VAfile", "-CAfile"):
             assert Path(words[words.index(flag) + 1]).is_file(), line
+
+
+def test_cli_vault_action(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token_file = tmp_path / "root-token"
+    token_file.write_text(world.bao.root_token)
+    argv = ["--dir", str(world.dev.directory), "vault", "--address", world.bao.address]
+    assert main([*argv, "--token-file", str(token_file)]) == 0
+    out = capsys.readouterr().out
+    assert str(world.vault.level3.directory) in out and world.bao.root_token not in out
+    assert main([*argv, "--token-file", str(tmp_path / "missing")]) == 1
