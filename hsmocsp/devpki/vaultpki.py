@@ -61,6 +61,8 @@ LEVEL3_TTL = "26280h"  # 3 years, inside level 2
 SIGNER_TTL = "8760h"
 LEAF_TTL = "720h"
 TOKEN_PERIOD = "768h"  # periodic: the responder renews it while it runs
+#: Description of the mounts this builder makes; only such mounts are ever deleted.
+MOUNT_MARK = "hsmocsp dev PKI (made by hsmocsp-devpki; rebuilt at will)"
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,13 @@ def _hsm_csr(dev: DevPki, label: str, cn: str) -> str:
 # --- Vault side ------------------------------------------------------------------------
 
 
-def _mount_exists(api: BaoAPI, mount: str) -> bool:
+def _mount_description(api: BaoAPI, mount: str) -> str | None:
+    """The mount's description, or None when there is no such mount."""
     mounts = _data(api, "GET", "sys/mounts")
-    return f"{mount}/" in mounts
+    entry = mounts.get(f"{mount}/")
+    if not isinstance(entry, dict):
+        return None
+    return str(entry.get("description") or "")
 
 
 def _mount_ca(api: BaoAPI, mount: str) -> x509.Certificate | None:
@@ -289,10 +295,20 @@ def _mount_ca(api: BaoAPI, mount: str) -> x509.Certificate | None:
 
 
 def _fresh_mount(api: BaoAPI, mount: str) -> None:
-    """(Re)create ``mount`` empty: the old one, if any, goes with all its keys."""
-    if _mount_exists(api, mount):
+    """(Re)create ``mount`` empty: the old one, if any, goes with all its keys.
+
+    Only a mount this builder made (marked by its description) is ever deleted: pointed
+    at a Vault that holds someone's real ``pki``, we stop instead.
+    """
+    description = _mount_description(api, mount)
+    if description is not None:
+        if description != MOUNT_MARK:
+            raise DevPkiError(
+                f"{api.address} already has a mount {mount!r} that hsmocsp-devpki did not "
+                f"make (description {description!r}); refusing to replace it"
+            )
         _call(api, "DELETE", f"sys/mounts/{mount}")
-    _call(api, "POST", f"sys/mounts/{mount}", {"type": "pki"})
+    _call(api, "POST", f"sys/mounts/{mount}", {"type": "pki", "description": MOUNT_MARK})
     _call(api, "POST", f"sys/mounts/{mount}/tune", {"max_lease_ttl": MOUNT_MAX_TTL})
 
 
@@ -413,13 +429,19 @@ def _ensure_mount(
     dev: DevPki,
     api: BaoAPI,
     files: MountFiles,
-    parent_rebuilt: bool,
+    parent: x509.Certificate,
     make_ca: Any,
 ) -> tuple[x509.Certificate, bool]:
-    """Keep the mount if Vault's default issuer still is ``ca.pem``; else build it anew."""
+    """Keep the mount if Vault's default issuer still is ``ca.pem`` under ``parent``.
+
+    Otherwise (data lost, files removed, parent CA re-made) build it anew.
+    """
     kept = load_cert(files.ca_pem) if files.ca_pem.exists() else None
     current = _mount_ca(api, files.mount)
-    if kept is not None and current == kept and not parent_rebuilt:
+    if kept is not None and current == kept and _issued_by(kept, parent):
+        # Its CA chains to our root, so it is ours even if made before mounts were marked.
+        if _mount_description(api, files.mount) != MOUNT_MARK:
+            _call(api, "POST", f"sys/mounts/{files.mount}/tune", {"description": MOUNT_MARK})
         return kept, False
     _fresh_mount(api, files.mount)
     cert: x509.Certificate = make_ca()
@@ -458,7 +480,7 @@ def build_vault_levels(dev: DevPki, address: str, token: str) -> VaultPki:
             raise DevPkiError("openssl ca produced a pki certificate the root did not sign")
         return cert
 
-    ca2, new2 = _ensure_mount(dev, api, l2, False, level2_ca)
+    ca2, new2 = _ensure_mount(dev, api, l2, root, level2_ca)
     if new2:
         rebuilt.append(l2.mount)
 
@@ -470,7 +492,7 @@ def build_vault_levels(dev: DevPki, address: str, token: str) -> VaultPki:
         })  # fmt: skip
         return _certs(data["certificate"])[0]
 
-    ca3, new3 = _ensure_mount(dev, api, l3, new2, level3_ca)
+    ca3, new3 = _ensure_mount(dev, api, l3, ca2, level3_ca)
     if new3:
         rebuilt.append(l3.mount)
 

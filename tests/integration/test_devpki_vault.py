@@ -326,3 +326,15 @@ def test_cli_vault_action(world: World, tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert str(world.vault.level3.directory) in out and world.bao.root_token not in out
     assert main([*argv, "--token-file", str(tmp_path / "missing")]) == 1
+
+
+def test_a_foreign_pki_mount_is_never_replaced(tmp_path: Path) -> None:
+    """Pointed at a Vault whose ``pki`` someone else made, the builder stops, deletes nothing."""
+    dev = build_level1(tmp_path / "devpki")
+    with BaoServer().start(tmp_path / "bao") as other:
+        api = other.api()
+        api.enable_pki("pki")
+        theirs = api.generate_root("pki", common_name="someone's real root")["certificate"]
+        with pytest.raises(DevPkiError, match="did not make"):
+            build_vault_levels(dev, other.address, other.root_token)
+        assert api.call("GET", "pki/cert/ca")["data"]["certificate"].strip() == theirs.strip()
