@@ -8,7 +8,11 @@ with ``rand_serial``, or sequential ones with ``--sequential``, then measures:
 * peak traced Python allocations during the load (tracemalloc, a second run,
   since tracing slows the parse) and the size of the result kept afterwards;
 * the process's peak RSS (``ru_maxrss``);
-* the cost of the change diff after one row is revoked and one added.
+* the cost of the change diff after one row is revoked and one added;
+* with ``--reactor``: an :class:`OpenSSLSource` on the real reactor reloads the
+  file in its thread pool while a 10 ms timer ticks; the worst timer lateness
+  shows how much the reactor was held up (the parse holds the GIL, released
+  every ``sys.getswitchinterval()``).
 
 Run: ``.venv/bin/python bench/index_load.py [--lines N] [--sequential]``.
 """
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from hsmocsp.sources.index import parse_index
@@ -61,11 +66,82 @@ def generate(path: Path, lines: int, revoked: int, sequential: bool, seed: int =
     return serials
 
 
+def reactor_lateness(path: Path, extra_row: str) -> tuple[float, float, int]:
+    """Reload ``path`` (after appending ``extra_row``) through OpenSSLSource; timer stats.
+
+    Returns (reload seconds, worst tick lateness seconds, ticks seen).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet import reactor, task
+    from twisted.internet.defer import Deferred, ensureDeferred
+
+    from hsmocsp.sources.openssl import OpenSSLSource
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    now = datetime.now(UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    tick = 0.010
+    worst = [0.0]
+    ticks = [0]
+    last = [time.perf_counter()]
+
+    def on_tick() -> None:
+        t = time.perf_counter()
+        worst[0] = max(worst[0], t - last[0] - tick)
+        ticks[0] += 1
+        last[0] = t
+
+    result: list[float] = []
+
+    async def run() -> None:
+        src = OpenSSLSource(
+            issuer=ca, index_path=path, crl_path=None, poll_interval=3600, reactor=reactor
+        )
+        await src.start()
+        with path.open("a", encoding="ascii") as f:
+            f.write(extra_row)
+        timer = task.LoopingCall(on_tick)
+        timer.start(tick, now=False)
+        last[0] = time.perf_counter()
+        worst[0] = 0.0
+        t0 = time.perf_counter()
+        await src.check_now()
+        result.append(time.perf_counter() - t0)
+        timer.stop()
+        await src.stop()
+
+    def go() -> Deferred[None]:
+        d = ensureDeferred(run())
+        d.addErrback(lambda f: print(f.getTraceback(), file=sys.stderr))
+        d.addBoth(lambda _: reactor.stop())
+        return d
+
+    reactor.callWhenRunning(go)
+    reactor.run()
+    return result[0] if result else float("nan"), worst[0], ticks[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--revoked", type=int, default=10_000)
     parser.add_argument("--sequential", action="store_true", help="sequential serials")
+    parser.add_argument(
+        "--reactor", action="store_true", help="also time a threaded reload on the reactor"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         data = parse_index(path)
         kept, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
+        width = data.good.width
 
         # One revocation and one new certificate, then diff old against new.
         victim = next(iter(data.good))
@@ -106,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         changed = data.changed_serials(newer)
         diff_s = time.perf_counter() - t0
+        del data, newer
+        gc.collect()
+        lateness = (
+            reactor_lateness(path, "V\t301231235959Z\t\t0ABCDEF0123457\tunknown\t/CN=n2\n")
+            if args.reactor
+            else None
+        )
 
     kind = "sequential" if args.sequential else "random 159-bit"
     print(
@@ -115,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parse_index:       {load_s:6.2f} s  ({args.lines / load_s / 1e6:.2f} M lines/s)")
     print(f"peak RSS:          {rss_after:6.0f} MiB (before load {rss_before:.0f} MiB)")
     print(f"traced peak/kept:  {peak / 2**20:6.1f} / {kept / 2**20:.1f} MiB (Python allocations)")
-    print(f"good set width:    {data.good.width} bytes/serial")
+    print(f"good set width:    {width} bytes/serial")
     n_changed = "too many" if changed is None else len(changed)
     print(f"diff after 1 revoke + 1 add: {diff_s * 1000:.1f} ms, {n_changed} serials changed")
+    if lateness is not None:
+        reload_s, worst_s, ticks = lateness
+        print(
+            f"threaded reload on the reactor: {reload_s:.2f} s; 10 ms timer ticked {ticks}"
+            f" times, worst lateness {worst_s * 1000:.1f} ms"
+        )
     print(f"python {sys.version.split()[0]}, pid {os.getpid()}")
     return 0
 
