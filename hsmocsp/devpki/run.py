@@ -278,8 +278,10 @@ def _run_twistd(dev: DevPki, config: Path, listen: str) -> int:
     argv = [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "hsmocsp",
             "--config", str(config), "--listen", listen]  # fmt: skip
     procs: list[subprocess.Popen[bytes]] = []
+    asked_to_stop: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        asked_to_stop.append(signum)
         # Always SIGTERM: a twistd started while SIGINT was ignored (a background job of
         # a non-interactive shell) keeps ignoring SIGINT, but stops cleanly on SIGTERM.
         for proc in procs:
@@ -292,7 +294,10 @@ def _run_twistd(dev: DevPki, config: Path, listen: str) -> int:
         procs.append(
             subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         )
-        return procs[0].wait()
+        code = procs[0].wait()
+        # twistd re-raises the SIGTERM we forwarded once it has shut down cleanly: that
+        # is the stop the user asked for, not a failure.
+        return 0 if asked_to_stop and code == -signal.SIGTERM else code
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
