@@ -1,0 +1,602 @@
+"""Side-by-side OCSP throughput on this machine: ``python -m bench.compare``.
+
+One command builds everything in a temp dir on one dev PKI (SoftHSM token + OpenSSL
+CA files, :func:`hsmocsp.devpki.build_level1`), measures every target with the same
+load generator (``wrk`` with the Lua scripts of :mod:`bench.wrk`), prints a table and
+the ratios against the targets, then stops every process it started (``finally``).
+
+Targets (all on 127.0.0.1, free ports):
+
+* hsmocsp cached path, POST and GET (one warm request first, checked to be a
+  successful OCSP response);
+* ``openssl ocsp`` responder, live signing with the same HSM key through the pkcs11
+  engine, ``-multi 2``; run inside a private network namespace (``unshare -n``; wrk
+  joins it with ``nsenter``) because its ``-port`` binds every interface;
+* ``cfssl ocspserve`` serving hsmocsp's own signed response (identical bytes);
+* OpenBao's built-in ``/v1/pki/ocsp`` (live signing, RSA-2048 CA key in Vault storage);
+* nginx serving the same bytes as a static file (the box's HTTP ceiling);
+* raw SoftHSM signing rate (PyKCS11 loop, 1 and 2 processes) against hsmocsp's
+  cache-miss rate with 1 and 2 workers (distinct unknown serials, so every request signs).
+
+Options: ``--duration`` seconds per target (default 10), ``--connections`` (32),
+``--quick`` (2 s per target, small index), ``--only`` to pick targets, ``--profile``
+(a cProfile of the hsmocsp cached path via twistd's ``--profile``), ``--json`` to save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509 import ocsp
+
+from bench.hsm_rate import HsmKey, signing_rate
+from bench.procs import Child, Children, StartError, free_port, http, wait_http, wait_tcp
+from bench.wrk import WrkError, WrkResult, cycle_script, get_script, post_script, run_wrk
+from hsmocsp.devpki import DevPki, build_level1
+
+REPO = Path(__file__).resolve().parents[1]
+TWISTD = Path(sys.executable).with_name("twistd")
+OCSP_CT = {"Content-Type": "application/ocsp-request"}
+
+#: (numerator row, denominator row, target ratio) - from the project brief.
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("hsmocsp cached POST", "cfssl ocspserve POST", 0.5),
+    ("hsmocsp cached POST", "openssl ocsp -multi 2 POST", 3.0),
+    ("hsmocsp cached POST", "OpenBao /v1/pki/ocsp POST", 10.0),
+    ("hsmocsp cache-miss, 1 worker", "raw SoftHSM C_Sign, 1 process", 0.85),
+    ("hsmocsp cache-miss, 2 workers", "raw SoftHSM C_Sign, 2 processes", 0.85),
+)
+ALL_TARGETS = ("hsmocsp", "openssl", "cfssl", "openbao", "nginx", "miss", "index")
+
+
+class BenchError(RuntimeError):
+    """A target could not be set up or answered wrongly (reported in its row)."""
+
+
+@dataclass
+class Row:
+    name: str
+    rps: float | None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    requests: int = 0
+    errors: int = 0
+    note: str = ""
+
+
+@dataclass
+class Report:
+    duration: float
+    connections: int
+    threads: int
+    rows: list[Row] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, result: WrkResult, note: str = "") -> Row:
+        if not result.ok:
+            note = (note + f"; {result.non_2xx} non-2xx answers").lstrip("; ")
+        row = Row(
+            name, result.rps, result.p50_ms, result.p99_ms, result.requests, result.errors, note
+        )
+        self.rows.append(row)
+        print(f"  {name}: {result.rps:,.0f} req/s", flush=True)
+        return row
+
+    def fail(self, name: str, err: BaseException) -> None:
+        self.rows.append(Row(name, None, note=f"FAILED: {err}".splitlines()[0][:200]))
+        print(f"  {name}: FAILED: {err}", flush=True)
+
+    def rate(self, name: str) -> float | None:
+        for row in self.rows:
+            if row.name == name:
+                return row.rps
+        return None
+
+
+# --- requests and checks --------------------------------------------------------------
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> bytes:
+    """A one-CertID SHA-1 request without nonce (what RFC 5019 clients send; cacheable)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+    return builder.build().public_bytes(Encoding.DER)
+
+
+def unknown_requests(template: bytes, first_serial: int, count: int) -> list[bytes]:
+    """``count`` requests for serials ``first_serial...`` under the template's issuer."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    req = ocsp.load_der_ocsp_request(template)
+    out = []
+    for serial in range(first_serial, first_serial + count):
+        b = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+            req.issuer_name_hash, req.issuer_key_hash, serial, hashes.SHA1()
+        )
+        out.append(b.build().public_bytes(Encoding.DER))
+    return out
+
+
+def check_response(der: bytes, expect: ocsp.OCSPCertStatus | None, what: str) -> None:
+    """Raise :class:`BenchError` unless ``der`` is a successful response with ``expect``."""
+    try:
+        resp = ocsp.load_der_ocsp_response(der)
+    except ValueError as err:
+        raise BenchError(f"{what}: not an OCSP response ({err}): {der[:80]!r}") from err
+    if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise BenchError(f"{what}: response status {resp.response_status.name}")
+    if expect is not None and resp.certificate_status != expect:
+        raise BenchError(f"{what}: cert status {resp.certificate_status.name}, not {expect.name}")
+
+
+def get_path(prefix: str, der: bytes) -> str:
+    """``<prefix>/<url-encoded base64>`` as RFC 5019 GET clients send it."""
+    return prefix.rstrip("/") + "/" + urllib.parse.quote(base64.b64encode(der).decode(), safe="")
+
+
+# --- the bench itself --------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path, children: Children) -> None:
+        self.args = args
+        self.work = work
+        self.children = children
+        self.report = Report(args.duration, args.connections, args.threads)
+        self.dev: DevPki | None = None
+        self.request = b""
+        self.response = b""
+
+    # helpers
+    def script(self, name: str, text: str) -> Path:
+        path = self.work / f"{name}.lua"
+        path.write_text(text)
+        return path
+
+    def wrk(
+        self, url: str, script: Path, wrapper: list[str] | None = None,
+        connections: int | None = None,
+    ) -> WrkResult:  # fmt: skip
+        conns = connections or self.args.connections
+        if wrapper is None:
+            return run_wrk(url, script, self.args.duration, conns, self.args.threads)
+        return _wrapped_wrk(wrapper, url, script, self.args.duration, conns, self.args.threads)
+
+    @property
+    def devpki(self) -> DevPki:
+        assert self.dev is not None
+        return self.dev
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, SOFTHSM2_CONF=str(self.devpki.softhsm_conf), PYTHONPATH=str(REPO))
+
+    def hsmocsp_config(self, name: str, workers: int) -> Path:
+        d = self.devpki
+        directory = self.work / name
+        directory.mkdir()
+        cfg = directory / "hsmocsp.yaml"
+        cfg.write_text(f"""
+data_dir: {directory / "data"}
+tokens:
+  dev:
+    module: {d.module}
+    token_label: {d.token_label}
+    pin_file: {d.pin_file}
+    workers: {workers}
+handles:
+  root:
+    path: /ocsp
+    issuer: {d.ca_pem}
+    responder_cert: {d.ocsp_pem}
+    signer: {{token: dev, key_label: {d.ocsp_key_label}}}
+    source: {{kind: openssl, index: {d.index}, crl: {d.crl_der}, poll_interval: 5}}
+    validity: 3600
+""")
+        return cfg
+
+    def start_hsmocsp(self, name: str, workers: int, profile: Path | None = None) -> str:
+        cfg = self.hsmocsp_config(name, workers)
+        port = free_port()
+        prof = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+        child = self.children.start(
+            name,
+            [str(TWISTD), "--nodaemon", "--pidfile=", "--logfile=-", *prof, "hsmocsp",
+             "--config", str(cfg), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+            env=self.env(), cwd=cfg.parent,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_http(child, url + "/readyz")
+        return url
+
+    # targets
+    def setup(self) -> None:
+        print(f"building the dev PKI in {self.work / 'devpki'} ...", flush=True)
+        self.dev = build_level1(self.work / "devpki")
+        self.request = ocsp_request(load_cert(self.dev.good_pem), load_cert(self.dev.ca_pem))
+
+    def hsmocsp_cached(self) -> None:
+        url = self.start_hsmocsp("hsmocsp", workers=2)
+        status, _, body = http(url + "/ocsp", self.request, OCSP_CT)
+        if status != 200:
+            raise BenchError(f"hsmocsp POST answered HTTP {status}")
+        check_response(body, ocsp.OCSPCertStatus.GOOD, "hsmocsp POST")
+        self.response = body
+        (self.work / "resp.der").write_bytes(body)
+        gpath = get_path("/ocsp", self.request)
+        status, _, gbody = http(url + gpath)
+        check_response(gbody, ocsp.OCSPCertStatus.GOOD, "hsmocsp GET")
+        note = "same bytes as POST" if gbody == body else "GET bytes differ from POST"
+        r = self.wrk(url + "/ocsp", self.script("post", post_script(self.request)))
+        self.report.add("hsmocsp cached POST", r, "1 process (reactor), 2 signer workers idle")
+        r = self.wrk(url + gpath, self.script("get", get_script(gpath)))
+        self.report.add("hsmocsp cached GET", r, note)
+
+    def profile_cached(self) -> None:
+        """cProfile of the cached POST path (twistd --profile), top functions printed."""
+        stats = self.work / "hsmocsp-cached.pstats"
+        url = self.start_hsmocsp("hsmocsp-profiled", workers=1, profile=stats)
+        body = http(url + "/ocsp", self.request, OCSP_CT)[2]
+        check_response(body, ocsp.OCSPCertStatus.GOOD, "profiled hsmocsp")
+        r = self.wrk(url + "/ocsp", self.script("post-prof", post_script(self.request)))
+        self.report.add("hsmocsp cached POST under cProfile", r, "profiler overhead included")
+        for child in list(self.children.children):
+            if child.name == "hsmocsp-profiled":
+                self.children.stop(child)
+        if not stats.exists():
+            raise BenchError("twistd wrote no profile")
+        out = self.work / "profile.txt"
+        with out.open("w") as fh:
+            p = pstats.Stats(str(stats), stream=fh)
+            p.sort_stats("tottime").print_stats(25)
+            p.sort_stats("cumulative").print_stats(25)
+        text = out.read_text()
+        print(text[:6000])
+        self.report.extra["profile"] = text
+
+    def openssl_ocsp(self) -> None:
+        d = self.devpki
+        port = free_port()
+        uri = f"org.openssl.engine:pkcs11:{d.key_uri(d.ocsp_key_label)}"
+        inner = (
+            "ip link set lo up && exec openssl ocsp "
+            f"-index {d.index} -CA {d.ca_pem} -rsigner {d.ocsp_pem} "
+            f"-rkey '{uri}' -passin file:{d.pin_file} -port {port} -multi 2 -nmin 60"
+        )
+        env = dict(self.env(), OPENSSL_CONF=str(d.openssl_cnf))
+        # No new session: openssl -multi makes its own process group (pgid = this pid).
+        child = self.children.start(
+            "openssl-ocsp", ["unshare", "-n", "sh", "-c", inner], env=env, new_session=False
+        )
+        wrapper = ["nsenter", "-t", str(child.proc.pid), "-n"]
+        url = f"http://127.0.0.1:{port}"
+        # Readiness = a real request: a connection closed without a request (a TCP probe)
+        # left openssl ocsp -multi 2 answering nothing afterwards in our tests.
+        body = _post_in_ns(child, wrapper, url, self.request)
+        check_response(body, ocsp.OCSPCertStatus.GOOD, "openssl ocsp")
+        r = self.wrk(url + "/", self.script("post-openssl", post_script(self.request)), wrapper)
+        self.report.add(
+            "openssl ocsp -multi 2 POST", r,
+            "live RSA-2048 signing, same HSM key via pkcs11 engine; 1 request per connection",
+        )  # fmt: skip
+
+    def cfssl(self) -> None:
+        if not self.response:
+            raise BenchError("needs hsmocsp's response (run the hsmocsp target)")
+        binary = shutil.which("cfssl")
+        if binary is None:
+            raise BenchError("cfssl not found: install the Debian package 'golang-cfssl'")
+        responses = self.work / "cfssl-responses.b64"
+        responses.write_text(base64.b64encode(self.response).decode() + "\n")
+        port = free_port()
+        child = self.children.start(
+            "cfssl",
+            [binary, "ocspserve", "-address", "127.0.0.1", "-port", str(port),
+             "-responses", str(responses), "-loglevel", "3"],
+        )  # fmt: skip
+        wait_tcp(child, port)
+        url = f"http://127.0.0.1:{port}"
+        status, _, body = http(url + "/", self.request, OCSP_CT)
+        if body != self.response:
+            raise BenchError(f"cfssl answered HTTP {status} with other bytes: {body[:80]!r}")
+        r = self.wrk(url + "/", self.script("post-cfssl", post_script(self.request)))
+        self.report.add("cfssl ocspserve POST", r, "pre-signed, identical bytes")
+        # No GET: cfssl 1.2.0 (Debian) base64-decodes the whole path including its leading
+        # '/', so every RFC 5019 GET gets HTTP 400 (checked by hand; see docs/performance.md).
+
+    def openbao(self) -> None:
+        from hsmocsp.devpki.bao import BaoServer
+
+        server = BaoServer()
+        self.children.hooks.append(server.stop)
+        server.start(self.work / "bao")
+        api = server.api()
+        api.enable_pki("pki")
+        root = api.generate_root("pki", key_type="rsa")
+        api.create_role("pki", "server")
+        leaf = api.issue("pki", "server", common_name="bench.example")
+        issuer = x509.load_pem_x509_certificate(root["certificate"].encode())
+        cert = x509.load_pem_x509_certificate(leaf["certificate"].encode())
+        req = ocsp_request(cert, issuer)
+        url = f"{server.address}/v1/pki/ocsp"
+        status, _, body = http(url, req, OCSP_CT)
+        check_response(body, ocsp.OCSPCertStatus.GOOD, f"OpenBao (HTTP {status})")
+        r = self.wrk(url, self.script("post-bao", post_script(req)))
+        self.report.add(
+            "OpenBao /v1/pki/ocsp POST", r,
+            "live signing, RSA-2048 CA key in bao storage (dev server, in-memory)",
+        )  # fmt: skip
+
+    def nginx(self) -> None:
+        if not self.response:
+            raise BenchError("needs hsmocsp's response (run the hsmocsp target)")
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise BenchError("nginx not found: install the Debian package 'nginx-light'")
+        root = self.work / "nginx"
+        root.mkdir()
+        (root / "www").mkdir()
+        (root / "www" / "resp.der").write_bytes(self.response)
+        # nginx workers run as 'nobody' when started by root: let them read the files.
+        for p in (self.work, root, root / "www"):
+            p.chmod(0o755)
+        (root / "www" / "resp.der").chmod(0o644)
+        port = free_port()
+        conf = root / "nginx.conf"
+        conf.write_text(f"""
+daemon off;
+master_process on;
+worker_processes 2;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/client_body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/www;
+        location / {{ default_type application/ocsp-response; }}
+    }}
+}}
+""")
+        child = self.children.start(
+            "nginx", [binary, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")]
+        )
+        url = f"http://127.0.0.1:{port}/resp.der"
+        wait_http(child, url)
+        if http(url)[2] != self.response:
+            raise BenchError("nginx served other bytes")
+        r = self.wrk(url, self.script("get-nginx", get_script("/resp.der")))
+        self.report.add("nginx static file GET", r, "2 worker processes; HTTP ceiling of the box")
+
+    def hsm_raw(self) -> None:
+        d = self.devpki
+        key = HsmKey(d.module, str(d.softhsm_conf), d.token_label, d.ocsp_key_label, d.pin())
+        for n in (1, 2):
+            rate = signing_rate(key, n, self.args.duration)
+            noun = "process" if n == 1 else "processes"
+            self.report.rows.append(
+                Row(f"raw SoftHSM C_Sign, {n} {noun}", rate,
+                    note="PyKCS11 loop, CKM_SHA256_RSA_PKCS, RSA-2048 root-ocsp")
+            )  # fmt: skip
+            print(f"  raw SoftHSM {n} {noun}: {rate:,.0f} sig/s", flush=True)
+
+    def cache_miss(self) -> None:
+        expected = 1500 * self.args.duration + 2000  # generous: rate x time, plus slack
+        for n, base in ((1, 0x5EED_0000_0000), (2, 0x5EED_1000_0000)):
+            reqs = unknown_requests(self.request, base, int(expected))
+            hexfile = self.work / f"miss-{n}.hex"
+            hexfile.write_text("".join(r.hex() + "\n" for r in reqs[1:]))
+            name = f"hsmocsp-miss-{n}"
+            url = self.start_hsmocsp(name, workers=n)
+            body = http(url + "/ocsp", reqs[0], OCSP_CT)[2]
+            check_response(body, ocsp.OCSPCertStatus.UNKNOWN, "hsmocsp unknown serial")
+            script = self.script(name, cycle_script(hexfile, "/ocsp", self.args.threads))
+            r = self.wrk(url + "/ocsp", script)
+            noun = "worker" if n == 1 else "workers"
+            note = "distinct unknown serials: every request signs"
+            if r.requests > len(reqs) - 1:
+                note += f"; WRAPPED after {len(reqs) - 1} requests (some were cache hits)"
+            self.report.add(f"hsmocsp cache-miss, {n} {noun}", r, note)
+            for child in list(self.children.children):
+                if child.name == name:
+                    self.children.stop(child)
+
+    def index_load(self) -> None:
+        script = REPO / "bench" / "index_load.py"
+        if not script.exists():
+            raise BenchError("bench/index_load.py is absent")
+        lines = "100000" if self.args.quick else "1000000"
+        proc = subprocess.run(
+            [sys.executable, str(script), "--lines", lines],
+            capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise BenchError(f"index_load exited {proc.returncode}: {proc.stderr[-300:]}")
+        self.report.extra["index_load"] = proc.stdout.strip()
+        print(proc.stdout)
+
+
+def _wrapped_wrk(
+    wrapper: list[str], url: str, script: Path, duration: float, connections: int, threads: int
+) -> WrkResult:
+    """wrk inside another network namespace (``nsenter``); same parsing as :func:`run_wrk`."""
+    from bench.wrk import parse_output
+
+    secs = max(1, round(duration))
+    cmd = [*wrapper, "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{secs}s",
+           "--timeout", "5s", "-s", str(script), url]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+    except subprocess.TimeoutExpired as err:
+        raise WrkError(f"wrk did not finish within {secs + 30}s") from err
+    if proc.returncode != 0:
+        raise WrkError(f"wrk exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return parse_output(proc.stdout)
+
+
+def _post_in_ns(
+    child: Child, wrapper: list[str], url: str, der: bytes, timeout: float = 30
+) -> bytes:
+    """POST ``der`` from inside the namespace, retrying until the server answers."""
+    code = (
+        "import sys,urllib.request as u;"
+        "r=u.urlopen(u.Request(sys.argv[1],data=sys.stdin.buffer.read(),"
+        "headers={'Content-Type':'application/ocsp-request'}),timeout=10);"
+        "sys.stdout.buffer.write(r.read())"
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise StartError(f"{child.name} exited {child.proc.returncode}:\n{child.tail()}")
+        proc = subprocess.run(
+            [*wrapper, sys.executable, "-c", code, url], input=der, capture_output=True,
+            timeout=30,
+        )  # fmt: skip
+        if proc.returncode == 0 and proc.stdout:
+            return proc.stdout
+        time.sleep(0.3)
+    raise StartError(f"{child.name} did not answer {url} within {timeout}s:\n{child.tail()}")
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def format_table(report: Report) -> str:
+    """The results as a fixed-width text table, then the ratios against the targets."""
+    lines = [
+        f"{'target':<38} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'sock.err':>8}  note",
+        "-" * 110,
+    ]
+    for row in report.rows:
+        rps = f"{row.rps:,.0f}" if row.rps is not None else "-"
+        p50 = f"{row.p50_ms:.2f}" if row.p50_ms is not None else ""
+        p99 = f"{row.p99_ms:.2f}" if row.p99_ms is not None else ""
+        err = str(row.errors) if row.rps is not None and row.p50_ms is not None else ""
+        lines.append(f"{row.name:<38} {rps:>10} {p50:>8} {p99:>8} {err:>8}  {row.note}")
+    lines += ["", "ratios vs targets:"]
+    for num, den, target in TARGETS:
+        a, b = report.rate(num), report.rate(den)
+        if a is None or b is None or b == 0:
+            lines.append(f"  {num} / {den}: not measured (target >= {target:g}x)")
+            continue
+        verdict = "MET" if a / b >= target else "NOT MET"
+        lines.append(f"  {num} / {den}: {a / b:.2f}x (target >= {target:g}x) {verdict}")
+    nginx, cached = report.rate("nginx static file GET"), report.rate("hsmocsp cached GET")
+    if nginx and cached:
+        lines.append(f"  hsmocsp cached GET / nginx static GET: {cached / nginx:.2f}x (ceiling)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per target")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--quick", action="store_true", help="2 s per target, small index")
+    parser.add_argument(
+        "--only", default=",".join(ALL_TARGETS), help=f"comma list of {','.join(ALL_TARGETS)}"
+    )
+    parser.add_argument("--profile", action="store_true", help="also cProfile the cached path")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 2.0
+    if not 1 <= args.duration <= 300:
+        parser.error("--duration must be between 1 and 300 seconds")
+    if not 1 <= args.connections <= 1000:
+        parser.error("--connections must be between 1 and 1000")
+    if not 1 <= args.threads <= 16:
+        parser.error("--threads must be between 1 and 16")
+    args.only = {t.strip() for t in args.only.split(",") if t.strip()}
+    unknown = args.only - set(ALL_TARGETS)
+    if unknown:
+        parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="hsmocsp-bench-"))
+    children = Children(work)
+    bench = Bench(args, work, children)
+    print(
+        f"hsmocsp bench: {args.duration:g} s per target, {args.connections} connections, "
+        f"wrk -t{args.threads}; {os.cpu_count()} CPUs shared by wrk and the servers; "
+        f"work dir {work}",
+        flush=True,
+    )
+    steps: list[tuple[str, str, Callable[[], None]]] = [
+        ("hsmocsp", "hsmocsp cached", bench.hsmocsp_cached),
+        ("openssl", "openssl ocsp -multi 2 POST", bench.openssl_ocsp),
+        ("cfssl", "cfssl ocspserve POST", bench.cfssl),
+        ("openbao", "OpenBao /v1/pki/ocsp POST", bench.openbao),
+        ("nginx", "nginx static file GET", bench.nginx),
+        ("miss", "raw SoftHSM C_Sign", bench.hsm_raw),
+        ("miss", "hsmocsp cache-miss", bench.cache_miss),
+        ("index", "index_load", bench.index_load),
+    ]
+    if args.profile:
+        steps.insert(1, ("hsmocsp", "hsmocsp cached POST under cProfile", bench.profile_cached))
+    try:
+        bench.setup()
+        for key, label, step in steps:
+            if key not in args.only:
+                continue
+            print(f"== {label}", flush=True)
+            try:
+                step()
+            except (BenchError, StartError, WrkError, OSError, subprocess.SubprocessError,
+                    RuntimeError) as err:  # fmt: skip
+                bench.report.fail(label, err)
+            finally:
+                # Each target runs alone: nothing else competes for the two cores.
+                children.stop_all()
+    finally:
+        children.stop_all()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(format_table(bench.report))
+    for key in ("index_load",):
+        if key in bench.report.extra:
+            print(f"\n{key}:\n{bench.report.extra[key]}")
+    if args.json:
+        data = asdict(bench.report)
+        data["machine"] = {
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(),
+        }  # fmt: skip
+        args.json.write_text(json.dumps(data, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
