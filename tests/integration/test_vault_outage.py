@@ -1,0 +1,165 @@
+"""Vault goes away under a running responder, then comes back (real OpenBao, real twistd).
+
+A TCP proxy we control stands between the responder and OpenBao: cutting it looks to
+the responder exactly like the Vault process dying (refused connections, aborted
+streams), and restoring it keeps the dev server's in-memory PKI intact.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.integration.conftest import dev_env, level1_config
+from tests.integration.harness import Responder, free_port, http, openssl_ocsp
+from tests.integration.test_devpki_vault import World, world  # noqa: F401  (fixture)
+
+
+class Proxy:
+    """Forward 127.0.0.1:<port> to a target; ``cut`` closes everything, ``restore`` reopens."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.lock = threading.Lock()
+
+    def restore(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(16)
+        self.listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            if self.listener is not None:
+                # shutdown() wakes the thread blocked in accept(); close() alone would not,
+                # and the kernel would keep accepting on the listening socket.
+                try:
+                    self.listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self.listener.close()
+                self.listener = None
+            for conn in self.conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                conn.close()
+            self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def proxied(world: World, tmp_path: Path) -> Iterator[tuple[Responder, Proxy]]:  # noqa: F811
+    url = urlsplit(world.vault.address)
+    proxy = Proxy((url.hostname or "127.0.0.1", url.port or 8200))
+    proxy.restore()
+    files = world.vault.level2
+    extra = f"""\
+  {files.mount}:
+    path: /{files.mount}/ocsp
+    responder_cert: {files.ocsp_pem}
+    signer: {{token: dev, key_label: {files.signer_key_label}}}
+    source:
+      kind: vault
+      address: http://127.0.0.1:{proxy.port}
+      mount: {files.mount}
+      auth: {{method: token, token_file: {world.vault.token_file}}}
+      cache_ttl: 1
+      crl_refresh: 5
+      request_timeout: 2
+    validity: 600
+"""
+    cfg = level1_config(world.dev, tmp_path, extra=extra)
+    cfg.write_text("presign_rate: 0\n" + cfg.read_text())
+    r = Responder(config=cfg, env=dev_env(world.dev), workdir=tmp_path)
+    try:
+        r.start()
+        yield r, proxy
+    finally:
+        r.stop()
+        proxy.cut()
+
+
+def _ask(r: Responder, world: World, *args: str) -> str:  # noqa: F811
+    files = world.vault.level2
+    result = openssl_ocsp(
+        "-url", r.url + files.ocsp_path, "-issuer", str(files.ca_pem), "-no_nonce", *args,
+        "-VAfile", str(files.ocsp_pem), "-CAfile", str(files.chain_pem),
+    )  # fmt: skip
+    return result.output
+
+
+def test_outage_serves_cached_and_trylater_then_recovers(
+    world: World,  # noqa: F811
+    proxied: tuple[Responder, Proxy],
+) -> None:
+    r, proxy = proxied
+    good = world.vault.level2.good_pem
+    out = _ask(r, world, "-cert", str(good))
+    assert "Response verify OK" in out and f"{good}: good" in out
+
+    proxy.cut()
+    # The signed response is cached until its nextUpdate: still served, still verifies.
+    out = _ask(r, world, "-cert", str(good))
+    assert "Response verify OK" in out and f"{good}: good" in out
+    # A serial never looked up cannot be answered without Vault: tryLater, not a crash.
+    out = _ask(r, world, "-serial", "0x0D0E0A0D")
+    assert "trylater" in out.lower(), out
+    assert http(r.url + "/healthz")[0] == 200
+    assert http(r.url + "/readyz")[0] == 503
+    assert r.alive()
+
+    proxy.restore()
+    deadline = time.monotonic() + 30
+    out = ""
+    while time.monotonic() < deadline:
+        out = _ask(r, world, "-serial", "0x0D0E0A0D")
+        if "Response verify OK" in out:
+            break
+        time.sleep(0.5)
+    assert "0x0D0E0A0D: unknown" in out, out
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and http(r.url + "/readyz")[0] != 200:
+        time.sleep(0.5)
+    assert http(r.url + "/readyz")[0] == 200
