@@ -15,7 +15,7 @@ BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test deps venv devpki lint check bench clean distclean
+.PHONY: run test deps venv devpki lint bench clean distclean
 
 deps: .deps.stamp
 .deps.stamp: Makefile
@@ -41,14 +41,13 @@ devpki: venv
 run: devpki
 	$(BIN)/python -m hsmocsp.devpki.run --dir $(DEVPKI) --config $(CONFIG) --listen '$(LISTEN)'
 
-test: venv
+# Lint first, so pytest's summary is the last line CI reads.
+test: venv lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 lint: venv
 	$(BIN)/ruff check hsmocsp twisted tests bench
 	$(BIN)/mypy hsmocsp twisted/plugins
-
-check: lint test
 
 bench: venv
 	@missing=""; for p in $(BENCH_PACKAGES); do \
