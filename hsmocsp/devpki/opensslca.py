@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from hsmocsp.devpki import softhsm
 from hsmocsp.devpki.tools import DevPkiError, MissingToolError, require_tool, run, write_private
+from hsmocsp.sources.index import OPENSSL_REASONS
 
 TOKEN_LABEL = softhsm.DEFAULT_TOKEN_LABEL
 BASE_URL = "http://127.0.0.1:8080"
@@ -44,17 +45,8 @@ SIGNER_DAYS = 365
 LEAF_DAYS = 365
 CRL_DAYS = 30
 
-#: Reasons ``openssl ca -crl_reason`` accepts.
-CRL_REASONS = (
-    "unspecified",
-    "keyCompromise",
-    "CACompromise",
-    "affiliationChanged",
-    "superseded",
-    "cessationOfOperation",
-    "certificateHold",
-    "removeFromCRL",
-)
+#: Reasons ``openssl ca -crl_reason`` accepts: the real reasons of OpenSSL's list.
+CRL_REASONS = OPENSSL_REASONS
 
 _LEAF_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 

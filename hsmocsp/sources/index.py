@@ -73,6 +73,9 @@ _REASON_NAMES = (
     "keyTime",
     "CAkeyTime",
 )
+
+#: The real revocation reasons (what ``openssl ca -crl_reason`` accepts).
+OPENSSL_REASONS = _REASON_NAMES[:8]
 _REASON_INDEX = {name.lower(): i for i, name in enumerate(_REASON_NAMES)}
 _REMOVE_FROM_CRL = 7
 _HOLD_INSTRUCTION = 8
