@@ -62,7 +62,7 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("hsmocsp cache-miss, 1 worker", "raw SoftHSM C_Sign, 1 process", 0.85),
     ("hsmocsp cache-miss, 2 workers", "raw SoftHSM C_Sign, 2 processes", 0.85),
 )
-ALL_TARGETS = ("hsmocsp", "openssl", "cfssl", "openbao", "nginx", "miss", "index")
+ALL_TARGETS = ("hsmocsp", "openssl", "cfssl", "openbao", "nginx", "miss", "index", "slow")
 
 
 class BenchError(RuntimeError):
@@ -165,6 +165,9 @@ class Bench:
         self.children = children
         self.report = Report(args.duration, args.connections, args.threads)
         self.dev: DevPki | None = None
+        #: (token key label, responder certificate, index.txt) used by every signer.
+        self.signer: tuple[str, Path, Path] = ("", Path(), Path())
+        self.suffix = ""  # appended to row names (the slow-signer pass)
         self.request = b""
         self.response = b""
 
@@ -193,6 +196,7 @@ class Bench:
 
     def hsmocsp_config(self, name: str, workers: int) -> Path:
         d = self.devpki
+        key_label, cert, index = self.signer
         directory = self.work / name
         directory.mkdir()
         cfg = directory / "hsmocsp.yaml"
@@ -208,9 +212,9 @@ handles:
   root:
     path: /ocsp
     issuer: {d.ca_pem}
-    responder_cert: {d.ocsp_pem}
-    signer: {{token: dev, key_label: {d.ocsp_key_label}}}
-    source: {{kind: openssl, index: {d.index}, crl: {d.crl_der}, poll_interval: 5}}
+    responder_cert: {cert}
+    signer: {{token: dev, key_label: {key_label}}}
+    source: {{kind: openssl, index: {index}, crl: {d.crl_der}, poll_interval: 5}}
     validity: 3600
 """)
         return cfg
@@ -233,6 +237,7 @@ handles:
     def setup(self) -> None:
         print(f"building the dev PKI in {self.work / 'devpki'} ...", flush=True)
         self.dev = build_level1(self.work / "devpki")
+        self.signer = (self.dev.ocsp_key_label, self.dev.ocsp_pem, self.dev.index)
         self.request = ocsp_request(load_cert(self.dev.good_pem), load_cert(self.dev.ca_pem))
 
     def hsmocsp_cached(self) -> None:
@@ -253,34 +258,49 @@ handles:
         self.report.add("hsmocsp cached GET", r, note)
 
     def profile_cached(self) -> None:
-        """cProfile of the cached POST path (twistd --profile), top functions printed."""
-        stats = self.work / "hsmocsp-cached.pstats"
-        url = self.start_hsmocsp("hsmocsp-profiled", workers=1, profile=stats)
-        body = http(url + "/ocsp", self.request, OCSP_CT)[2]
-        check_response(body, ocsp.OCSPCertStatus.GOOD, "profiled hsmocsp")
-        r = self.wrk(url + "/ocsp", self.script("post-prof", post_script(self.request)))
+        """cProfile of the cached POST path (twistd --profile)."""
+        r = self._profiled("hsmocsp-prof-cached", post_script(self.request), None)
         self.report.add("hsmocsp cached POST under cProfile", r, "profiler overhead included")
+
+    def profile_miss(self) -> None:
+        """cProfile of the reactor process on the cache-miss path (workers are not profiled)."""
+        reqs = unknown_requests(self.request, 0x5EED_2000_0000, int(800 * self.args.duration))
+        hexfile = self.work / "miss-prof.hex"
+        hexfile.write_text("".join(r.hex() + "\n" for r in reqs))
+        r = self._profiled(
+            "hsmocsp-prof-miss", cycle_script(hexfile, "/ocsp", self.args.threads), 2
+        )
+        self.report.add("hsmocsp cache-miss under cProfile", r, "2 workers; profiler overhead")
+
+    def _profiled(self, name: str, script_text: str, workers: int | None) -> WrkResult:
+        stats = self.work / f"{name}.pstats"
+        url = self.start_hsmocsp(name, workers=workers or 1, profile=stats)
+        body = http(url + "/ocsp", self.request, OCSP_CT)[2]
+        check_response(body, ocsp.OCSPCertStatus.GOOD, name)
+        r = self.wrk(url + "/ocsp", self.script(name, script_text))
         for child in list(self.children.children):
-            if child.name == "hsmocsp-profiled":
+            if child.name == name:
                 self.children.stop(child)
         if not stats.exists():
-            raise BenchError("twistd wrote no profile")
-        out = self.work / "profile.txt"
+            raise BenchError(f"{name}: twistd wrote no profile")
+        out = self.work / f"{name}.txt"
         with out.open("w") as fh:
             p = pstats.Stats(str(stats), stream=fh)
-            p.sort_stats("tottime").print_stats(25)
-            p.sort_stats("cumulative").print_stats(25)
+            p.sort_stats("tottime").print_stats(30)
+            p.sort_stats("cumulative").print_stats(30)
         text = out.read_text()
-        print(text[:6000])
-        self.report.extra["profile"] = text
+        print(text[:5000])
+        self.report.extra[name] = text
+        return r
 
     def openssl_ocsp(self) -> None:
         d = self.devpki
+        key_label, cert, index = self.signer
         port = free_port()
-        uri = f"org.openssl.engine:pkcs11:{d.key_uri(d.ocsp_key_label)}"
+        uri = f"org.openssl.engine:pkcs11:{d.key_uri(key_label)}"
         inner = (
             "ip link set lo up && exec openssl ocsp "
-            f"-index {d.index} -CA {d.ca_pem} -rsigner {d.ocsp_pem} "
+            f"-index {index} -CA {d.ca_pem} -rsigner {cert} "
             f"-rkey '{uri}' -passin file:{d.pin_file} -port {port} -multi 2 -nmin 60"
         )
         env = dict(self.env(), OPENSSL_CONF=str(d.openssl_cnf))
@@ -296,8 +316,8 @@ handles:
         check_response(body, ocsp.OCSPCertStatus.GOOD, "openssl ocsp")
         r = self.wrk(url + "/", self.script("post-openssl", post_script(self.request)), wrapper)
         self.report.add(
-            "openssl ocsp -multi 2 POST", r,
-            "live RSA-2048 signing, same HSM key via pkcs11 engine; 1 request per connection",
+            "openssl ocsp -multi 2 POST" + self.suffix, r,
+            "live signing, same HSM key via pkcs11 engine; 1 request per connection",
         )  # fmt: skip
 
     def cfssl(self) -> None:
@@ -397,23 +417,24 @@ http {{
 
     def hsm_raw(self) -> None:
         d = self.devpki
-        key = HsmKey(d.module, str(d.softhsm_conf), d.token_label, d.ocsp_key_label, d.pin())
+        key = HsmKey(d.module, str(d.softhsm_conf), d.token_label, self.signer[0], d.pin())
         for n in (1, 2):
             rate = signing_rate(key, n, self.args.duration)
             noun = "process" if n == 1 else "processes"
             self.report.rows.append(
-                Row(f"raw SoftHSM C_Sign, {n} {noun}", rate,
-                    note="PyKCS11 loop, CKM_SHA256_RSA_PKCS, RSA-2048 root-ocsp")
+                Row(f"raw SoftHSM C_Sign, {n} {noun}{self.suffix}", rate,
+                    note=f"PyKCS11 loop, CKM_SHA256_RSA_PKCS, key {self.signer[0]}")
             )  # fmt: skip
             print(f"  raw SoftHSM {n} {noun}: {rate:,.0f} sig/s", flush=True)
 
     def cache_miss(self) -> None:
         expected = 1500 * self.args.duration + 2000  # generous: rate x time, plus slack
-        for n, base in ((1, 0x5EED_0000_0000), (2, 0x5EED_1000_0000)):
+        offset = 0x100_0000_0000 if self.suffix else 0
+        for n, base in ((1, 0x5EED_0000_0000 + offset), (2, 0x5EED_1000_0000 + offset)):
             reqs = unknown_requests(self.request, base, int(expected))
             hexfile = self.work / f"miss-{n}.hex"
             hexfile.write_text("".join(r.hex() + "\n" for r in reqs[1:]))
-            name = f"hsmocsp-miss-{n}"
+            name = f"hsmocsp-miss-{n}{'-slow' if self.suffix else ''}"
             url = self.start_hsmocsp(name, workers=n)
             body = http(url + "/ocsp", reqs[0], OCSP_CT)[2]
             check_response(body, ocsp.OCSPCertStatus.UNKNOWN, "hsmocsp unknown serial")
@@ -423,10 +444,54 @@ http {{
             note = "distinct unknown serials: every request signs"
             if r.requests > len(reqs) - 1:
                 note += f"; WRAPPED after {len(reqs) - 1} requests (some were cache hits)"
-            self.report.add(f"hsmocsp cache-miss, {n} {noun}", r, note)
+            self.report.add(f"hsmocsp cache-miss, {n} {noun}{self.suffix}", r, note)
             for child in list(self.children.children):
                 if child.name == name:
                     self.children.stop(child)
+
+    def slow_signer(self) -> None:
+        """RSA-4096 token key and a 100k-serial index: cached vs live signers.
+
+        hsmocsp has no pre-signing yet, so its row is the cached path after one warm
+        request (the cached path does not depend on the key); the live signers (openssl
+        ocsp, hsmocsp's own cache-miss path) and the raw token rate show the key's cost.
+        """
+        from hsmocsp.devpki import opensslca, softhsm
+
+        d = self.devpki
+        label = "bench-ocsp-4096"
+        softhsm.ensure_keypair(
+            d.softhsm_conf, d.module, d.pin(), label, "41", "rsa:4096", token_label=d.token_label
+        )
+        cert = d.root_dir / "ocsp-4096.pem"
+        opensslca._ensure_signer(d, label, "hsmocsp bench OCSP signer RSA-4096", cert)
+        index = self.work / "index-100k.txt"
+        rows = [d.index.read_text()]
+        rows += [
+            f"V\t301231235959Z\t\t{0x7000_0000_0000 + i:X}\tunknown\t/CN=host{i}.example\n"
+            for i in range(100_000)
+        ]
+        index.write_text("".join(rows))
+        self.signer, self.suffix = (label, cert, index), " [RSA-4096, 100k index]"
+        try:
+            url = self.start_hsmocsp("hsmocsp-slow", workers=2)
+            body = http(url + "/ocsp", self.request, OCSP_CT)[2]
+            check_response(body, ocsp.OCSPCertStatus.GOOD, "hsmocsp RSA-4096")
+            r = self.wrk(url + "/ocsp", self.script("post-slow", post_script(self.request)))
+            self.report.add(
+                "hsmocsp cached POST" + self.suffix, r, "no pre-signing yet: warmed by 1 request"
+            )
+            self.children.stop_all()
+            for step in (self.openssl_ocsp, self.hsm_raw, self.cache_miss):
+                try:
+                    step()
+                except (BenchError, StartError, WrkError, OSError, RuntimeError) as err:
+                    self.report.fail(step.__name__ + self.suffix, err)
+                finally:
+                    self.children.stop_all()
+        finally:
+            self.signer = (d.ocsp_key_label, d.ocsp_pem, d.index)
+            self.suffix = ""
 
     def index_load(self) -> None:
         script = REPO / "bench" / "index_load.py"
@@ -562,9 +627,11 @@ def main(argv: list[str] | None = None) -> int:
         ("miss", "raw SoftHSM C_Sign", bench.hsm_raw),
         ("miss", "hsmocsp cache-miss", bench.cache_miss),
         ("index", "index_load", bench.index_load),
+        ("slow", "slow signer: RSA-4096 key, 100k-serial index", bench.slow_signer),
     ]
     if args.profile:
         steps.insert(1, ("hsmocsp", "hsmocsp cached POST under cProfile", bench.profile_cached))
+        steps.append(("miss", "hsmocsp cache-miss under cProfile", bench.profile_miss))
     try:
         bench.setup()
         for key, label, step in steps:
@@ -585,9 +652,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print(format_table(bench.report))
-    for key in ("index_load",):
-        if key in bench.report.extra:
-            print(f"\n{key}:\n{bench.report.extra[key]}")
+    if "index_load" in bench.report.extra:
+        print(f"\nindex_load:\n{bench.report.extra['index_load']}")
     if args.json:
         data = asdict(bench.report)
         data["machine"] = {
