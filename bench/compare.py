@@ -296,6 +296,12 @@ handles:
         return r
 
     def openssl_ocsp(self) -> None:
+        if os.geteuid() != 0:
+            raise BenchError(
+                "openssl ocsp -port binds every interface; the harness isolates it in a "
+                "network namespace (unshare -n), which needs root: run as root, or leave "
+                "'openssl' out of --only"
+            )
         d = self.devpki
         key_label, cert, index = self.signer
         port = free_port()
@@ -586,7 +592,11 @@ def format_table(report: Report) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per target")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
