@@ -251,6 +251,21 @@ class Handle:
             self._parsed[der] = (cid, issuer)
         return self.respond(request)
 
+    def cached_response(self, der: bytes) -> SignedResponse | None:
+        """The cached answer to these exact request bytes, or None; never starts work.
+
+        This is what the HTTP fast path asks: two dict lookups, no parsing. A response
+        past its refresh point is still returned (and its refresh started) until it expires.
+        """
+        memo = self._parsed.get(der)
+        if memo is None:
+            return None
+        cid, issuer = memo
+        if self.cache.peek(cid.der) is None:
+            return None
+        value = self.cache.get(cid.der, cid.serial, lambda: self._produce([cid], [issuer], None))
+        return value if isinstance(value, SignedResponse) else None
+
     def respond(self, request: OCSPRequestInfo) -> Deferred[SignedResponse] | SignedResponse:
         """Answer a parsed request; a cache hit returns the bare value (no Deferred)."""
         issuers = [self.issuer_for(cid) for cid in request.cert_ids]

@@ -25,7 +25,6 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from hsmocsp.config import (
     Config,
@@ -43,6 +42,7 @@ from hsmocsp.signing import Signer
 from hsmocsp.sources import StatusSource
 from hsmocsp.store import ResponseStore
 from hsmocsp.web.app import OCSPApp
+from hsmocsp.web.fastpath import FastSite
 
 log = Logger()
 
@@ -200,7 +200,7 @@ class ResponderService(service.MultiService):
                         "handle {name}: {n} stored responses restored", name=handle.name, n=kept
                     )
             store.start()
-        site = Site(self.app.resource())
+        site = FastSite(self.app, self.reactor.seconds)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
         self.port_service = strports.service(self.listen, site)

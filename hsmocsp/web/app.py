@@ -178,6 +178,8 @@ class OCSPApp:
                 return b""
         else:
             request.setHeader(b"Cache-Control", NO_CACHE)
+        # An explicit length: some OCSP clients do not read chunked responses.
+        request.setHeader(b"Content-Length", b"%d" % len(response.der))
         return response.der
 
     def _error(
@@ -190,7 +192,9 @@ class OCSPApp:
             )
         request.setHeader(b"Content-Type", OCSP_RESPONSE)
         request.setHeader(b"Cache-Control", NO_CACHE)
-        return error_response(status)
+        body = error_response(status)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     # --- published files -----------------------------------------------------------
 

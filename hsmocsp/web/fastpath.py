@@ -1,0 +1,238 @@
+"""The cached-response fast path: answer repeated OCSP requests straight from bytes.
+
+Measured (docs/performance.md): with every answer cached, ~90 % of the reactor's
+time went to twisted.web's request machinery and Klein's routing, not to OCSP.
+An OCSP request that hits the cache needs none of it: the bytes of the request
+are the cache key, the response bytes are ready, only a few headers change.
+
+:class:`FastChannel` reads the request head and body itself. When the request is
+a POST or GET for a handle and its exact bytes are cached, it writes the answer
+directly. Anything else (a miss, a nonce, another path, an odd header, HEAD,
+chunked bodies, If-None-Match) is handed, with every byte read so far, to a
+normal twisted.web ``HTTPChannel`` that then owns the connection for good; so the
+full path stays the one place with all of HTTP's corner cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from hsmocsp.errors import MalformedRequest
+from hsmocsp.ocsp.request import decode_get_path
+from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.web.app import OCSPApp
+
+#: A request head larger than this is not an OCSP request we answer fast.
+MAX_HEAD = 8192
+IDLE_TIMEOUT = 60
+
+
+class FastSite(Site):
+    """A ``Site`` whose connections try the cached fast path first."""
+
+    def __init__(self, app: OCSPApp, now: Callable[[], float]) -> None:
+        super().__init__(app.resource())
+        self.app = app
+        self._now = now
+        self._post: dict[bytes, Handle] = {}
+        self._get: list[tuple[bytes, Handle]] = []
+        for handle in app.handles:
+            prefix = handle.path.rstrip("/").encode("ascii")
+            self._post[prefix or b"/"] = handle
+            self._get.append((prefix + b"/", handle))
+        self._get.sort(key=lambda item: -len(item[0]))
+        self._static: dict[str, bytes] = {}
+        self._date_second = -1
+        self._date = b""
+        self.fast_answers = 0
+        self.handed_over = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        return FastChannel(self, addr)
+
+    def full_protocol(self, addr: IAddress | None) -> Any:
+        """The ordinary twisted.web protocol, for everything the fast path declines."""
+        return Site.buildProtocol(self, addr)
+
+    def answer(
+        self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
+        body: bytes,
+    ) -> tuple[bytes, bool] | None:  # fmt: skip
+        """The whole HTTP response and whether to keep the connection, or None to decline."""
+        path = target.split(b"?", 1)[0]
+        handle: Handle | None = None
+        if method == b"POST":
+            handle = self._post.get(path)
+            if handle is None:
+                return None
+            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if ctype != b"application/ocsp-request" or len(body) > self.app.max_request_size:
+                return None
+            der = body
+        elif method == b"GET":
+            for prefix, candidate in self._get:
+                if path.startswith(prefix):
+                    handle = candidate
+                    break
+            if handle is None or len(path) > 2 * self.app.max_request_size:
+                return None
+            try:
+                der = decode_get_path(path[len(prefix) - 1 :].decode("latin-1"))
+            except MalformedRequest:
+                return None
+        else:
+            return None
+        if b"if-none-match" in headers:
+            return None
+        response = handle.cached_response(der)
+        if response is None or not response.cacheable:
+            return None
+        connection = headers.get(b"connection", b"").lower()
+        if version == b"HTTP/1.1":
+            keep = connection != b"close"
+        else:
+            keep = connection == b"keep-alive"
+        self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
+        self.fast_answers += 1
+        return self._render(handle, response, version, keep), keep
+
+    def _render(
+        self, handle: Handle, response: SignedResponse, version: bytes, keep: bool
+    ) -> bytes:
+        static = self._static.get(response.etag)
+        if static is None:
+            if len(self._static) > 100_000:
+                self._static.clear()
+            static = self._static[response.etag] = (
+                b"Content-Type: application/ocsp-response\r\n"
+                b"Content-Length: %d\r\n"
+                b"Last-Modified: %s\r\nExpires: %s\r\nETag: %s\r\n"
+                % (
+                    len(response.der),
+                    _http_date(response.this_update),
+                    _http_date(response.next_update),
+                    response.etag.encode("ascii"),
+                )
+            )
+        now = self._now()
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date = _http_date(now)
+        if version == b"HTTP/1.1":
+            connection = b"" if keep else b"Connection: close\r\n"
+        else:
+            connection = b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n"
+        return b"".join((
+            version, b" 200 OK\r\n", static,
+            b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
+            % handle.max_age_for(response),
+            b"Date: ", self._date, b"\r\n", connection, b"\r\n", response.der,
+        ))  # fmt: skip
+
+
+def _http_date(seconds: float) -> bytes:
+    return formatdate(seconds, usegmt=True).encode("ascii")
+
+
+class FastChannel(Protocol, TimeoutMixin):
+    """One connection: cached answers inline, everything else to twisted.web."""
+
+    def __init__(self, site: FastSite, addr: IAddress | None) -> None:
+        self.site = site
+        self.addr = addr
+        self._buf = b""
+        self._delegate: Any = None
+        self._closing = False
+
+    def connectionMade(self) -> None:
+        self.setTimeout(IDLE_TIMEOUT)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._delegate is not None:
+            self._delegate.dataReceived(data)
+            return
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buf += data
+        while self._buf:
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) > MAX_HEAD:
+                    self._hand_over()
+                return
+            parsed = _parse_head(self._buf[:end])
+            if parsed is None:
+                self._hand_over()
+                return
+            method, target, version, headers = parsed
+            length = int(headers.get(b"content-length", b"0"))
+            if length > self.site.app.max_request_size:
+                self._hand_over()  # the full path answers 413
+                return
+            total = end + 4 + length
+            if len(self._buf) < total:
+                return
+            result = self.site.answer(method, target, version, headers, self._buf[end + 4 : total])
+            if result is None:
+                self._hand_over()
+                return
+            response, keep = result
+            self._buf = self._buf[total:]
+            assert self.transport is not None
+            self.transport.write(response)
+            if not keep:
+                self._closing = True
+                self.setTimeout(None)
+                self.transport.loseConnection()
+                return
+
+    def _hand_over(self) -> None:
+        self.site.handed_over += 1
+        self.setTimeout(None)
+        delegate = self.site.full_protocol(self.addr)
+        self._delegate = delegate
+        delegate.makeConnection(self.transport)
+        buf, self._buf = self._buf, b""
+        delegate.dataReceived(buf)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.setTimeout(None)
+        if self._delegate is not None:
+            self._delegate.connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, dict[bytes, bytes]] | None:
+    """Request line and headers, or None for anything we would rather not judge."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        return None
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            return None
+        key = name.lower()
+        if key in headers:
+            return None  # duplicates (e.g. two Content-Length): let twisted.web decide
+        headers[key] = value.strip()
+    if b"transfer-encoding" in headers or b"expect" in headers:
+        return None
+    length = headers.get(b"content-length")
+    if length is not None and not length.isdigit():
+        return None
+    return parts[0], parts[1], parts[2], headers
