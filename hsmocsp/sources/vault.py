@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -99,6 +99,10 @@ class _VaultTLSPolicy:
 
 
 _PEM = Encoding.PEM
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 #: Who signed a looked-up certificate: (issuer Name DER, authority key id or None).
@@ -173,6 +177,7 @@ class VaultSource:
 
             self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
             self._pool.maxPersistentPerHost = 4
+            self._pool._factory = _QuietClientFactory  # no log line per Vault connection
             policy = _VaultTLSPolicy(tls or VaultTLS()) if address.startswith("https") else None
             agent = (
                 Agent(reactor, contextFactory=policy, pool=self._pool)  # type: ignore[no-untyped-call]
