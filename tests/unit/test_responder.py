@@ -247,3 +247,17 @@ def test_ca_signing_directly_omits_certs() -> None:
     resp = parsed(resolve(handle.respond_der(request_for(1))))
     assert resp.certificates == []
     assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_nonce_request_under_signer_saturation_gets_cached_response() -> None:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, _, signer = make(clock)
+    cached = resolve(handle.respond_der(request_for(1)))
+    backlog = [0]
+    handle.queue_depth = lambda: backlog[0]
+    live = resolve(handle.respond_der(request_for(1, nonce=True)))
+    assert live is not cached and signer.calls == 2  # HSM idle: signed live, nonce echoed
+    backlog[0] = 3  # signatures are queueing: answer from the cache, without the nonce
+    assert resolve(handle.respond_der(request_for(1, nonce=True))) is cached
+    assert signer.calls == 2
