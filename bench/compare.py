@@ -40,6 +40,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from http.client import HTTPConnection
 from pathlib import Path
 
 from cryptography import x509
@@ -152,6 +153,30 @@ def check_response(der: bytes, expect: ocsp.OCSPCertStatus | None, what: str) ->
         raise BenchError(f"{what}: cert status {resp.certificate_status.name}, not {expect.name}")
 
 
+def keepalive_check(url: str, der: bytes, gpath: str, expected: bytes) -> None:
+    """After a run: POST, GET, POST on ONE keep-alive connection all return ``expected``.
+
+    wrk only counts status codes; this catches a server that answers 200 with wrong
+    bytes on reused connections (fast paths that parse HTTP themselves).
+    """
+    host, port = urllib.parse.urlsplit(url).netloc.rsplit(":", 1)
+    conn = HTTPConnection(host, int(port), timeout=30)
+    try:
+        for method, path, body in (
+            ("POST", "/ocsp", der),
+            ("GET", gpath, None),
+            ("POST", "/ocsp", der),
+        ):
+            headers = OCSP_CT if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            got = resp.read()
+            if resp.status != 200 or got != expected:
+                raise BenchError(f"keep-alive {method}: HTTP {resp.status}, other bytes")
+    finally:
+        conn.close()
+
+
 def get_path(prefix: str, der: bytes) -> str:
     """``<prefix>/<url-encoded base64>`` as RFC 5019 GET clients send it."""
     return prefix.rstrip("/") + "/" + urllib.parse.quote(base64.b64encode(der).decode(), safe="")
@@ -258,6 +283,7 @@ handles:
         self.report.add("hsmocsp cached POST", r, "1 process (reactor), 2 signer workers idle")
         r = self.wrk(url + gpath, self.script("get", get_script(gpath)))
         self.report.add("hsmocsp cached GET", r, note)
+        keepalive_check(url, self.request, gpath, body)
 
     def profile_cached(self) -> None:
         """cProfile of the cached POST path (twistd --profile)."""
