@@ -17,6 +17,7 @@ The worker is single-threaded and strictly request/reply, so it needs no locks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -358,22 +359,41 @@ def _key_ref(message: dict[str, Any]) -> tuple[str | None, bytes | None]:
     return label, (wire.unb64(key_id) if key_id is not None else None)
 
 
-def handle(token: Token, message: dict[str, Any]) -> dict[str, Any]:
+def handle(token: Token, message: wire.Frame) -> bytes | None:
+    """Run one request: the result bytes (sign, public_key) or None (check)."""
+    if isinstance(message, wire.SignRequest):
+        return token.sign(message.label, message.key_id, message.mechanism, message.data)
+    if not isinstance(message, dict):
+        raise Failure("error", "unexpected frame")
     op = message.get("op")
-    if op == "sign":
+    if op == "sign":  # a mechanism without a binary code: refused by token.sign
         label, key_id = _key_ref(message)
         mechanism = message.get("mechanism")
         if not isinstance(mechanism, str):
             raise Failure("error", "bad mechanism")
-        data = wire.unb64(message.get("data_b64"))
-        return {"result_b64": wire.b64(token.sign(label, key_id, mechanism, data))}
+        return token.sign(label, key_id, mechanism, wire.unb64(message.get("data_b64")))
     if op == "public_key":
         label, key_id = _key_ref(message)
-        return {"result_b64": wire.b64(token.public_key(label, key_id))}
+        return token.public_key(label, key_id)
     if op == "check":
         token.check()
-        return {}
+        return None
     raise Failure("error", f"unknown operation {op!r}")
+
+
+def _request_id(message: wire.Frame) -> Any:
+    if isinstance(message, dict):
+        return message.get("id")
+    return message.id
+
+
+def reply_for(request_id: Any, result: bytes | None) -> bytes:
+    """The frame answering a successful request: binary with bytes, JSON without."""
+    if result is not None and isinstance(request_id, int):
+        return wire.encode_result(request_id, result)
+    if result is not None:
+        return wire.encode({"id": request_id, "ok": True, "result_b64": wire.b64(result)})
+    return wire.encode({"id": request_id, "ok": True})
 
 
 class _Channel:
@@ -381,18 +401,20 @@ class _Channel:
         self._in = in_fd
         self._out = out_fd
         self._decoder = wire.Decoder()
-        self._pending: list[dict[str, Any]] = []
+        self._pending: collections.deque[wire.Frame] = collections.deque()
 
-    def read(self) -> dict[str, Any] | None:
+    def read(self) -> wire.Frame | None:
         while not self._pending:
             chunk = os.read(self._in, 65536)
             if not chunk:
                 return None
             self._pending.extend(self._decoder.feed(chunk))
-        return self._pending.pop(0)
+        return self._pending.popleft()
 
     def write(self, message: dict[str, Any]) -> None:
-        data = wire.encode(message)
+        self.write_frame(wire.encode(message))
+
+    def write_frame(self, data: bytes) -> None:
         while data:
             written = os.write(self._out, data)
             data = data[written:]
@@ -415,7 +437,7 @@ def main() -> NoReturn:
     if init is None:
         _exit(0)
     try:
-        if init.get("op") != "init":
+        if not isinstance(init, dict) or init.get("op") != "init":
             raise Failure("error", "first message must be init")
         slot = init.get("slot")
         token = Token(str(init.get("module")), init.get("token_label"), slot)
@@ -438,10 +460,10 @@ def main() -> NoReturn:
             with contextlib.suppress(Exception):
                 token._session.closeSession()
             _exit(0)
-        request_id = message.get("id")
+        request_id = _request_id(message)
         fatal = False
         try:
-            reply = {"id": request_id, "ok": True, **handle(token, message)}
+            frame = reply_for(request_id, handle(token, message))
         except Failure as failure:
             fatal = failure.fatal
             reply = {
@@ -460,6 +482,9 @@ def main() -> NoReturn:
                 "message": f"worker error: {err!r}",
             }
             fatal = True
+        else:
+            channel.write_frame(frame)
+            continue
         channel.write(reply)
         if fatal:
             _exit(3)
