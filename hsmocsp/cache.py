@@ -44,7 +44,6 @@ class _Flight(Generic[V]):
     serial: int
     waiters: list[Deferred[V]] = field(default_factory=list)
     stale: bool = False
-    background: bool = False
 
 
 @dataclass
@@ -102,7 +101,7 @@ class ResponseCache(Generic[V]):
                 self.stats.stale_served += 1
                 if key not in self._flights:
                     self.stats.refreshes += 1
-                    self._start(key, serial, produce, background=True)
+                    self._start(key, serial, produce)
                 return value
             self._drop(key)
         self.stats.misses += 1
@@ -111,10 +110,9 @@ class ResponseCache(Generic[V]):
         if flight is None:
             # The waiter is registered before production starts: a producer may fire
             # synchronously (file signer, cached source status).
-            self._start(key, serial, produce, background=False, waiter=waiter)
+            self._start(key, serial, produce, waiter=waiter)
         else:
             self.stats.coalesced += 1
-            flight.background = False
             flight.waiters.append(waiter)
         return waiter
 
@@ -145,9 +143,6 @@ class ResponseCache(Generic[V]):
             if flight.serial in wanted:
                 flight.stale = True
 
-    def keys_for(self, serial: int) -> frozenset[bytes]:
-        return frozenset(self._by_serial.get(serial, ()))
-
     # --- internals -----------------------------------------------------------------
 
     def _start(
@@ -155,10 +150,9 @@ class ResponseCache(Generic[V]):
         key: bytes,
         serial: int,
         produce: Callable[[], Deferred[V]],
-        background: bool,
         waiter: Deferred[V] | None = None,
     ) -> _Flight[V]:
-        flight: _Flight[V] = _Flight(serial=serial, background=background)
+        flight: _Flight[V] = _Flight(serial=serial)
         if waiter is not None:
             flight.waiters.append(waiter)
         self._flights[key] = flight

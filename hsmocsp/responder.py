@@ -385,7 +385,3 @@ def _first_error(failure: Failure) -> Failure:
         inner: Failure = failure.value.subFailure
         return inner
     return failure
-
-
-def as_deferred(value: Deferred[SignedResponse] | SignedResponse) -> Deferred[SignedResponse]:
-    return value if isinstance(value, Deferred) else succeed(value)
