@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from email.utils import formatdate
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from klein import Klein
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -249,8 +250,6 @@ class OCSPApp:
 
 
 def handle_ca_der(handle: Handle) -> bytes | None:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     issuers = handle.source.issuers()
     return issuers[0].public_bytes(Encoding.DER) if issuers else None
 
