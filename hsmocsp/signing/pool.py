@@ -153,6 +153,9 @@ class _Worker:
         self.busy_since = 0.0  # when requests[0] started
         self.hang_killed = False
         self.hang_timer: IDelayedCall | None = None  # start-up only
+        # Twisted's writer for the worker's stdin, while direct writes are fine; its pipes.
+        self._stdin: Any = None
+        self._pipes: dict[int, Any] = {}
         self.ready: Deferred[None] = Deferred()
         self.exited: Deferred[None] = Deferred()
         self.init_failure: str | None = None
@@ -174,6 +177,10 @@ class _Worker:
         )
         self.pid = self.transport.pid
         self.transport.write(wire.encode(init))
+        self._pipes = getattr(self.transport, "pipes", {})
+        writer = self._pipes.get(0)
+        if isinstance(getattr(writer, "fd", None), int):
+            self._stdin = writer
         self.hang_timer = self.pool._reactor.callLater(self.pool.start_timeout, self._init_hung)
 
     def _init_hung(self) -> None:
@@ -189,7 +196,33 @@ class _Worker:
             self.busy_since = now
         self.requests.append(request)
         request.worker = self
-        self.transport.write(request.frame)
+        self._write(request.frame)
+
+    def _write(self, frame: bytes) -> None:
+        """Write at once when the pipe takes the whole frame, else through Twisted.
+
+        ``transport.write`` only buffers: the frame leaves one reactor iteration
+        later, after four epoll_ctl calls (the writer stops watching for the
+        child's EOF, starts watching for writability, and back). A sign request
+        is a few KiB and the pipe holds 64 KiB, so one ``os.write`` nearly always
+        takes it. The first short write hands this worker back to Twisted for
+        good, which keeps the byte order. The writer still being in
+        ``transport.pipes`` means Twisted has not closed (and the kernel not
+        reused) its fd.
+        """
+        assert self.transport is not None
+        writer: Any = self._stdin
+        if writer is not None and writer.connected and self._pipes.get(0) is writer:
+            fd: int = self._stdin.fd
+            try:
+                written = os.write(fd, frame)
+            except OSError:  # EAGAIN, or EPIPE (the worker is dying): Twisted copes
+                written = 0
+            if written == len(frame):
+                return
+            frame = frame[written:]
+            self._stdin = None
+        self.transport.write(frame)
 
     def hung(self) -> None:
         """Busy on one request for longer than the timeout (the pool's sweep decides)."""
@@ -209,6 +242,7 @@ class _Worker:
 
     def close(self) -> None:
         """Ask the worker to exit once its current request is answered (EOF on stdin)."""
+        self._stdin = None
         if self.transport is not None and self.state != "dead":
             self.transport.closeStdin()
 
