@@ -1,0 +1,232 @@
+"""TokenPool's pipelining and binary frames against a real SoftHSM2 token.
+
+A worker holds up to ``pipeline`` requests: the first runs, the others wait in
+its pipe. These tests pin what that must not change: a dead worker fails only
+the request it was running, cancelled and timed-out requests leave the stream in
+order, and the waiting ones count as queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from twisted.internet import defer, reactor, task
+
+from hsmocsp.errors import SignerError, SignerUnavailable
+from hsmocsp.signing.pool import KeyRef, TokenPool
+
+try:
+    from tests.integration.softhsm_helpers import (
+        SOFTHSM_MODULE,
+        gen_keypair,
+        init_token,
+        softhsm_available,
+    )
+except ImportError:  # tests/ not a package: rootdir-less "prepend" import mode
+    from softhsm_helpers import (  # type: ignore[no-redef,import-not-found,unused-ignore]
+        SOFTHSM_MODULE,
+        gen_keypair,
+        init_token,
+        softhsm_available,
+    )
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not softhsm_available(), reason="softhsm2/pkcs11-tool not installed"),
+]
+
+PIN = "1234"
+RSA = KeyRef(label="rsa")
+EC = KeyRef(key_id=b"\x02")
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("softhsm")
+    conf = init_token(directory, "T", PIN, "5678")
+    gen_keypair(conf, "rsa", "01", "rsa:2048")
+    gen_keypair(conf, "p256", "02", "EC:prime256v1")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # the workers inherit it
+    yield conf
+    if old is None:
+        del os.environ["SOFTHSM2_CONF"]
+    else:
+        os.environ["SOFTHSM2_CONF"] = old
+
+
+def make_pool(**kwargs: Any) -> TokenPool:
+    options: dict[str, Any] = {
+        "module": SOFTHSM_MODULE, "token_label": "T", "slot": None, "pin": PIN, "workers": 1,
+    }
+    options.update(kwargs)
+    return TokenPool(**options)
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for(predicate: Any, what: str) -> None:
+    for _ in range(600):
+        if predicate():
+            return
+        await sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+async def expect(d: defer.Deferred[Any], exc_type: type[Exception]) -> Exception:
+    try:
+        await d
+    except exc_type as err:
+        return err
+    raise AssertionError(f"expected {exc_type.__name__}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def verify_rsa(public: Any, signature: bytes, data: bytes) -> None:
+    assert isinstance(public, rsa.RSAPublicKey)
+    public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_concurrent_signatures_each_match_their_data(token: Path) -> None:
+    pool = make_pool(workers=2)
+    await pool.start()
+    try:
+        rsa_public = serialization.load_der_public_key(await pool.public_key(RSA))
+        ec_public = serialization.load_der_public_key(await pool.public_key(EC))
+        assert isinstance(ec_public, ec.EllipticCurvePublicKey)
+        data = [os.urandom(50 + i) for i in range(60)]
+        pending = [
+            pool.sign(RSA if i % 2 else EC, "CKM_SHA256_RSA_PKCS" if i % 2 else "CKM_ECDSA",
+                      d if i % 2 else hashlib.sha256(d).digest())
+            for i, d in enumerate(data)
+        ]
+        results = await defer.gatherResults(pending)
+        for i, (d, signature) in enumerate(zip(data, results, strict=True)):
+            if i % 2:
+                verify_rsa(rsa_public, signature, d)
+            else:
+                assert len(signature) == 64  # raw r || s
+        assert pool.busy() == 0 and pool.queue_depth() == 0
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_worker_fails_running_request_and_requeues_the_next(token: Path) -> None:
+    pool = make_pool(pipeline=2)
+    await pool.start()
+    try:
+        public = serialization.load_der_public_key(await pool.public_key(RSA))
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        running = pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"first")
+        waiting = pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"second")
+        queued = pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"third")
+        # One running, one in the worker's pipe, one in the pool's queue.
+        assert pool.busy() == 1 and pool.queue_depth() == 2
+        os.kill(pid, signal.SIGKILL)
+        err = await expect(running, SignerUnavailable)
+        assert "died" in str(err)
+        verify_rsa(public, await waiting, b"second")  # on the replacement
+        verify_rsa(public, await queued, b"third")
+        (new_pid,) = pool.worker_pids()
+        assert new_pid != pid
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_pipelined_request_does_not_shift_replies(token: Path) -> None:
+    pool = make_pool(pipeline=2)
+    await pool.start()
+    try:
+        public = serialization.load_der_public_key(await pool.public_key(RSA))
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        first = pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"first")
+        second = pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"second")
+        third = pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"third")
+        assert pool.queue_depth() == 2
+        second.cancel()
+        await expect(second, defer.CancelledError)
+        assert pool.queue_depth() == 1
+        os.kill(pid, signal.SIGCONT)
+        verify_rsa(public, await first, b"first")
+        verify_rsa(public, await third, b"third")
+        verify_rsa(public, await pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"4"), b"4")
+        assert pool.worker_pids() == [pid]  # the dropped reply did not cost the worker
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hung_worker_times_out_running_and_waiting_requests(token: Path) -> None:
+    pool = make_pool(pipeline=2, timeout=1.0)
+    await pool.start()
+    try:
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        running = pool.sign(EC, "CKM_ECDSA", b"\x01" * 32)
+        waiting = pool.sign(EC, "CKM_ECDSA", b"\x02" * 32)
+        queued = pool.sign(EC, "CKM_ECDSA", b"\x03" * 32)
+        for d, where in ((running, "in the HSM"), (waiting, "waiting"), (queued, "waiting")):
+            err = await expect(d, SignerUnavailable)
+            assert "timed out" in str(err) and where in str(err)
+        await wait_for(lambda: gone(pid), "hung worker killed")
+        assert len(await pool.sign(EC, "CKM_ECDSA", b"\x04" * 32)) == 64
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipeline_of_one_queues_in_the_pool(token: Path) -> None:
+    pool = make_pool(pipeline=1, max_queue=1)
+    await pool.start()
+    try:
+        (pid,) = pool.worker_pids()
+        os.kill(pid, signal.SIGSTOP)
+        accepted = [pool.sign(EC, "CKM_ECDSA", b"\x01" * 32) for _ in range(2)]
+        assert pool.busy() == 1 and pool.queue_depth() == 1
+        err = await expect(pool.sign(EC, "CKM_ECDSA", b"\x01" * 32), SignerUnavailable)
+        assert "queue full" in str(err)
+        os.kill(pid, signal.SIGCONT)
+        for d in accepted:
+            await d
+    finally:
+        await pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mechanism_without_binary_code_is_refused_by_the_worker(token: Path) -> None:
+    pool = make_pool()
+    await pool.start()
+    try:
+        err = await expect(pool.sign(RSA, "CKM_MD5_RSA_PKCS", b"x"), SignerError)
+        assert "not allowed" in str(err)
+        await pool.check()
+    finally:
+        await pool.stop()
+
+
+def test_pipeline_must_be_positive() -> None:
+    with pytest.raises(SignerError, match="pipeline"):
+        make_pool(pipeline=0)
