@@ -55,13 +55,13 @@ class Lateness:
     def start(self) -> None:
         self.samples = []
         self._due = time.monotonic() + TICK
-        self._call = reactor.callLater(TICK, self._tick)  # type: ignore[attr-defined]
+        self._call = reactor.callLater(TICK, self._tick)
 
     def _tick(self) -> None:
         now = time.monotonic()
         self.samples.append(max(0.0, now - self._due))
         self._due = now + TICK
-        self._call = reactor.callLater(TICK, self._tick)  # type: ignore[attr-defined]
+        self._call = reactor.callLater(TICK, self._tick)
 
     def stop(self) -> dict[str, float]:
         self._call.cancel()
@@ -93,9 +93,7 @@ async def drive(sign: Any, seconds: float, in_flight: int) -> dict[str, float]:
     meter.start()
     started = time.monotonic()
     if in_flight:
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(loop()) for _ in range(in_flight)]
-        )
+        await defer.gatherResults([defer.Deferred.fromCoroutine(loop()) for _ in range(in_flight)])
     else:
         await sleep(seconds)
     elapsed = time.monotonic() - started
@@ -149,8 +147,11 @@ class ThreadSigner:
 
 async def main(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {
-        "key": args.key, "seconds": args.seconds, "workers": args.workers,
-        "in_flight": args.in_flight, "cpus": os.cpu_count(),
+        "key": args.key,
+        "seconds": args.seconds,
+        "workers": args.workers,
+        "in_flight": args.in_flight,
+        "cpus": os.cpu_count(),
     }
     with tempfile.TemporaryDirectory(prefix="lateness-") as tmp:
         conf = init_token(tmp, "T", PIN, "5678")
@@ -162,8 +163,9 @@ async def main(args: argparse.Namespace) -> None:
         results["idle"] = await drive(None, args.seconds, 0)
         print("idle  ", results["idle"], file=sys.stderr)
 
-        pool = TokenPool(module=SOFTHSM_MODULE, token_label="T", slot=None, pin=PIN,
-                         workers=args.workers)
+        pool = TokenPool(
+            module=SOFTHSM_MODULE, token_label="T", slot=None, pin=PIN, workers=args.workers
+        )
         await pool.start()
         signer = Pkcs11Signer(pool, KeyRef(label="bench"))
         await signer.start()

@@ -305,6 +305,16 @@ def _ensure_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:
     return True
 
 
+def ensure_ocsp_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:
+    """Issue (once) a delegated OCSP signer certificate ``out`` for the token key ``label``.
+
+    Public for callers that add their own signing keys to the dev token (the benchmark's
+    RSA-4096 key); the key pair must already exist. True if a certificate was issued now,
+    False if ``out`` existed and matches the token key (a mismatch is a DevPkiError).
+    """
+    return _ensure_signer(dev, label, cn, out)
+
+
 def issue_leaf(dev: DevPki, name: str) -> Path:
     """Issue (once) a leaf certificate ``leaves/<name>.pem`` with a file key ``<name>.key``.
 
