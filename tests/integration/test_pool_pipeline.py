@@ -230,3 +230,48 @@ async def test_mechanism_without_binary_code_is_refused_by_the_worker(token: Pat
 def test_pipeline_must_be_positive() -> None:
     with pytest.raises(SignerError, match="pipeline"):
         make_pool(pipeline=0)
+
+
+def test_worker_direct_sign_verifies_grows_its_buffer_and_retries_stale_handles(
+    token: Path,
+) -> None:
+    """The worker's ctypes C_Sign path, in this process (the pool tests run it in workers)."""
+    import ctypes
+
+    import PyKCS11
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+    from hsmocsp.signing.worker import Token
+
+    tok = Token(SOFTHSM_MODULE, "T", None)
+    tok.open(PIN)
+    try:
+        direct = tok._direct
+        assert direct is not None  # SoftHSM: the same library instance as PyKCS11's
+        direct._buffer = ctypes.create_string_buffer(16)  # forces CKR_BUFFER_TOO_SMALL
+        public = serialization.load_der_public_key(tok.public_key("rsa", None))
+        for data in (b"one", b"two" * 1000):
+            verify_rsa(public, tok.sign("rsa", None, "CKM_SHA256_RSA_PKCS", data), data)
+        ec_public = serialization.load_der_public_key(tok.public_key(None, b"\x02"))
+        assert isinstance(ec_public, ec.EllipticCurvePublicKey)
+        digest = hashlib.sha256(b"ec data").digest()
+        raw = tok.sign(None, b"\x02", "CKM_ECDSA", digest)
+        assert len(raw) == 64
+        der_sig = encode_dss_signature(int.from_bytes(raw[:32], "big"),
+                                       int.from_bytes(raw[32:], "big"))
+        ec_public.verify(der_sig, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        # A stale cached handle (the object was re-created): PyKCS11Error as PyKCS11
+        # raises it, so Token looks the key up again and signs.
+        with pytest.raises(PyKCS11.PyKCS11Error) as info:
+            direct.sign(0xDEAD, PyKCS11.CKM_SHA256_RSA_PKCS, b"x")
+        assert PyKCS11.CKR[info.value.value] in ("CKR_KEY_HANDLE_INVALID",
+                                                 "CKR_OBJECT_HANDLE_INVALID")
+
+        class Stale:
+            def value(self) -> int:
+                return 0xDEAD
+
+        tok._handles[("rsa", None, PyKCS11.CKO_PRIVATE_KEY)] = Stale()
+        verify_rsa(public, tok.sign("rsa", None, "CKM_SHA256_RSA_PKCS", b"after"), b"after")
+    finally:
+        tok._session.closeSession()
