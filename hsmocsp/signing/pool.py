@@ -151,7 +151,7 @@ class _Worker:
         # Sent, unanswered requests in order; the first is the one running.
         self.requests: collections.deque[_Request] = collections.deque()
         self.busy_since = 0.0  # when requests[0] started
-        self.hang_killed = False
+        self.killing = False  # SIGKILL sent: send it nothing more, read nothing more
         self.hang_timer: IDelayedCall | None = None  # start-up only
         # Twisted's writer for the worker's stdin, while direct writes are fine; its pipes.
         self._stdin: Any = None
@@ -226,14 +226,14 @@ class _Worker:
 
     def hung(self) -> None:
         """Busy on one request for longer than the timeout (the pool's sweep decides)."""
-        if self.hang_killed:
+        if self.killing:
             return
-        self.hang_killed = True
         log.error("signing worker {pid} busy for more than {timeout} s; killing it",
                   pid=self.pid, timeout=self.pool.timeout)
         self.kill()
 
     def kill(self) -> None:
+        self.killing = True
         if self.transport is not None and self.state != "dead":
             try:
                 self.transport.signalProcess("KILL")
@@ -252,6 +252,8 @@ class _Worker:
         self.hang_timer = None
 
     def received(self, message: wire.Frame) -> None:
+        if self.killing:
+            return  # ended() settles what it holds
         if self.state == "starting":
             self._cancel_timer()
             if isinstance(message, dict) and message.get("ok") is True:
@@ -566,7 +568,7 @@ class TokenPool:
     def _idle_worker(self) -> _Worker | None:
         """A ready worker running nothing."""
         for worker in self._live:
-            if worker.state == "ready" and not worker.requests:
+            if worker.state == "ready" and not worker.requests and not worker.killing:
                 return worker
         return None
 
@@ -574,8 +576,9 @@ class TokenPool:
         """The ready worker with the fewest requests in its pipe, if it has room."""
         best = None
         for worker in self._live:
-            if worker.state == "ready" and (best is None or
-                                            len(worker.requests) < len(best.requests)):
+            if worker.state != "ready" or worker.killing:
+                continue
+            if best is None or len(worker.requests) < len(best.requests):
                 best = worker
         if best is None or len(best.requests) >= self.pipeline:
             return None
@@ -621,7 +624,7 @@ class TokenPool:
                 stuck_at = worker.busy_since + self.timeout
                 if stuck_at <= now:
                     worker.hung()
-                elif not worker.hang_killed:
+                elif not worker.killing:
                     upcoming.append(stuck_at)
         for request in list(self._queue):
             if request.done:
