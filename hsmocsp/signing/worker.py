@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -117,7 +116,6 @@ class Token:
         self._session: Any = None
         self._lib: Any = None
         self._handles: dict[tuple[str | None, bytes | None, int], Any] = {}
-        self._direct: _DirectSign | None = None
 
     @property
     def where(self) -> str:
@@ -156,7 +154,6 @@ class Token:
                     raise Failure("error", f"PIN locked for {self.where}") from err
                 raise Failure("error", f"login failed on {self.where}: {name}") from err
         self._session = session
-        self._direct = _DirectSign.attach(self.module, session)
 
     def _find_slot(self, lib: Any) -> Any:
         slots = lib.getSlotList(tokenPresent=True)
@@ -239,8 +236,6 @@ class Token:
         for attempt in (1, 2):
             handle = self.private_key(label, key_id)
             try:
-                if self._direct is not None:
-                    return self._direct.sign(handle.value(), PyKCS11.CKM[mechanism], data)
                 return bytes(self._session.sign(handle, data, mech))
             except PyKCS11.PyKCS11Error as err:
                 name = _ckr_name(err)
@@ -292,90 +287,6 @@ class Token:
             raise _from_pkcs11(err, f"session check on {self.where}") from err
         if info.state not in (PyKCS11.CKS_RO_USER_FUNCTIONS, PyKCS11.CKS_RW_USER_FUNCTIONS):
             raise Failure("unavailable", f"session on {self.where} is not logged in", fatal=True)
-
-
-class _CkMechanism(ctypes.Structure):
-    _fields_ = (
-        ("mechanism", ctypes.c_ulong),
-        ("pParameter", ctypes.c_void_p),
-        ("ulParameterLen", ctypes.c_ulong),
-    )
-
-
-class _CkSessionInfo(ctypes.Structure):
-    _fields_ = (
-        ("slotID", ctypes.c_ulong),
-        ("state", ctypes.c_ulong),
-        ("flags", ctypes.c_ulong),
-        ("ulDeviceError", ctypes.c_ulong),
-    )
-
-
-class _DirectSign:
-    """C_SignInit + C_Sign called through ctypes on the session PyKCS11 opened.
-
-    Why: PyKCS11 returns the signature as a SWIG ``ckbytelist`` whose conversion
-    to bytes walks it element by element (~70 us for RSA-2048, measured: 10% of a
-    SoftHSM signature), and calls C_Sign twice. Here the signature lands in a
-    reusable buffer. ``dlopen`` of the module path PyKCS11 loaded returns the
-    same library instance, so its sessions and login are shared; :meth:`attach`
-    checks that with C_GetSessionInfo and returns None (PyKCS11 signs) whenever
-    anything about it is off. PKCS#11 on Unix: CK_ULONG is ``unsigned long``,
-    default structure packing.
-    """
-
-    def __init__(self, lib: ctypes.CDLL, session: int) -> None:
-        ulong = ctypes.c_ulong
-        self._sign_init = lib.C_SignInit
-        self._sign_init.argtypes = (ulong, ctypes.POINTER(_CkMechanism), ulong)
-        self._sign_init.restype = ulong
-        self._sign = lib.C_Sign
-        self._sign.argtypes = (ulong, ctypes.c_char_p, ulong, ctypes.c_char_p,
-                               ctypes.POINTER(ulong))
-        self._sign.restype = ulong
-        self._session = session
-        self._buffer = ctypes.create_string_buffer(1024)  # RSA-8192; grows if needed
-        self._length = ulong()
-        self._mechanisms: dict[int, _CkMechanism] = {}
-
-    @classmethod
-    def attach(cls, module: str, session: Any) -> _DirectSign | None:
-        try:
-            handle = int(session.session.value())
-            lib = ctypes.CDLL(module)
-            get_info = lib.C_GetSessionInfo
-            get_info.argtypes = (ctypes.c_ulong, ctypes.POINTER(_CkSessionInfo))
-            get_info.restype = ctypes.c_ulong
-            info = _CkSessionInfo()
-            if get_info(handle, ctypes.byref(info)) != 0:  # not the instance PyKCS11 uses
-                return None
-            import PyKCS11
-
-            if info.state not in (PyKCS11.CKS_RO_USER_FUNCTIONS, PyKCS11.CKS_RW_USER_FUNCTIONS):
-                return None
-            return cls(lib, handle)
-        except Exception:  # no such symbols, odd PyKCS11: the PyKCS11 path signs
-            return None
-
-    def sign(self, key: int, mechanism: int, data: bytes) -> bytes:
-        """The signature, or PyKCS11Error(CKR_...) as PyKCS11 would raise it."""
-        import PyKCS11
-
-        mech = self._mechanisms.get(mechanism)
-        if mech is None:
-            mech = self._mechanisms[mechanism] = _CkMechanism(mechanism, None, 0)
-        rv = self._sign_init(self._session, ctypes.byref(mech), key)
-        if rv != 0:
-            raise PyKCS11.PyKCS11Error(rv)
-        self._length.value = len(self._buffer)
-        rv = self._sign(self._session, data, len(data), self._buffer, ctypes.byref(self._length))
-        if rv == PyKCS11.CKR_BUFFER_TOO_SMALL:  # the operation stays active: retry bigger
-            self._buffer = ctypes.create_string_buffer(self._length.value)
-            rv = self._sign(self._session, data, len(data), self._buffer,
-                            ctypes.byref(self._length))
-        if rv != 0:
-            raise PyKCS11.PyKCS11Error(rv)
-        return self._buffer.raw[: self._length.value]
 
 
 def _rsa_spki(modulus: bytes, exponent: bytes, what: str) -> bytes:
