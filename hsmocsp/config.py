@@ -63,6 +63,7 @@ class TokenConfig:
     workers: int
     max_queue: int
     sign_timeout: float
+    pipeline: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +284,7 @@ def _token(file: Path, name: str, data: Any) -> TokenConfig:
         workers=r.integer("workers", 2, minimum=1),
         max_queue=r.integer("max_queue", 1000, minimum=1),
         sign_timeout=r.number("sign_timeout", 10.0, minimum=0.1),
+        pipeline=r.integer("pipeline", 2, minimum=1),
     )
     r.finish()
     return token

@@ -113,6 +113,7 @@ class ResponderService(service.MultiService):
                 workers=token.workers,
                 max_queue=token.max_queue,
                 timeout=token.sign_timeout,
+                pipeline=token.pipeline,
                 # The workers get the PIN on stdin; they need not inherit it.
                 env_drop=(token.pin.env,) if token.pin.env else (),
                 reactor=self.reactor,
