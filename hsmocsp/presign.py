@@ -54,6 +54,11 @@ class Presigner:
         self._loop: LoopingCall | None = None
         self.signed = 0
         self.failed = 0
+        self._tokens = 0.0
+        self._last = clock.seconds()
+        self._pumping = False
+        self._again = False
+        self._issuer_hashes: dict[tuple[x509.Certificate, str], tuple[bytes, bytes]] = {}
         handle.source.on_change(self._changed)
 
     def start(self) -> None:
@@ -102,10 +107,35 @@ class Presigner:
         return None
 
     def _tick(self) -> None:
-        budget = max(1, int(self.rate * 0.1 + 0.5))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start signatures while the rate, the concurrency and the live backlog allow.
+
+        Called every tick and whenever a signature finishes, so pre-signing keeps the
+        workers busy at up to ``rate`` per second instead of one signature per tick.
+        Re-entrant calls (a signer that answers synchronously) just ask for another loop.
+        """
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._fill()
+        finally:
+            self._pumping = False
+
+    def _fill(self) -> None:
+        now = self._clock.seconds()
+        burst = max(1.0, self.rate * 0.1)
+        self._tokens = min(burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
         examined = 0
         while (
-            budget > 0
+            self._tokens >= 1
             and self._in_flight < self.concurrency
             and self._backlog() == 0
             and examined < 10_000
@@ -117,11 +147,18 @@ class Presigner:
             issuer, serial = item
             for alg in self.hashes:
                 if self._sign(issuer, serial, alg):
-                    budget -= 1
+                    self._tokens -= 1
+
+    def _hashes(self, issuer: x509.Certificate, alg: str) -> tuple[bytes, bytes]:
+        key = (issuer, alg)
+        hit = self._issuer_hashes.get(key)
+        if hit is None:
+            hit = self._issuer_hashes[key] = issuer_hashes(issuer, alg)
+        return hit
 
     def _sign(self, issuer: x509.Certificate, serial: int, alg: str) -> bool:
         """Start signing ``serial`` unless a fresh response is already cached."""
-        name_hash, key_hash = issuer_hashes(issuer, alg)
+        name_hash, key_hash = self._hashes(issuer, alg)
         cid = make_cert_id(alg, name_hash, key_hash, serial)
         cached = self.handle.cache.peek(cid.der)
         if cached is not None and self._clock.seconds() < cached.refresh_at:
@@ -139,6 +176,8 @@ class Presigner:
                 self.signed += 1
             else:
                 self.failed += 1
+            if self._loop is not None and self._loop.running:
+                self._pump()
 
         result.addBoth(done)
         return True

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from hsmocsp.cache import ResponseCache
 from hsmocsp.errors import (
+    HsmOcspError,
     MalformedRequest,
     ResponderCertError,
     SignerUnavailable,
@@ -236,29 +237,47 @@ class Handle:
 
     # --- answering -----------------------------------------------------------------
 
-    def respond_der(self, der: bytes) -> Deferred[SignedResponse] | SignedResponse:
-        """Answer the DER of an OCSPRequest; the hot path for repeated requests."""
+    def _memo(self, der: bytes) -> tuple[CertID, x509.Certificate] | OCSPRequestInfo:
+        """What these request bytes ask: for a cacheable single-CertID request, the CertID
+        and its issuer (remembered, so a repeat costs one dict lookup); else the request.
+
+        Raises MalformedRequest / UnknownIssuer like :func:`parse_request` and
+        :meth:`issuer_for`.
+        """
         memo = self._parsed.get(der)
         if memo is not None:
-            cid, issuer = memo
-            return self.cache.get(cid.der, cid.serial, lambda: self._produce([cid], [issuer], None))
+            return memo
         request = parse_request(der)
         if len(request.cert_ids) == 1 and (request.nonce is None or self.nonce_policy == "ignore"):
             cid = request.cert_ids[0]
-            issuer = self.issuer_for(cid)
+            memo = (cid, self.issuer_for(cid))
             if len(self._parsed) >= self.max_memo:
                 self._parsed.clear()
-            self._parsed[der] = (cid, issuer)
-        return self.respond(request)
+            self._parsed[der] = memo
+            return memo
+        return request
+
+    def respond_der(self, der: bytes) -> Deferred[SignedResponse] | SignedResponse:
+        """Answer the DER of an OCSPRequest; the hot path for repeated requests."""
+        memo = self._memo(der)
+        if isinstance(memo, OCSPRequestInfo):
+            return self.respond(memo)
+        cid, issuer = memo
+        return self.cache.get(cid.der, cid.serial, lambda: self._produce([cid], [issuer], None))
 
     def cached_response(self, der: bytes) -> SignedResponse | None:
-        """The cached answer to these exact request bytes, or None; never starts work.
+        """The cached answer to these request bytes, or None; never starts a signature.
 
-        This is what the HTTP fast path asks: two dict lookups, no parsing. A response
-        past its refresh point is still returned (and its refresh started) until it expires.
+        This is what the HTTP fast path asks. Bytes seen before cost two dict lookups;
+        new bytes are parsed once (a few microseconds for the usual shape), so a response
+        made by pre-signing is served fast on its first request too. A response past its
+        refresh point is still returned (and its refresh started) until it expires.
         """
-        memo = self._parsed.get(der)
-        if memo is None:
+        try:
+            memo = self._memo(der)
+        except HsmOcspError:
+            return None  # the full path answers with the right OCSP status
+        if isinstance(memo, OCSPRequestInfo):
             return None
         cid, issuer = memo
         if self.cache.peek(cid.der) is None:

@@ -90,3 +90,41 @@ def _wait(box: list[object]) -> None:
     while not box and time.monotonic() < deadline:
         reactor.iterate(0.01)  # type: ignore[attr-defined]
     assert box and not hasattr(box[0], "getTraceback"), box
+
+
+def test_presign_keeps_workers_busy_beyond_one_per_tick() -> None:
+    """A finished signature starts the next one at once (the rate, not the tick, limits)."""
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, source, signer = make(clock)
+    for serial in range(10, 210):
+        source.statuses[serial] = CertStatus.good()
+    signer.hold = True
+    presigner = Presigner(handle, clock=clock, rate=10_000, concurrency=2)
+    presigner.start()
+    clock.advance(0.1)
+    assert signer.calls == 2  # concurrency 2: two in flight
+    for _ in range(10):  # within one tick, each completion starts the next signature
+        signer.release()
+    assert presigner.signed >= 19 and signer.calls >= 21
+    presigner.stop()
+
+
+def test_presigned_response_is_served_by_the_fast_path_on_first_request() -> None:
+    from hsmocsp.web.app import OCSPApp
+    from hsmocsp.web.fastpath import FastSite
+
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, _, signer = make(clock)
+    presigner = Presigner(handle, clock=clock, rate=100)
+    presigner.start()
+    clock.advance(1)
+    assert signer.calls == 2
+    site = FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds)
+    answer = site.answer(
+        b"POST", b"/ocsp", b"HTTP/1.1", {b"content-type": b"application/ocsp-request"},
+        request_for(2),
+    )  # fmt: skip
+    assert answer is not None and site.fast_answers == 1 and signer.calls == 2
+    presigner.stop()
