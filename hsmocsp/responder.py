@@ -16,7 +16,13 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    FirstError,
+    gatherResults,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -334,9 +340,11 @@ class Handle:
                 self.cache.put(key, serial, response)
                 kept += 1
 
+        # Bounded: a Vault source answers each lookup over HTTP.
+        limit = DeferredSemaphore(32)
         lookups = []
         for row in rows:
-            d = self.source.status(issuer, row[1])
+            d = limit.run(self.source.status, issuer, row[1])
             d.addCallback(check, row)
             d.addErrback(lambda _: None)  # unreachable source: the row is simply not restored
             lookups.append(d)
