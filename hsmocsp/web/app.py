@@ -29,6 +29,9 @@ from hsmocsp.web.metrics import Metrics
 
 log = Logger()
 
+#: What a request comes to: signed bytes, or an OCSP error status.
+Outcome = SignedResponse | ResponseStatus
+
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"
 NO_CACHE = b"max-age=0, no-cache, no-store"
@@ -135,67 +138,88 @@ class OCSPApp:
             return self._error(handle, request, ResponseStatus.malformedRequest, str(err), "GET")
         return self._answer(handle, request, der, "GET")
 
-    def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
+    def outcome(self, handle: Handle, der: bytes) -> Outcome | Deferred[Outcome]:
+        """What to answer to request bytes: a signed response or an OCSP error status.
+
+        The one place (with :func:`ocsp_status_for`) where failures become statuses; the
+        twisted.web route and the fast path both render what it returns. The Deferred it
+        may return is a new one: a client that goes away cancels it, never the shared
+        signing behind it.
+        """
         try:
             result = handle.respond_der(der)
         except HsmOcspError as err:
-            return self._error(handle, request, ocsp_status_for(Failure(err)), str(err), method)
+            return ocsp_status_for(Failure(err))
         if isinstance(result, SignedResponse):
-            return self._success(handle, request, result, method)
-        d: Deferred[Any] = Deferred()
+            return result
+        d: Deferred[Outcome] = Deferred()
 
         def ok(response: SignedResponse) -> None:
             if not d.called:
-                d.callback(self._success(handle, request, response, method))
+                d.callback(response)
 
         def failed(failure: Failure) -> None:
             status = ocsp_status_for(failure)
             if status == ResponseStatus.internalError:
                 log.failure("handle {handle}: internal error", failure, handle=handle.name)
             if not d.called:
-                d.callback(self._error(handle, request, status, failure.getErrorMessage(), method))
+                d.callback(status)
 
-        # The shared work must survive a client that disconnects: Klein cancels the
-        # Deferred we return, not the one the cache/signer is working on.
         result.addCallbacks(ok, failed)
         return d
 
-    def _success(
-        self, handle: Handle, request: IRequest, response: SignedResponse, method: str
-    ) -> bytes:
-        self.metrics.response(handle.name, "successful", method)
-        request.setHeader(b"Content-Type", OCSP_RESPONSE)
-        if response.cacheable:
-            max_age = handle.max_age_for(response)
-            request.setHeader(
-                b"Cache-Control",
-                b"max-age=%d, public, no-transform, must-revalidate" % max_age,
-            )
-            request.setHeader(b"Last-Modified", _http_date(response.this_update))
-            request.setHeader(b"Expires", _http_date(response.next_update))
-            request.setHeader(b"ETag", response.etag.encode("ascii"))
-            if request.getHeader(b"if-none-match") == response.etag.encode("ascii"):
-                request.setResponseCode(304)
-                return b""
+    def render(
+        self, handle: Handle, outcome: Outcome, method: str, if_none_match: bytes | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """HTTP status, headers and body for an outcome (RFC 5019 headers when cacheable)."""
+        if isinstance(outcome, ResponseStatus):
+            self.metrics.response(handle.name, outcome.name, method)
+            body = error_response(outcome)
+            headers = [(b"Cache-Control", NO_CACHE)]
         else:
-            request.setHeader(b"Cache-Control", NO_CACHE)
+            self.metrics.response(handle.name, "successful", method)
+            body = outcome.der
+            if outcome.cacheable:
+                etag = outcome.etag.encode("ascii")
+                headers = [
+                    (
+                        b"Cache-Control",
+                        b"max-age=%d, public, no-transform, must-revalidate"
+                        % handle.max_age_for(outcome),
+                    ),
+                    (b"Last-Modified", _http_date(outcome.this_update)),
+                    (b"Expires", _http_date(outcome.next_update)),
+                    (b"ETag", etag),
+                ]
+                if if_none_match == etag:
+                    return 304, headers, b""
+            else:
+                headers = [(b"Cache-Control", NO_CACHE)]
         # An explicit length: some OCSP clients do not read chunked responses.
-        request.setHeader(b"Content-Length", b"%d" % len(response.der))
-        return response.der
+        headers += [(b"Content-Type", OCSP_RESPONSE), (b"Content-Length", b"%d" % len(body))]
+        return 200, headers, body
+
+    def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
+        result = self.outcome(handle, der)
+        if isinstance(result, Deferred):
+            return result.addCallback(lambda o: self._write(handle, request, o, method))
+        return self._write(handle, request, result, method)
+
+    def _write(self, handle: Handle, request: IRequest, outcome: Outcome, method: str) -> bytes:
+        code, headers, body = self.render(
+            handle, outcome, method, request.getHeader(b"if-none-match")
+        )
+        request.setResponseCode(code)
+        for name, value in headers:
+            request.setHeader(name, value)
+        return body
 
     def _error(
         self, handle: Handle, request: IRequest, status: ResponseStatus, why: str, method: str
     ) -> bytes:
-        self.metrics.response(handle.name, status.name, method)
-        if status != ResponseStatus.internalError:
-            log.debug(
-                "handle {handle}: {status}: {why}", handle=handle.name, status=status.name, why=why
-            )
-        request.setHeader(b"Content-Type", OCSP_RESPONSE)
-        request.setHeader(b"Cache-Control", NO_CACHE)
-        body = error_response(status)
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+        log.debug("handle {handle}: {status}: {why}", handle=handle.name, status=status.name,
+                  why=why)
+        return self._write(handle, request, status, method)
 
     # --- published files -----------------------------------------------------------
 
