@@ -1,16 +1,19 @@
-"""The cached-response fast path: answer repeated OCSP requests straight from bytes.
+"""The OCSP fast path: answer OCSP POST/GET requests without twisted.web's machinery.
 
 Measured (docs/performance.md): with every answer cached, ~90 % of the reactor's
 time went to twisted.web's request machinery and Klein's routing, not to OCSP.
-An OCSP request that hits the cache needs none of it: the bytes of the request
-are the cache key, the response bytes are ready, only a few headers change.
+An OCSP request needs none of it: the bytes of the request are the cache key,
+the response bytes are ready, only a few headers change.
 
-:class:`FastChannel` reads the request head and body itself. When the request is
-a POST or GET for a handle and its exact bytes are cached, it writes the answer
-directly. Anything else (a miss, a nonce, another path, an odd header, HEAD,
-chunked bodies, If-None-Match) is handed, with every byte read so far, to a
-normal twisted.web ``HTTPChannel`` that then owns the connection for good; so the
-full path stays the one place with all of HTTP's corner cases.
+:class:`FastChannel` reads the request head and body itself. A plain POST or GET
+for a handle is answered here: a cached answer at once from prepared header
+bytes; anything else (a miss, a nonce, a malformed request) through
+:meth:`OCSPApp.outcome`, the same decision the Klein route makes, written when
+it is ready and in request order. Everything that is not a plain OCSP request
+(another path, HEAD, odd or duplicate headers, chunked bodies, If-None-Match,
+oversized bodies) is handed, with every byte read so far, to a normal
+twisted.web ``HTTPChannel`` that then owns the connection for good; so the full
+path stays the one place with all of HTTP's corner cases.
 """
 
 from __future__ import annotations
@@ -19,20 +22,27 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from twisted.web.server import Site
 
 from hsmocsp.errors import MalformedRequest
 from hsmocsp.ocsp.request import decode_get_path
 from hsmocsp.responder import Handle, SignedResponse
-from hsmocsp.web.app import OCSPApp
+from hsmocsp.web.app import OCSPApp, Outcome
 
 #: A request head larger than this is not an OCSP request we answer fast.
 MAX_HEAD = 8192
 IDLE_TIMEOUT = 60
+#: Bytes a client may send ahead while a response is being signed.
+MAX_PIPELINED = 65536
+
+log = Logger()
 
 
 class FastSite(Site):
@@ -53,6 +63,7 @@ class FastSite(Site):
         self._date_second = -1
         self._date = b""
         self.fast_answers = 0
+        self.full_answers = 0
         self.handed_over = 0
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
@@ -65,8 +76,9 @@ class FastSite(Site):
     def answer(
         self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
         body: bytes,
-    ) -> tuple[bytes, bool] | None:  # fmt: skip
-        """The whole HTTP response and whether to keep the connection, or None to decline."""
+    ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
+        """The whole HTTP response (now or later) and whether to keep the connection,
+        or None to decline (twisted.web then takes the connection)."""
         path = target.split(b"?", 1)[0]
         handle: Handle | None = None
         if method == b"POST":
@@ -92,17 +104,43 @@ class FastSite(Site):
             return None
         if b"if-none-match" in headers:
             return None
-        response = handle.cached_response(der)
-        if response is None or not response.cacheable:
-            return None
         connection = headers.get(b"connection", b"").lower()
         if version == b"HTTP/1.1":
             keep = connection != b"close"
         else:
             keep = connection == b"keep-alive"
-        self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
-        self.fast_answers += 1
-        return self._render(handle, response, version, keep), keep
+        response = handle.cached_response(der)
+        if response is not None and response.cacheable:
+            self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
+            self.fast_answers += 1
+            return self._render(handle, response, version, keep), keep
+        # Not cached (a miss, a nonce, an error): the app decides, we write it.
+        self.full_answers += 1
+        outcome = self.app.outcome(handle, der)
+        name = method.decode("ascii")
+        if isinstance(outcome, Deferred):
+            return outcome.addCallback(self._render_outcome, handle, name, version, keep), keep
+        return self._render_outcome(outcome, handle, name, version, keep), keep
+
+    def _render_outcome(
+        self, outcome: Outcome, handle: Handle, method: str, version: bytes, keep: bool
+    ) -> bytes:
+        code, headers, body = self.app.render(handle, outcome, method)
+        lines = [b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"OK"))]
+        lines += [b"%s: %s\r\n" % header for header in headers]
+        lines.append(b"Date: " + self._http_now() + b"\r\n")
+        lines.append(_connection_header(version, keep))
+        lines.append(b"\r\n")
+        lines.append(body)
+        return b"".join(lines)
+
+    def _http_now(self) -> bytes:
+        now = self._now()
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date = _http_date(now)
+        return self._date
 
     def _render(
         self, handle: Handle, response: SignedResponse, version: bytes, keep: bool
@@ -122,25 +160,24 @@ class FastSite(Site):
                     response.etag.encode("ascii"),
                 )
             )
-        now = self._now()
-        second = int(now)
-        if second != self._date_second:
-            self._date_second = second
-            self._date = _http_date(now)
-        if version == b"HTTP/1.1":
-            connection = b"" if keep else b"Connection: close\r\n"
-        else:
-            connection = b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n"
+        date = self._http_now()
+        connection = _connection_header(version, keep)
         return b"".join((
             version, b" 200 OK\r\n", static,
             b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
             % handle.max_age_for(response),
-            b"Date: ", self._date, b"\r\n", connection, b"\r\n", response.der,
+            b"Date: ", date, b"\r\n", connection, b"\r\n", response.der,
         ))  # fmt: skip
 
 
 def _http_date(seconds: float) -> bytes:
     return formatdate(seconds, usegmt=True).encode("ascii")
+
+
+def _connection_header(version: bytes, keep: bool) -> bytes:
+    if version == b"HTTP/1.1":
+        return b"" if keep else b"Connection: close\r\n"
+    return b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n"
 
 
 class FastChannel(Protocol, TimeoutMixin):
@@ -152,6 +189,9 @@ class FastChannel(Protocol, TimeoutMixin):
         self._buf = b""
         self._delegate: Any = None
         self._closing = False
+        self._waiting = False
+        self._paused = False
+        self._lost = False
 
     def connectionMade(self) -> None:
         self.setTimeout(IDLE_TIMEOUT)
@@ -162,8 +202,13 @@ class FastChannel(Protocol, TimeoutMixin):
             return
         if self._closing:
             return
-        self.resetTimeout()
         self._buf += data
+        if self._waiting:
+            if len(self._buf) > MAX_PIPELINED and self.transport is not None and not self._paused:
+                self._paused = True  # a client pipelining far ahead waits for us
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            return
+        self.resetTimeout()
         while self._buf:
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
@@ -188,13 +233,42 @@ class FastChannel(Protocol, TimeoutMixin):
                 return
             response, keep = result
             self._buf = self._buf[total:]
-            assert self.transport is not None
-            self.transport.write(response)
-            if not keep:
-                self._closing = True
+            if isinstance(response, Deferred):
+                # Answer in order: read nothing more until this response is written.
+                self._waiting = True
                 self.setTimeout(None)
-                self.transport.loseConnection()
+                response.addCallback(self._deliver, keep).addErrback(self._broken)
                 return
+            if not self._write(response, keep):
+                return
+
+    def _write(self, response: bytes, keep: bool) -> bool:
+        """Write one response; False when the connection is closing."""
+        assert self.transport is not None
+        self.transport.write(response)
+        if not keep:
+            self._closing = True
+            self.setTimeout(None)
+            self.transport.loseConnection()
+            return False
+        return True
+
+    def _deliver(self, response: bytes, keep: bool) -> None:
+        self._waiting = False
+        if self._lost:
+            return
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._write(response, keep):
+            self.setTimeout(IDLE_TIMEOUT)
+            if self._buf:
+                self.dataReceived(b"")
+
+    def _broken(self, failure: Failure) -> None:
+        log.failure("fast path: cannot write a response", failure)
+        if not self._lost and self.transport is not None:
+            self.transport.loseConnection()
 
     def _hand_over(self) -> None:
         self.site.handed_over += 1
@@ -206,6 +280,7 @@ class FastChannel(Protocol, TimeoutMixin):
         delegate.dataReceived(buf)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._lost = True
         self.setTimeout(None)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
