@@ -532,7 +532,7 @@ http {{
             print(f"  raw SoftHSM {n} {noun}: {rate:,.0f} sig/s", flush=True)
 
     def cache_miss(self) -> None:
-        expected = 1500 * self.args.duration + 2000  # generous: rate x time, plus slack
+        expected = 5000 * self.args.duration + 2000  # generous: rate x time, plus slack
         offset = 0x100_0000_0000 if self.suffix else 0
         for n, base in ((1, 0x5EED_0000_0000 + offset), (2, 0x5EED_1000_0000 + offset)):
             reqs = unknown_requests(self.request, base, int(expected))
