@@ -11,11 +11,33 @@ import pytest
 from hsmocsp.devpki.opensslca import DevPki, build_level1
 from tests.integration.harness import Responder
 
+SOFTHSM_PIN = "1234"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A SoftHSM token "T" (PIN 1234) with keys rsa (01), p256 (02), p384 (03);
+    SOFTHSM2_CONF points at it while the module runs (the signing workers inherit it)."""
+    from tests.integration.softhsm_helpers import gen_keypair, init_token
+
+    directory = tmp_path_factory.mktemp("softhsm")
+    conf = init_token(directory, "T", SOFTHSM_PIN, "5678")
+    gen_keypair(conf, "rsa", "01", "rsa:2048")
+    gen_keypair(conf, "p256", "02", "EC:prime256v1")
+    gen_keypair(conf, "p384", "03", "EC:secp384r1")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    yield conf
+    if old is None:
+        del os.environ["SOFTHSM2_CONF"]
+    else:
+        os.environ["SOFTHSM2_CONF"] = old
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from hsmocsp.signing.algorithms import (
 )
 from hsmocsp.signing.pkcs11 import Pkcs11Signer
 from hsmocsp.signing.pool import KeyRef, TokenPool
+from tests.integration.conftest import SOFTHSM_PIN
 
 try:
     from tests.integration.softhsm_helpers import (
@@ -43,29 +43,17 @@ pytestmark = [
     pytest.mark.skipif(not softhsm_available(), reason="softhsm2/pkcs11-tool not installed"),
 ]
 
-PIN = "1234"
+PIN = SOFTHSM_PIN  # the conftest token fixture's
 DATA = b"tbsResponseData stand-in \x00\x01\x02" * 20
-
-
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    directory = tmp_path_factory.mktemp("softhsm")
-    conf = init_token(directory, "T", PIN, "5678")
-    gen_keypair(conf, "rsa", "01", "rsa:2048")
-    gen_keypair(conf, "p256", "02", "EC:prime256v1")
-    gen_keypair(conf, "p384", "03", "EC:secp384r1")
-    old = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(conf)  # the workers inherit it
-    yield conf
-    if old is None:
-        del os.environ["SOFTHSM2_CONF"]
-    else:
-        os.environ["SOFTHSM2_CONF"] = old
 
 
 def make_pool(**kwargs: Any) -> TokenPool:
     options: dict[str, Any] = {
-        "module": SOFTHSM_MODULE, "token_label": "T", "slot": None, "pin": PIN, "workers": 2,
+        "module": SOFTHSM_MODULE,
+        "token_label": "T",
+        "slot": None,
+        "pin": PIN,
+        "workers": 2,
     }
     options.update(kwargs)
     return TokenPool(**options)
@@ -352,9 +340,22 @@ def change_pin(conf: Path, token_label: str, old: str, new: str) -> None:
     import subprocess
 
     subprocess.run(
-        ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", token_label,
-         "--login", "--pin", old, "--change-pin", "--new-pin", new],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
+        [
+            "pkcs11-tool",
+            "--module",
+            SOFTHSM_MODULE,
+            "--token-label",
+            token_label,
+            "--login",
+            "--pin",
+            old,
+            "--change-pin",
+            "--new-pin",
+            new,
+        ],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        check=True,
+        capture_output=True,
         timeout=60,
     )
 

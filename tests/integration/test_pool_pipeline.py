@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,51 +24,26 @@ from hsmocsp.errors import SignerError, SignerUnavailable
 from hsmocsp.signing.pool import KeyRef, TokenPool
 
 try:
-    from tests.integration.softhsm_helpers import (
-        SOFTHSM_MODULE,
-        gen_keypair,
-        init_token,
-        softhsm_available,
-    )
+    from tests.integration.softhsm_helpers import softhsm_available
 except ImportError:  # tests/ not a package: rootdir-less "prepend" import mode
     from softhsm_helpers import (  # type: ignore[no-redef,import-not-found,unused-ignore]
-        SOFTHSM_MODULE,
-        gen_keypair,
-        init_token,
         softhsm_available,
     )
+
+from tests.integration.test_pkcs11_pool import make_pool as _make_pool
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not softhsm_available(), reason="softhsm2/pkcs11-tool not installed"),
 ]
 
-PIN = "1234"
 RSA = KeyRef(label="rsa")
 EC = KeyRef(key_id=b"\x02")
 
 
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    directory = tmp_path_factory.mktemp("softhsm")
-    conf = init_token(directory, "T", PIN, "5678")
-    gen_keypair(conf, "rsa", "01", "rsa:2048")
-    gen_keypair(conf, "p256", "02", "EC:prime256v1")
-    old = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(conf)  # the workers inherit it
-    yield conf
-    if old is None:
-        del os.environ["SOFTHSM2_CONF"]
-    else:
-        os.environ["SOFTHSM2_CONF"] = old
-
-
 def make_pool(**kwargs: Any) -> TokenPool:
-    options: dict[str, Any] = {
-        "module": SOFTHSM_MODULE, "token_label": "T", "slot": None, "pin": PIN, "workers": 1,
-    }
-    options.update(kwargs)
-    return TokenPool(**options)
+    """One worker unless a test asks for more: pipelining is per worker."""
+    return _make_pool(**{"workers": 1, **kwargs})
 
 
 async def sleep(seconds: float) -> None:
@@ -115,8 +89,11 @@ async def test_many_concurrent_signatures_each_match_their_data(token: Path) -> 
         assert isinstance(ec_public, ec.EllipticCurvePublicKey)
         data = [os.urandom(50 + i) for i in range(60)]
         pending = [
-            pool.sign(RSA if i % 2 else EC, "CKM_SHA256_RSA_PKCS" if i % 2 else "CKM_ECDSA",
-                      d if i % 2 else hashlib.sha256(d).digest())
+            pool.sign(
+                RSA if i % 2 else EC,
+                "CKM_SHA256_RSA_PKCS" if i % 2 else "CKM_ECDSA",
+                d if i % 2 else hashlib.sha256(d).digest(),
+            )
             for i, d in enumerate(data)
         ]
         results = await defer.gatherResults(pending)
