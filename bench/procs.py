@@ -19,19 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsmocsp.devpki.bao import free_port
+
 __all__ = ["Child", "Children", "StartError", "free_port", "http", "wait_http", "wait_tcp"]
 
 
 class StartError(RuntimeError):
     """A server did not start or did not become ready in time."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http(
