@@ -15,7 +15,7 @@ BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test deps venv devpki lint bench clean distclean
+.PHONY: run test deps venv devpki lint bench bench-slow clean distclean
 
 deps: .deps.stamp
 .deps.stamp: Makefile
@@ -55,6 +55,10 @@ bench: venv
 	done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
 	$(BIN)/python -m bench.compare
+
+# The slow-signer pass (RSA-4096 key, 100k-serial index, pre-signing, restart): ~8 minutes.
+bench-slow: bench
+	$(BIN)/python -m bench.compare --only slow
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
