@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from hsmocsp.errors import SignerError, SignerUnavailable
 from hsmocsp.signing.pool import KeyRef, TokenPool
@@ -30,6 +30,7 @@ except ImportError:  # tests/ not a package: rootdir-less "prepend" import mode
         softhsm_available,
     )
 
+from tests.integration.test_pkcs11_pool import expect, wait_for
 from tests.integration.test_pkcs11_pool import make_pool as _make_pool
 
 pytestmark = [
@@ -44,26 +45,6 @@ EC = KeyRef(key_id=b"\x02")
 def make_pool(**kwargs: Any) -> TokenPool:
     """One worker unless a test asks for more: pipelining is per worker."""
     return _make_pool(**{"workers": 1, **kwargs})
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(predicate: Any, what: str) -> None:
-    for _ in range(600):
-        if predicate():
-            return
-        await sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
-async def expect(d: defer.Deferred[Any], exc_type: type[Exception]) -> Exception:
-    try:
-        await d
-    except exc_type as err:
-        return err
-    raise AssertionError(f"expected {exc_type.__name__}")
 
 
 def gone(pid: int) -> bool:
