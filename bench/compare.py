@@ -271,9 +271,9 @@ class Bench:
         connections: int | None = None,
     ) -> WrkResult:  # fmt: skip
         conns = connections or self.args.connections
-        if wrapper is None:
-            return run_wrk(url, script, self.args.duration, conns, self.args.threads)
-        return _wrapped_wrk(wrapper, url, script, self.args.duration, conns, self.args.threads)
+        return run_wrk(
+            url, script, self.args.duration, conns, self.args.threads, wrapper=wrapper or ()
+        )
 
     @property
     def devpki(self) -> DevPki:
@@ -688,24 +688,6 @@ http {{
             raise BenchError(f"index_load exited {proc.returncode}: {proc.stderr[-300:]}")
         self.report.extra["index_load"] = proc.stdout.strip()
         print(proc.stdout)
-
-
-def _wrapped_wrk(
-    wrapper: list[str], url: str, script: Path, duration: float, connections: int, threads: int
-) -> WrkResult:
-    """wrk inside another network namespace (``nsenter``); same parsing as :func:`run_wrk`."""
-    from bench.wrk import parse_output
-
-    secs = max(1, round(duration))
-    cmd = [*wrapper, "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{secs}s",
-           "--timeout", "5s", "-s", str(script), url]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
-    except subprocess.TimeoutExpired as err:
-        raise WrkError(f"wrk did not finish within {secs + 30}s") from err
-    if proc.returncode != 0:
-        raise WrkError(f"wrk exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    return parse_output(proc.stdout)
 
 
 def _post_in_ns(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,8 +189,13 @@ def run_wrk(
     connections: int,
     threads: int = 1,
     timeout_s: float = 5.0,
+    wrapper: Sequence[str] = (),
 ) -> WrkResult:
-    """Run wrk against ``url`` (loopback only) with ``script``; bounded by a hard timeout."""
+    """Run wrk against ``url`` (loopback only) with ``script``; bounded by a hard timeout.
+
+    ``wrapper`` prefixes the command, e.g. ``nsenter`` into the network namespace of a
+    server that cannot bind loopback only (``openssl ocsp``).
+    """
     if not url.startswith(("http://127.0.0.1:", "http://[::1]:", "http://localhost:")):
         raise WrkError(f"refusing a non-loopback target {url}")
     binary = shutil.which("wrk")
@@ -197,7 +203,7 @@ def run_wrk(
         raise WrkError("wrk not found: install the Debian package 'wrk'")
     secs = max(1, round(duration))
     cmd = [
-        binary, "-t", str(threads), "-c", str(max(connections, threads)),
+        *wrapper, binary, "-t", str(threads), "-c", str(max(connections, threads)),
         "-d", f"{secs}s", "--timeout", f"{timeout_s:g}s", "-s", str(script), url,
     ]  # fmt: skip
     try:
