@@ -167,25 +167,21 @@ _KINDS = {
 }
 
 
+def _logged_in(conf: Path, module: str, pin: str, token_label: str, *args: str) -> bytes:
+    """``pkcs11-tool`` logged in as user on ``token_label``; the PIN goes via the environment."""
+    return run(
+        ["pkcs11-tool", "--module", module, "--token-label", token_label,
+         "--login", "--pin", f"env:{PIN_ENV}", *args],
+        env=env_with(conf, **{PIN_ENV: pin}),
+        secrets=(pin,),
+    )  # fmt: skip
+
+
 def list_objects(
     conf: Path, module: str, pin: str, *, token_label: str = DEFAULT_TOKEN_LABEL
 ) -> list[TokenObject]:
     """Every object in the token, logged in (so private keys are listed too)."""
-    out = run(
-        [
-            "pkcs11-tool",
-            "--module",
-            module,
-            "--token-label",
-            token_label,
-            "--login",
-            "--pin",
-            f"env:{PIN_ENV}",
-            "--list-objects",
-        ],
-        env=env_with(conf, **{PIN_ENV: pin}),
-        secrets=(pin,),
-    )
+    out = _logged_in(conf, module, pin, token_label, "--list-objects")
     found: list[dict[str, str]] = []
     for line in out.decode("utf-8", "replace").splitlines():
         if line and not line[0].isspace():
@@ -242,27 +238,10 @@ def ensure_keypair(
                     f"{o.key_type}, expected id {key_id.lower()} type {family}"
                 )
         return
-    run(
-        [
-            "pkcs11-tool",
-            "--module",
-            module,
-            "--token-label",
-            token_label,
-            "--login",
-            "--pin",
-            f"env:{PIN_ENV}",
-            "--keypairgen",
-            "--key-type",
-            key_type,
-            "--id",
-            key_id,
-            "--label",
-            label,
-        ],
-        env=env_with(conf, **{PIN_ENV: pin}),
-        secrets=(pin,),
-    )
+    _logged_in(
+        conf, module, pin, token_label,
+        "--keypairgen", "--key-type", key_type, "--id", key_id, "--label", label,
+    )  # fmt: skip
 
 
 def public_key_der(
