@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hsmocsp.devpki.tools import terminate
+
 __all__ = ["BaoAPI", "BaoError", "BaoServer", "find_bao", "free_port", "main"]
 
 
@@ -341,14 +343,8 @@ class BaoServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the process (SIGTERM, then SIGKILL after ``timeout``); idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        if proc is not None:
+            terminate(proc, timeout)
 
     def __enter__(self) -> BaoServer:
         return self

@@ -34,7 +34,7 @@ from typing import Any
 
 from hsmocsp.devpki.bao import BaoError, find_bao
 from hsmocsp.devpki.opensslca import DevPki, build_level1
-from hsmocsp.devpki.tools import DevPkiError, MissingToolError, write_private
+from hsmocsp.devpki.tools import DevPkiError, MissingToolError, terminate, write_private
 from hsmocsp.devpki.vaultpki import VaultPki, build_vault_levels
 
 __all__ = ["PersistentBao", "check_commands", "main"]
@@ -223,12 +223,7 @@ class PersistentBao:
         proc, self._proc = self._proc, None
         adopted, self._adopted = self._adopted, None
         if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+            terminate(proc, timeout)
         elif adopted is not None:
             try:
                 os.kill(adopted, signal.SIGTERM)

@@ -106,3 +106,15 @@ def write_private(path: Path, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL after ``timeout`` seconds; then reap it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
