@@ -251,6 +251,13 @@ class SerialSet:
     def width(self) -> int:
         return self._width
 
+    def parts(self) -> tuple[bytes, int, frozenset[int]]:
+        """``(blob, width, negative)``: what the constructor takes, to rebuild elsewhere."""
+        return self._blob, self._width, self._negative
+
+    def __reduce__(self) -> tuple[type[SerialSet], tuple[bytes, int, frozenset[int]]]:
+        return SerialSet, self.parts()
+
     def __len__(self) -> int:
         return self._count + len(self._negative)
 

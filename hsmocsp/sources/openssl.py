@@ -3,8 +3,10 @@
 ``openssl ca`` keeps its database in ``index.txt`` and rewrites it by writing
 ``index.txt.new`` and renaming it over the old file (a new inode); other tools
 edit it in place. Either way we notice by polling ``(mtime_ns, size, inode)``
-every ``poll_interval`` seconds, and re-parse in a thread so that a
-million-line file never blocks the reactor. A new file replaces the current
+every ``poll_interval`` seconds, and re-parse the index in a child process
+(:mod:`hsmocsp.sources.indexproc`; a thread of ours would hold the GIL for
+hundreds of milliseconds on a million-line file) and the CRL in a thread, so
+that a reload never pauses serving. A new file replaces the current
 data only if it parsed completely; otherwise the last good data stays and
 the problem (file and line) is logged once. A file that fails is tried again
 at the next poll even when it looks unchanged (it may have been caught
@@ -25,8 +27,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cryptography import x509
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorProcess, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -34,15 +36,17 @@ from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.sources.crl import CRLInfo, load_crl
-from hsmocsp.sources.index import IndexData, parse_index_file
+from hsmocsp.sources.index import IndexData
+from hsmocsp.sources.indexproc import IndexSig, ProcessIndexReader
+from hsmocsp.sources.indexproc import read_index as read_index_now
 from hsmocsp.status import CertStatus
 
-__all__ = ["OpenSSLSource", "ThreadRunner"]
+__all__ = ["IndexReader", "OpenSSLSource", "ThreadRunner"]
 
 _T = TypeVar("_T")
 
 # (st_mtime_ns, st_size, st_ino): what tells us a file changed.
-_Sig = tuple[int, int, int]
+_Sig = IndexSig
 
 ChangeListener = Callable[[frozenset[int] | None], None]
 
@@ -53,18 +57,14 @@ class ThreadRunner(Protocol):
     def __call__(self, f: Callable[[], _T], /) -> Deferred[_T]: ...
 
 
+class IndexReader(Protocol):
+    """Reads and parses an index file; fails with :class:`SourceError`."""
+
+    def __call__(self, path: Path, /) -> Deferred[tuple[IndexData, _Sig]]: ...
+
+
 def _sig(st: os.stat_result) -> _Sig:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _read_index(path: Path) -> tuple[IndexData, _Sig]:
-    """Parse ``path`` streaming; the signature is taken from the open file."""
-    try:
-        with path.open("rb") as f:
-            sig = _sig(os.fstat(f.fileno()))
-            return parse_index_file(f, str(path)), sig
-    except OSError as err:
-        raise SourceError(f"{path}: cannot read: {err.strerror or err}") from err
 
 
 def _read_crl(path: Path, issuer: x509.Certificate) -> tuple[CRLInfo, _Sig]:
@@ -138,12 +138,14 @@ class _Outcome:
 class OpenSSLSource:
     """A :class:`~hsmocsp.sources.StatusSource` for one CA managed by ``openssl ca``.
 
-    ``reactor`` provides time (and the thread pool, if it is a real reactor);
-    ``run_in_thread`` overrides how parsing is taken off the reactor thread
-    (tests pass a synchronous runner; with a reactor that has no thread pool,
-    such as ``task.Clock``, parsing runs inline). ``max_changed`` caps the set
-    handed to change listeners: beyond it they get ``None`` ("anything may have
-    changed").
+    ``reactor`` provides time (and the thread pool and child processes, if
+    it is a real reactor); ``run_in_thread`` overrides how CRL parsing and
+    diffs are taken off the reactor thread (with a reactor that has no thread
+    pool, such as ``task.Clock``, they run inline); ``read_index`` overrides
+    how the index is parsed: by default in a child process when the reactor
+    can spawn one and no ``run_in_thread`` was given, else through
+    ``run_in_thread``. ``max_changed`` caps the set handed to change
+    listeners: beyond it they get ``None`` ("anything may have changed").
     """
 
     _log = Logger()
@@ -157,6 +159,7 @@ class OpenSSLSource:
         poll_interval: float = 2.0,
         reactor: IReactorTime | None = None,
         run_in_thread: ThreadRunner | None = None,
+        read_index: IndexReader | None = None,
         max_changed: int = 100_000,
     ) -> None:
         if reactor is None:
@@ -169,6 +172,18 @@ class OpenSSLSource:
         self._poll_interval = poll_interval
         self._max_changed = max_changed
         self._run = run_in_thread if run_in_thread is not None else _default_runner(reactor)
+        if read_index is None:
+            if run_in_thread is None and IReactorProcess.providedBy(reactor):
+                read_index = ProcessIndexReader(reactor, self._run)
+            else:
+                runner = self._run
+
+                def read_index(path: Path) -> Deferred[tuple[IndexData, _Sig]]:
+                    return runner(lambda: read_index_now(path))
+
+        self._read_index = read_index
+        self._reading: Deferred[tuple[IndexData, _Sig]] | None = None
+        self._stopping = False
         self._index = _Watched(Path(index_path), "index")
         self._crl = _Watched(Path(crl_path), "CRL") if crl_path is not None else None
         self._snapshot: _Snapshot | None = None
@@ -184,17 +199,20 @@ class OpenSSLSource:
         return self._generation
 
     def start(self) -> Deferred[None]:
-        """Load both files (in a thread), then start polling.
+        """Load both files (off the reactor thread), then start polling.
 
         Fails with :class:`SourceError` if either file cannot be read or parsed.
         """
-        return self._run(self._load_initial).addCallback(self._started)
+        return Deferred.fromCoroutine(self._load_initial()).addCallback(self._started)
 
     def stop(self) -> Deferred[None]:
-        """Stop polling; fires once any parse in progress has finished."""
+        """Stop polling; a parse in progress is abandoned, fires once it has ended."""
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._reading is not None:
+            self._reading.cancel()
         if self._inflight is None:
             return succeed(None)
         done: Deferred[None] = Deferred()
@@ -244,14 +262,27 @@ class OpenSSLSource:
 
     # --- loading --------------------------------------------------------------------
 
-    def _load_initial(self) -> _Outcome:
+    async def _read_index_tracked(self) -> tuple[IndexData, _Sig]:
+        """The index reader, remembered so that :meth:`stop` can cancel it."""
+        reading = self._reading = self._read_index(self._index.path)
+        try:
+            return await reading
+        finally:
+            self._reading = None
+
+    async def _load_initial(self) -> _Outcome:
         out = _Outcome()
-        index, out.index_sig = _read_index(self._index.path)
+        index, out.index_sig = await self._read_index_tracked()
         crl: CRLInfo | None = None
         if self._crl is not None:
-            crl, out.crl_sig = _read_crl(self._crl.path, self._issuer)
+            crl, out.crl_sig = await self._run(self._crl_reader())
         out.snapshot = _Snapshot.build(index, crl)
         return out
+
+    def _crl_reader(self) -> Callable[[], tuple[CRLInfo, _Sig]]:
+        watched, issuer = self._crl, self._issuer
+        assert watched is not None
+        return lambda: _read_crl(watched.path, issuer)
 
     def _started(self, out: _Outcome) -> None:
         snapshot = out.snapshot
@@ -306,7 +337,7 @@ class OpenSSLSource:
         if not (load_index or load_crl):
             return None
         current = self._snapshot
-        d = self._run(lambda: self._reload(current, load_index, load_crl))
+        d = Deferred.fromCoroutine(self._reload(current, load_index, load_crl))
         inflight = d.addCallback(self._apply).addErrback(self._reload_crashed)
         self._inflight = inflight
 
@@ -316,22 +347,28 @@ class OpenSSLSource:
         inflight.addBoth(_done)
         return inflight
 
-    def _reload(self, current: _Snapshot, load_index: bool, load_crl: bool) -> _Outcome:
-        """Runs in a thread: parse what changed, build the new snapshot and the diff."""
+    async def _reload(self, current: _Snapshot, load_index: bool, load_crl: bool) -> _Outcome:
+        """Parse what changed (index in a child, CRL in a thread), then diff in a thread."""
         out = _Outcome()
         index, crl = current.index, current.crl
         if load_index:
             try:
-                index, out.index_sig = _read_index(self._index.path)
+                index, out.index_sig = await self._read_index_tracked()
             except SourceError as err:
                 out.index_error = (self._sig_or_none(self._index.path), str(err))
         if load_crl and self._crl is not None:
             try:
-                crl, out.crl_sig = _read_crl(self._crl.path, self._issuer)
+                crl, out.crl_sig = await self._run(self._crl_reader())
             except SourceError as err:
                 out.crl_error = (self._sig_or_none(self._crl.path), str(err))
         if index is current.index and crl is current.crl:
             return out
+        return await self._run(lambda: self._diff(current, index, crl, out))
+
+    def _diff(
+        self, current: _Snapshot, index: IndexData, crl: CRLInfo | None, out: _Outcome
+    ) -> _Outcome:
+        """Runs in a thread: the serials that changed and the new snapshot."""
         changed: set[int] | None = set()
         if index is not current.index:
             changed = current.index.changed_serials(index, self._max_changed)
@@ -400,6 +437,8 @@ class OpenSSLSource:
                 self._log.failure("change listener {listener!r} failed", listener=listener)
 
     def _reload_crashed(self, failure: Failure) -> None:
+        if isinstance(failure.value, CancelledError) and self._stopping:
+            return  # stop() abandoned the parse
         # Not a data error (those are in _Outcome): a bug. Log it, keep polling.
         self._log.failure("OpenSSL source reload failed unexpectedly", failure)
 

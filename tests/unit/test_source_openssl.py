@@ -1,7 +1,7 @@
 """OpenSSLSource over real files, polled with a task.Clock (parsing runs inline).
 
-One test uses the real reactor and its thread pool, to show the reload really
-goes through a thread and still lands.
+Tests at the end use the real reactor: the index is parsed in a child process
+(hsmocsp.sources.indexproc), the CRL and the diff in its thread pool.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger, formatEvent
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
-from hsmocsp.sources.openssl import OpenSSLSource
+from hsmocsp.sources.indexproc import read_index
+from hsmocsp.sources.openssl import IndexReader, OpenSSLSource
 from hsmocsp.status import CertStatus, CRLReason, Status
 from tests.unit.test_crl import REVOKED_AT, make_ca, make_crl
 
@@ -76,20 +77,21 @@ class Env:
         self._bump(self.crl)
         return der
 
-    def source(self, *, crl: bool = True) -> OpenSSLSource:
+    def source(self, *, crl: bool = True, read_index: IndexReader | None = None) -> OpenSSLSource:
         src = OpenSSLSource(
             issuer=self.ca,
             index_path=self.index,
             crl_path=self.crl if crl else None,
             poll_interval=POLL,
             reactor=self.clock,
+            read_index=read_index,
         )
         src._log = Logger(observer=cast(ILogObserver, self.events.append))
         src.on_change(self.changes.append)
         return src
 
-    def started(self, *, crl: bool = True) -> OpenSSLSource:
-        src = self.source(crl=crl)
+    def started(self, *, crl: bool = True, read_index: IndexReader | None = None) -> OpenSSLSource:
+        src = self.source(crl=crl, read_index=read_index)
         result = _result(src.start())
         assert result is None
         return src
@@ -240,21 +242,16 @@ def test_broken_new_file_keeps_old_data_and_logs_once(env: Env) -> None:
     assert env.changes == [frozenset({1})]
 
 
-def test_failed_file_retried_once_then_only_after_a_change(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import hsmocsp.sources.openssl as mod
-
-    src = env.started()
-    env.write_index("garbage\n")
+def test_failed_file_retried_once_then_only_after_a_change(env: Env) -> None:
     calls: list[Path] = []
-    real = mod._read_index
 
-    def counting(path: Path) -> Any:
+    def counting(path: Path) -> Deferred[Any]:
         calls.append(path)
-        return real(path)
+        return maybeDeferred(read_index, path)
 
-    monkeypatch.setattr(mod, "_read_index", counting)
+    src = env.started(read_index=counting)
+    env.write_index("garbage\n")
+    del calls[:]
     for _ in range(5):
         env.poll()
     assert len(calls) == 2  # first sight, one retry in case it was mid-write
@@ -391,7 +388,7 @@ def test_stop_stops_polling(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
-async def test_reload_in_thread_pool(tmp_path: Path) -> None:
+async def test_reload_on_the_real_reactor(tmp_path: Path) -> None:
     from twisted.internet import reactor
 
     ca, _key = make_ca()
@@ -412,3 +409,22 @@ async def test_reload_in_thread_pool(tmp_path: Path) -> None:
         assert result == CertStatus.revoked(CRL_TIME, CRLReason.superseded)
     finally:
         await src.stop()
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_stop_abandons_a_hung_parse(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    ca, _key = make_ca()
+    index = tmp_path / "index.txt"
+    index.write_text(BASE)
+    src = OpenSSLSource(issuer=ca, index_path=index, crl_path=None, poll_interval=3600.0,
+                        reactor=reactor)  # fmt: skip
+    await src.start()
+    index.unlink()
+    os.mkfifo(index)  # the child's open() blocks until stop() kills it
+    checking = src.check_now()
+    await src.stop()
+    await checking
+    assert src.ready()
+    assert (await src.status(ca, 1)) == CertStatus.good()
