@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import shutil
 import signal
 import subprocess
@@ -54,7 +55,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import ocsp
 
 from bench.hsm_rate import HsmKey, signing_rate
-from bench.procs import Child, Children, StartError, free_port, http, wait_http, wait_tcp
+from bench.procs import (
+    Child,
+    Children,
+    StartError,
+    cpu_seconds,
+    free_port,
+    http,
+    wait_http,
+    wait_tcp,
+)
 from bench.wrk import WrkError, WrkResult, cycle_script, get_script, post_script, run_wrk
 from hsmocsp.devpki import DevPki, build_level1
 
@@ -95,6 +105,29 @@ class Row:
     requests: int = 0
     errors: int = 0
     note: str = ""
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds used during one wrk run: the reactor, its child processes, wrk."""
+
+    wall: float
+    reactor: float
+    workers: float
+    wrk: float
+
+    def describe(self, requests: int) -> str:
+        """Per-request CPU by process, and the rate the box's cores would allow at most."""
+        if requests <= 0:
+            return "no requests"
+        per = [x / requests * 1e6 for x in (self.reactor, self.workers, self.wrk)]
+        cores = os.cpu_count() or 1
+        bound = cores / (sum(per) / 1e6)
+        return (
+            f"CPU per request: reactor {per[0]:.0f} us, signing workers {per[1]:.0f} us,"
+            f" wrk {per[2]:.0f} us; {cores} cores allow at most {bound:,.0f} req/s"
+            f" (busy {sum((self.reactor, self.workers, self.wrk)) / self.wall / cores:.0%})"
+        )
 
 
 @dataclass
@@ -275,6 +308,19 @@ class Bench:
             url, script, self.args.duration, conns, self.args.threads, wrapper=wrapper or ()
         )
 
+    def wrk_with_cpu(self, url: str, script: Path, server: int) -> tuple[WrkResult, CpuUse]:
+        """:meth:`wrk`, and the CPU time the server, its children and wrk used meanwhile."""
+        own0, kids0 = cpu_seconds(server)
+        wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        r = self.wrk(url, script)
+        wall = time.monotonic() - t0
+        wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own1, kids1 = cpu_seconds(server)
+        workers = sum(kids1.get(pid, 0.0) - kids0.get(pid, 0.0) for pid in kids1)
+        wrk_cpu = (wrk1.ru_utime + wrk1.ru_stime) - (wrk0.ru_utime + wrk0.ru_stime)
+        return r, CpuUse(wall, own1 - own0, workers, wrk_cpu)
+
     @property
     def devpki(self) -> DevPki:
         assert self.dev is not None
@@ -362,17 +408,26 @@ handles:
 
     def profile_miss(self) -> None:
         """cProfile of the reactor process on the cache-miss path (workers are not profiled)."""
-        reqs = unknown_requests(self.request, 0x5EED_2000_0000, int(800 * self.args.duration))
+        reqs = unknown_requests(
+            self.request, 0x5EED_2000_0000, int(5000 * self.args.duration + 2000)
+        )
         hexfile = self.work / "miss-prof.hex"
         hexfile.write_text("".join(r.hex() + "\n" for r in reqs))
         r = self._profiled(
-            "hsmocsp-prof-miss", cycle_script(hexfile, "/ocsp", self.args.threads), 2
+            "hsmocsp-prof-miss", cycle_script(hexfile, "/ocsp", self.args.threads), 1, 0
         )
-        self.report.add("hsmocsp cache-miss under cProfile", r, "2 workers; profiler overhead")
+        note = "1 worker, presign_rate 0; profiler overhead"
+        if r.requests > len(reqs) - 1:
+            note += f"; WRAPPED after {len(reqs) - 1} requests (some were cache hits)"
+        self.report.add("hsmocsp cache-miss under cProfile", r, note)
 
-    def _profiled(self, name: str, script_text: str, workers: int | None) -> WrkResult:
+    def _profiled(
+        self, name: str, script_text: str, workers: int | None, presign_rate: float | None = None
+    ) -> WrkResult:
         stats = self.work / f"{name}.pstats"
-        url = self.start_hsmocsp(name, workers=workers or 1, profile=stats)
+        url = self.start_hsmocsp(
+            name, workers=workers or 1, profile=stats, presign_rate=presign_rate
+        )
         body = http(url + "/ocsp", self.request, OCSP_CT)[2]
         check_response(body, ocsp.OCSPCertStatus.GOOD, name)
         r = self.wrk(url + "/ocsp", self.script(name, script_text))
@@ -544,12 +599,15 @@ http {{
             body = http(url + "/ocsp", reqs[0], OCSP_CT)[2]
             check_response(body, ocsp.OCSPCertStatus.UNKNOWN, "hsmocsp unknown serial")
             script = self.script(name, cycle_script(hexfile, "/ocsp", self.args.threads))
-            r = self.wrk(url + "/ocsp", script)
+            server = next(c for c in self.children.children if c.name == name).proc.pid
+            r, cpu = self.wrk_with_cpu(url + "/ocsp", script, server)
             noun = "worker" if n == 1 else "workers"
             note = "distinct unknown serials: every request signs"
             if r.requests > len(reqs) - 1:
                 note += f"; WRAPPED after {len(reqs) - 1} requests (some were cache hits)"
+            note += "; " + cpu.describe(r.requests)
             self.report.add(f"hsmocsp cache-miss, {n} {noun}{self.suffix}", r, note)
+            self.report.extra[f"cpu {name}"] = cpu.describe(r.requests)
             for child in list(self.children.children):
                 if child.name == name:
                     self.children.stop(child)

@@ -21,7 +21,16 @@ from pathlib import Path
 
 from hsmocsp.devpki.bao import free_port
 
-__all__ = ["Child", "Children", "StartError", "free_port", "http", "wait_http", "wait_tcp"]
+__all__ = [
+    "Child",
+    "Children",
+    "StartError",
+    "cpu_seconds",
+    "free_port",
+    "http",
+    "wait_http",
+    "wait_tcp",
+]
 
 
 class StartError(RuntimeError):
@@ -148,3 +157,34 @@ def wait_http(child: Child, url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise StartError(f"{child.name}: {url} not ready after {timeout}s:\n{child.tail()}")
+
+
+def cpu_seconds(pid: int) -> tuple[float, dict[int, float]]:
+    """CPU time (user + system) of ``pid`` and of each of its live child processes.
+
+    From ``/proc/<pid>/stat`` (fields 14 and 15, in clock ticks) and
+    ``/proc/<pid>/task/*/children``; a process that has gone counts 0.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def one(p: int) -> float:
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = text.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    kids: dict[int, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            listed = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in listed:
+            kids[int(child)] = one(int(child))
+    return one(pid), kids
