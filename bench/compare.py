@@ -85,6 +85,7 @@ SLOW_SERIAL_BASE = 0x7000_0000_0000  # the slow pass's index rows: BASE, BASE + 
 PRESIGN_RATE = 100_000.0  # signatures/s: as fast as the token goes
 PRESIGN_WAIT = 900.0  # seconds to wait for pre-signing every index row
 RESTORE_WAIT = 300.0  # seconds to wait for a restart to restore them from data_dir
+SMALL_KNOWN = 100  # distinct known serials whose responses fit in the CPU caches
 KNOWN_REQUESTS = 20_000  # distinct known serials wrk cycles through
 KNOWN_ROW = "hsmocsp pre-signed POST, distinct known serials"
 ALL_TARGETS = ("hsmocsp", "openssl", "cfssl", "openbao", "nginx", "miss", "index", "slow")
@@ -633,7 +634,7 @@ http {{
         )
         cert = d.root_dir / "ocsp-4096.pem"
         opensslca.ensure_ocsp_signer(d, label, "hsmocsp bench OCSP signer RSA-4096", cert)
-        n_serials = 2_000 if self.args.quick else 100_000
+        n_serials = self.args.serials or (2_000 if self.args.quick else 100_000)
         index = self.work / "index-100k.txt"
         rows = [line + "\n" for line in d.index.read_text().splitlines() if line.strip()]
         rows += [
@@ -692,9 +693,10 @@ http {{
         script = self.script("known", cycle_script(hexfile, "/ocsp", 1))
         # Pass 1: request bytes the responder has never seen (the CertIDs are pre-signed);
         # pass 2: the same list again, on new connections.
+        server = next(c for c in self.children.children if c.name == name).proc.pid
         for label in ("first pass", "second pass"):
             before = scrape_metrics(url)
-            r = self.wrk(url + "/ocsp", script)
+            r, cpu = self.wrk_with_cpu(url + "/ocsp", script, server)
             after = scrape_metrics(url)
             signed = _metric(after, "hsmocsp_signatures") - _metric(before, "hsmocsp_signatures")
             bad = _non_successful(after) - _non_successful(before)
@@ -705,12 +707,26 @@ http {{
                 f"{KNOWN_ROW}, {label}{self.suffix}", r,
                 f"{count:,} distinct known serials ({wrapped}); during the run {signed:,.0f} "
                 f"signatures, {miss:,.0f} cache misses, {bad:,.0f} non-successful: "
-                + ("all cache hits" if ok else "NOT ALL HITS"),
+                + ("all cache hits" if ok else "NOT ALL HITS") + "; " + cpu.describe(r.requests),
             )  # fmt: skip
+        # The same code path over a list small enough to stay in the CPU caches: tells
+        # the cost of touching many different responses from the cost of the path.
+        small = self.work / "known-small.hex"
+        small.write_text("".join(r.hex() + "\n" for r in reqs[:SMALL_KNOWN]))
+        script = self.script("known-small", cycle_script(small, "/ocsp", 1))
+        r, cpu = self.wrk_with_cpu(url + "/ocsp", script, server)
+        self.report.add(
+            f"hsmocsp pre-signed POST, {SMALL_KNOWN} distinct known serials{self.suffix}", r,
+            "the first serials of the list above, cycled; " + cpu.describe(r.requests),
+        )  # fmt: skip
         status, _, body = http(url + "/ocsp", self.request, OCSP_CT)
         check_response(body, ocsp.OCSPCertStatus.GOOD, "hsmocsp RSA-4096")
-        r = self.wrk(url + "/ocsp", self.script("post-slow", post_script(self.request)))
-        self.report.add("hsmocsp cached POST" + self.suffix, r, "one request, pre-signed")
+        script = self.script("post-slow", post_script(self.request))
+        r, cpu = self.wrk_with_cpu(url + "/ocsp", script, server)
+        self.report.add(
+            "hsmocsp cached POST" + self.suffix, r,
+            "one request, pre-signed; " + cpu.describe(r.requests),
+        )  # fmt: skip
 
         # Restart on the same data_dir: everything held must come back from the store.
         held = int(_metric(scrape_metrics(url), "hsmocsp_cache_entries"))
@@ -834,6 +850,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=PRESIGN_WAIT,
         help="slow pass: seconds to wait for pre-signing every index row (default 900)",
+    )
+    parser.add_argument(
+        "--serials",
+        type=int,
+        default=0,
+        help="slow pass: extra index rows (default 100,000; 2,000 with --quick)",
     )
     parser.add_argument("--profile", action="store_true", help="also cProfile the cached path")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
