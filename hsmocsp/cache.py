@@ -39,6 +39,16 @@ class Expiring(Protocol):
 V = TypeVar("V", bound=Expiring)
 
 
+class CacheObserver(Protocol[V]):  # type: ignore[misc]
+    """Told of every change to the entries (replicas in other processes follow these)."""
+
+    def stored(self, key: bytes, serial: int, value: V) -> None: ...
+
+    def dropped(self, key: bytes) -> None: ...
+
+    def invalidated(self, serials: frozenset[int] | None) -> None: ...
+
+
 @dataclass
 class _Flight(Generic[V]):
     serial: int
@@ -75,7 +85,17 @@ class ResponseCache(Generic[V]):
         self._by_serial: dict[int, set[bytes]] = {}
         self._flights: dict[bytes, _Flight[V]] = {}
         self.on_store = on_store
+        self.observers: list[CacheObserver[V]] = []
         self.stats = CacheStats()
+
+    def current(self, key: bytes) -> V | None:
+        """The value stored for ``key`` (even if expired), or None."""
+        hit = self._entries.get(key)
+        return None if hit is None else hit[1]
+
+    def items(self) -> list[tuple[bytes, int, V]]:
+        """Every entry as ``(key, serial, value)`` (a copy; expired ones included)."""
+        return [(key, serial, value) for key, (serial, value) in self._entries.items()]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -127,14 +147,16 @@ class ResponseCache(Generic[V]):
 
     def invalidate(self, serials: Iterable[int] | None) -> None:
         """Forget everything about ``serials`` (None: about every serial)."""
-        if serials is None:
+        wanted = None if serials is None else frozenset(serials)
+        for observer in self.observers:
+            observer.invalidated(wanted)
+        if wanted is None:
             self.stats.invalidated += len(self._entries)
             self._entries.clear()
             self._by_serial.clear()
             for flight in self._flights.values():
                 flight.stale = True
             return
-        wanted = set(serials)
         for serial in wanted:
             for key in self._by_serial.pop(serial, ()):
                 if self._entries.pop(key, None) is not None:
@@ -191,10 +213,14 @@ class ResponseCache(Generic[V]):
         self._by_serial.setdefault(serial, set()).add(key)
         if notify and self.on_store is not None:
             self.on_store(key, serial, value)
+        for observer in self.observers:
+            observer.stored(key, serial, value)
 
     def _drop(self, key: bytes) -> None:
         hit = self._entries.pop(key, None)
         if hit is not None:
+            for observer in self.observers:
+                observer.dropped(key)
             keys = self._by_serial.get(hit[0])
             if keys is not None:
                 keys.discard(key)

@@ -151,7 +151,12 @@ class Config:
     handles: tuple[HandleConfig, ...]
     max_request_size: int = 10_000
     presign_rate: float = 50.0
+    http_workers: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: Upper bound for ``http_workers`` / ``--workers``: more processes than that is a typo.
+MAX_HTTP_WORKERS = 64
 
 
 class _Reader:
@@ -469,7 +474,10 @@ def parse_config(file: Path, data: Any) -> Config:
         handles=handles,
         max_request_size=r.integer("max_request_size", 10_000, minimum=256),
         presign_rate=r.number("presign_rate", 50.0),
+        http_workers=r.integer("http_workers", 1, minimum=1),
     )
+    if cfg.http_workers > MAX_HTTP_WORKERS:
+        raise r.error("http_workers", f"must be at most {MAX_HTTP_WORKERS}")
     r.finish()
     return cfg
 

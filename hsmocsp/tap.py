@@ -14,7 +14,10 @@ logged as one line and the process exits with status 1, so systemd's
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from hsmocsp.config import (
+    MAX_HTTP_WORKERS,
     Config,
     FileKeyConfig,
     HandleConfig,
@@ -43,6 +47,8 @@ from hsmocsp.sources import StatusSource
 from hsmocsp.store import ResponseStore
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
+from hsmocsp.web.front import bind_reuseport
+from hsmocsp.web.fronts import FrontPool
 
 log = Logger()
 
@@ -53,6 +59,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "etc/hsmocsp.yaml", "YAML configuration file."],
         ["listen", "l", None, "Listen endpoint (strports), overrides the config's listen."],
+        [
+            "workers",
+            "w",
+            None,
+            "HTTP processes sharing the listening port (SO_REUSEPORT; tcp only); "
+            "overrides the config's http_workers.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -61,6 +74,16 @@ class Options(usage.Options):
             self["parsed"] = load_config(path)
         except ConfigError as err:
             raise usage.UsageError(f"configuration error: {err}") from err
+        if self["workers"] is not None:
+            try:
+                workers = int(self["workers"])
+            except ValueError:
+                workers = 0
+            if not 1 <= workers <= MAX_HTTP_WORKERS:
+                raise usage.UsageError(
+                    f"--workers must be a whole number from 1 to {MAX_HTTP_WORKERS}"
+                )
+            self["workers"] = workers
 
 
 def _load_cert(path: Path, key: str, cfg: Config) -> x509.Certificate:
@@ -79,11 +102,22 @@ def _load_cert(path: Path, key: str, cfg: Config) -> x509.Certificate:
 class ResponderService(service.MultiService):
     """Owns pools, sources, handles and (last) the listening port."""
 
-    def __init__(self, cfg: Config, reactor: Any, listen: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, reactor: Any, listen: str | None = None, workers: int | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.reactor = reactor
         self.listen = listen or cfg.listen
+        self.http_workers = workers or cfg.http_workers
+        self.tcp_listen = (
+            tcp_listen_address(self.listen, cfg, "--listen" if listen else "listen")
+            if self.http_workers > 1
+            else None
+        )
+        self.fronts: FrontPool | None = None
+        self._ports: list[Any] = []
+        self._runtime_dir: str | None = None
         self.pools: dict[str, Any] = {}
         self.signers: list[Signer] = []
         self.sources: list[StatusSource] = []
@@ -204,8 +238,11 @@ class ResponderService(service.MultiService):
         site = FastSite(self.app, self.reactor.seconds)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
-        self.port_service = strports.service(self.listen, site)
-        self.port_service.setServiceParent(self)
+        if self.tcp_listen is None:
+            self.port_service = strports.service(self.listen, site)
+            self.port_service.setServiceParent(self)
+        else:
+            self._listen_with_fronts(site, *self.tcp_listen)
         for handle in self.handles:
             log.info(
                 "handle {name}: serving {path} ({n} issuer(s))",
@@ -213,7 +250,11 @@ class ResponderService(service.MultiService):
                 path=handle.path,
                 n=len(handle.source.issuers()),
             )
-        log.info("hsmocsp listening on {listen}", listen=self.listen)
+        log.info(
+            "hsmocsp listening on {listen} ({n} HTTP process(es))",
+            listen=self.listen,
+            n=self.http_workers,
+        )
         for handle in self.handles:
             pool = self._handle_pools.get(handle.name)
             presigner = Presigner(
@@ -226,6 +267,33 @@ class ResponderService(service.MultiService):
             presigner.start()
             self.presigners.append(presigner)
 
+    def _listen_with_fronts(self, site: FastSite, host: str, port: int, backlog: int) -> None:
+        """This process and ``http_workers - 1`` fronts on one port (``SO_REUSEPORT``);
+        fronts relay what they cannot answer to a private Unix socket of ours."""
+        try:
+            sock = bind_reuseport(host, port, backlog)
+        except OSError as err:
+            raise ConfigError(
+                str(self.cfg.path), "listen", f"cannot listen on {host}:{port}: {err.strerror}"
+            ) from err
+        port = sock.getsockname()[1]
+        self._ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, site))
+        sock.close()
+        self._runtime_dir = tempfile.mkdtemp(prefix="hsmocsp-")
+        backend = os.path.join(self._runtime_dir, "backend.sock")
+        self._ports.append(self.reactor.listenUNIX(backend, site, mode=0o600))
+        self.fronts = FrontPool(
+            self.reactor,
+            self.handles,
+            self.app.metrics,
+            count=self.http_workers - 1,
+            host=host,
+            port=port,
+            backend=backend,
+            max_request_size=self.cfg.max_request_size,
+        )
+        self.fronts.setServiceParent(self)
+
     def _fatal(self, failure: Any) -> None:
         if failure.check(HsmOcspError):
             log.critical("hsmocsp cannot start: {why}", why=failure.getErrorMessage())
@@ -237,6 +305,12 @@ class ResponderService(service.MultiService):
 
     def stopService(self) -> Deferred[None]:
         async def stop() -> None:
+            if self.fronts is not None and self.fronts.running:
+                await self.fronts.stopService()
+            for port in self._ports:
+                await port.stopListening()
+            if self._runtime_dir is not None:
+                shutil.rmtree(self._runtime_dir, ignore_errors=True)
             if self.port_service is not None and self.port_service.running:
                 await self.port_service.stopService()
             for presigner in self.presigners:
@@ -285,6 +359,33 @@ def _vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
     )
 
 
+def tcp_listen_address(description: str, cfg: Config, key: str) -> tuple[str, int, int]:
+    """``(host, port, backlog)`` of a ``tcp:`` strports description, for ``SO_REUSEPORT``.
+
+    Other kinds (``ssl:``, ``unix:``, ...) cannot be shared that way: a config error.
+    """
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    if parts and parts[0].isdigit():
+        parts.insert(0, "tcp")
+    kind, args = parts[0], parts[1:]
+    if kind not in ("tcp", "tcp6"):
+        raise ConfigError(
+            str(cfg.path), key, f"{description!r}: several HTTP processes need a tcp: endpoint"
+        )
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    positional = [a for a in args if "=" not in a]
+    port_text = named.get("port", positional[0] if positional else "")
+    host = named.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+    try:
+        port = int(port_text)
+        backlog = int(named.get("backlog", "1024"))
+        if not 0 <= port <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        raise ConfigError(str(cfg.path), key, f"{description!r}: bad port") from None
+    return host, port, backlog
+
+
 async def _all(ds: Sequence[Deferred[Any]]) -> None:
     """Wait for every Deferred; re-raise the first failure (after all have settled)."""
     results = await DeferredList(list(ds), consumeErrors=True)
@@ -304,7 +405,7 @@ def makeService(options: Options) -> service.IService:
 
     cfg: Config = options["parsed"]
     try:
-        return ResponderService(cfg, reactor, options["listen"])
+        return ResponderService(cfg, reactor, options["listen"], options["workers"])
     except ConfigError as err:
         raise SystemExit(f"hsmocsp: configuration error: {err}") from err
     except HsmOcspError as err:

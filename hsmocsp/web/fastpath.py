@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
@@ -59,9 +60,8 @@ class FastSite(Site):
             self._post[prefix or b"/"] = handle
             self._get.append((prefix + b"/", handle))
         self._get.sort(key=lambda item: -len(item[0]))
-        self._static: dict[str, bytes] = {}
-        self._date_second = -1
-        self._date = b""
+        self.max_request_size = app.max_request_size
+        self.writer = ResponseWriter(now)
         self.fast_answers = 0
         self.full_answers = 0
         self.handed_over = 0
@@ -113,7 +113,7 @@ class FastSite(Site):
         if response is not None and response.cacheable:
             self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
             self.fast_answers += 1
-            return self._render(handle, response, version, keep), keep
+            return self.writer.render(response, handle.max_age_for(response), version, keep), keep
         # Not cached (a miss, a nonce, an error): the app decides, we write it.
         self.full_answers += 1
         outcome = self.app.outcome(handle, der)
@@ -128,13 +128,27 @@ class FastSite(Site):
         code, headers, body = self.app.render(handle, outcome, method)
         lines = [b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"OK"))]
         lines += [b"%s: %s\r\n" % header for header in headers]
-        lines.append(b"Date: " + self._http_now() + b"\r\n")
+        lines.append(b"Date: " + self.writer.http_now() + b"\r\n")
         lines.append(_connection_header(version, keep))
         lines.append(b"\r\n")
         lines.append(body)
         return b"".join(lines)
 
-    def _http_now(self) -> bytes:
+
+class ResponseWriter:
+    """HTTP responses for cached OCSP answers, with per-response headers prepared once.
+
+    Shared by the fast path and the extra HTTP processes (:mod:`hsmocsp.web.front`),
+    so both send byte-identical headers.
+    """
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._static: dict[str, bytes] = {}
+        self._date_second = -1
+        self._date = b""
+
+    def http_now(self) -> bytes:
         now = self._now()
         second = int(now)
         if second != self._date_second:
@@ -142,9 +156,7 @@ class FastSite(Site):
             self._date = _http_date(now)
         return self._date
 
-    def _render(
-        self, handle: Handle, response: SignedResponse, version: bytes, keep: bool
-    ) -> bytes:
+    def render(self, response: SignedResponse, max_age: int, version: bytes, keep: bool) -> bytes:
         static = self._static.get(response.etag)
         if static is None:
             if len(self._static) > 100_000:
@@ -160,12 +172,12 @@ class FastSite(Site):
                     response.etag.encode("ascii"),
                 )
             )
-        date = self._http_now()
+        date = self.http_now()
         connection = _connection_header(version, keep)
         return b"".join((
             version, b" 200 OK\r\n", static,
             b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
-            % handle.max_age_for(response),
+            % max_age,
             b"Date: ", date, b"\r\n", connection, b"\r\n", response.der,
         ))  # fmt: skip
 
@@ -180,10 +192,25 @@ def _connection_header(version: bytes, keep: bool) -> bytes:
     return b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n"
 
 
-class FastChannel(Protocol, TimeoutMixin):
-    """One connection: cached answers inline, everything else to twisted.web."""
+class FastServer(TypingProtocol):
+    """What :class:`FastChannel` needs from its factory."""
 
-    def __init__(self, site: FastSite, addr: IAddress | None) -> None:
+    max_request_size: int
+    handed_over: int
+
+    def answer(
+        self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
+        body: bytes,
+    ) -> tuple[bytes | Deferred[bytes], bool] | None: ...  # fmt: skip
+
+    def full_protocol(self, addr: IAddress | None) -> Any: ...
+
+
+class FastChannel(Protocol, TimeoutMixin):
+    """One connection: cached answers inline, everything else to a full protocol
+    (twisted.web here; a relay to the main process in :mod:`hsmocsp.web.front`)."""
+
+    def __init__(self, site: FastServer, addr: IAddress | None) -> None:
         self.site = site
         self.addr = addr
         self._buf = b""
@@ -221,7 +248,7 @@ class FastChannel(Protocol, TimeoutMixin):
                 return
             method, target, version, headers = parsed
             length = int(headers.get(b"content-length", b"0"))
-            if length > self.site.app.max_request_size:
+            if length > self.site.max_request_size:
                 self._hand_over()  # the full path answers 413
                 return
             total = end + 4 + length

@@ -34,6 +34,12 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._front_answers = Counter(
+            "hsmocsp_front_answers",
+            "Cached OCSP answers sent by each extra HTTP process (--workers)",
+            ["front"],
+            registry=self.registry,
+        )
         cache_hits = Gauge(
             "hsmocsp_cache_hits", "Signed-response cache hits", ["handle"], registry=self.registry
         )
@@ -86,12 +92,15 @@ class Metrics:
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
 
-    def response(self, handle: str, status: str, method: str) -> None:
+    def response(self, handle: str, status: str, method: str, n: int = 1) -> None:
         key = (handle, status, method)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self._responses.labels(handle, status, method)
-        child.inc()
+        child.inc(n)
+
+    def front_answered(self, front: int, n: int) -> None:
+        self._front_answers.labels(str(front)).inc(n)
 
     def signed(self, handle: str, seconds: float) -> None:
         self._sign_latency.labels(handle).observe(seconds)

@@ -46,6 +46,7 @@ class Responder:
     workdir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -70,6 +71,7 @@ class Responder:
                     str(self.config),
                     "--listen",
                     f"tcp:{self.port}:interface=127.0.0.1",
+                    *self.extra_args,
                 ],
                 cwd=self.workdir,
                 env=env,

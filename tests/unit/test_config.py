@@ -119,3 +119,17 @@ def test_secret_read_errors_do_not_leak(folder: Path, monkeypatch: pytest.Monkey
     assert Secret(env="TEST_PIN").read("x") == "s3cret"
     with pytest.raises(ConfigError, match="cannot read"):
         Secret(file=folder / "missing").read("tokens.hsm.pin_file")
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [("0", "must be at least 1"), ("65", "must be at most 64"), ("two", "must be an integer")],
+)
+def test_http_workers_bounds(folder: Path, value: str, problem: str) -> None:
+    err = error_of(folder, BASE + f"http_workers: {value}\n")
+    assert "http_workers" in str(err) and problem in str(err)
+
+
+def test_http_workers_default_and_set(folder: Path) -> None:
+    assert load_config(write(folder, BASE)).http_workers == 1
+    assert load_config(write(folder, BASE + "http_workers: 4\n")).http_workers == 4

@@ -1,0 +1,393 @@
+"""Extra HTTP processes (``--workers N``): cached answers served on more cores.
+
+Measured (docs/performance.md): with every answer cached, the one reactor
+process is the ceiling, a full core of Python at ~50k req/s while other cores
+idle. ``--workers N`` starts N-1 *front* processes next to it, each listening
+on the same address with ``SO_REUSEPORT`` (the kernel spreads connections over
+the N sockets). A front is only an HTTP server over a replica of the signed
+responses: it answers a plain OCSP GET/POST whose CertID it holds (the same
+fast path and the same header bytes as the main process), and relays every
+other connection (a miss, a nonce to echo, a CA or CRL download, a probe,
+metrics, anything odd) byte for byte to the main process over a private Unix
+socket, from the first request it cannot answer to the end of the connection.
+So the sources, the HSM, the caches' producers and every decision stay in one
+process; fronts hold no secret and never sign.
+
+The main process pushes every change of each handle's cache down a pipe to
+each front (:class:`~hsmocsp.cache.CacheObserver`): new or refreshed
+responses, drops, and invalidations (a revocation reaches the fronts in the
+same reactor turn that the main cache drops the old answer, then one pipe
+write later they drop it too). A front never serves an answer past its
+refresh point: that request is relayed, so the main process sees the demand
+and refreshes it.
+
+Frames on both pipes are a 4-byte big-endian length and a pickle (both ends
+are this program, on a pipe only they share):
+
+* main -> front: ``("init", dict)``, ``("put", h, key, serial, SignedResponse)``,
+  ``("drop", h, key)``, ``("inv", h, serials or None)``;
+* front -> main: ``("ready", pid)``, ``("stats", {handle: {method: answers}})``.
+
+Run as ``python -m hsmocsp.web.front``, by :mod:`hsmocsp.web.fronts` only.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from hsmocsp.errors import HsmOcspError
+from hsmocsp.ocsp.request import decode_get_path, parse_request
+from hsmocsp.responder import SignedResponse
+from hsmocsp.web.fastpath import FastChannel, ResponseWriter
+
+__all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame"]
+
+_LENGTH = struct.Struct(">I")
+MAX_FRAME = 64 << 20
+_MISSING = object()
+
+SERVICE_UNAVAILABLE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+
+
+def encode_frame(message: tuple[Any, ...]) -> bytes:
+    payload = pickle.dumps(message, protocol=5)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+class FrameError(HsmOcspError):
+    """The other end of a front pipe sent something that is not a frame."""
+
+
+class FrameDecoder:
+    """Splits a byte stream into the messages :func:`encode_frame` made."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[Any, ...]]:
+        self._buf += data
+        while len(self._buf) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buf)
+            if length > MAX_FRAME:
+                raise FrameError(f"frame of {length} bytes")
+            end = _LENGTH.size + length
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[_LENGTH.size : end])
+            del self._buf[:end]
+            message = pickle.loads(payload)
+            if not isinstance(message, tuple) or not message:
+                raise FrameError("frame is not a message")
+            yield message
+
+
+@dataclass
+class Replica:
+    """One handle's signed responses, as the main process last said they were."""
+
+    name: str
+    path: str
+    max_age: int | None
+    nonce_policy: str
+    now: Callable[[], float]
+    max_memo: int = 100_000
+    entries: dict[bytes, tuple[int, SignedResponse]] = field(default_factory=dict)
+    by_serial: dict[int, set[bytes]] = field(default_factory=dict)
+    _parsed: dict[bytes, bytes | None] = field(default_factory=dict)
+
+    def put(self, key: bytes, serial: int, value: SignedResponse) -> None:
+        self.drop(key)
+        self.entries[key] = (serial, value)
+        self.by_serial.setdefault(serial, set()).add(key)
+
+    def drop(self, key: bytes) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            keys = self.by_serial.get(old[0])
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.by_serial[old[0]]
+
+    def invalidate(self, serials: frozenset[int] | None) -> None:
+        if serials is None:
+            self.entries.clear()
+            self.by_serial.clear()
+            return
+        for serial in serials:
+            for key in self.by_serial.pop(serial, ()):
+                self.entries.pop(key, None)
+
+    def lookup(self, der: bytes) -> SignedResponse | None:
+        """The answer to these request bytes if this process may serve it, else None."""
+        key = self._parsed.get(der, _MISSING)
+        if key is _MISSING:
+            key = self._cache_key(der)
+            if len(self._parsed) >= self.max_memo:
+                self._parsed.clear()
+            self._parsed[der] = key
+        if key is None:
+            return None
+        assert isinstance(key, bytes)
+        hit = self.entries.get(key)
+        if hit is None or self.now() >= hit[1].refresh_at or not hit[1].cacheable:
+            return None  # the main process answers (and refreshes)
+        return hit[1]
+
+    def _cache_key(self, der: bytes) -> bytes | None:
+        """The main cache's key (the CertID's DER) for a request we could serve."""
+        try:
+            request = parse_request(der)
+        except HsmOcspError:
+            return None  # malformed: the main process says so
+        if len(request.cert_ids) != 1:
+            return None
+        if request.nonce is not None and self.nonce_policy != "ignore":
+            return None
+        return request.cert_ids[0].der
+
+    def max_age_for(self, response: SignedResponse) -> int:
+        remaining = response.next_update - self.now()
+        if self.max_age is not None:
+            remaining = min(remaining, self.max_age)
+        return max(0, int(remaining))
+
+
+class Relay(Protocol):
+    """The rest of a client connection, relayed byte for byte to the main process."""
+
+    def __init__(self, connect: Callable[[Protocol], Deferred[Any]]) -> None:
+        self._connect = connect
+        self._pending: list[bytes] = []
+        self._backend: Protocol | None = None
+        self._closed = False
+
+    def connectionMade(self) -> None:
+        self._connect(_Backend(self)).addErrback(self._unreachable)
+
+    def _unreachable(self, failure: Failure) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(SERVICE_UNAVAILABLE)
+            self.transport.loseConnection()
+
+    def backend_up(self, backend: Protocol) -> None:
+        if self._closed:
+            assert backend.transport is not None
+            backend.transport.loseConnection()
+            return
+        self._backend = backend
+        assert backend.transport is not None
+        for data in self._pending:
+            backend.transport.write(data)
+        self._pending = []
+
+    def backend_down(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._backend is not None and self._backend.transport is not None:
+            self._backend.transport.write(data)
+        else:
+            self._pending.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._closed = True
+        if self._backend is not None and self._backend.transport is not None:
+            self._backend.transport.loseConnection()
+
+
+class _Backend(Protocol):
+    def __init__(self, client: Relay) -> None:
+        self._client = client
+
+    def connectionMade(self) -> None:
+        self._client.backend_up(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        transport = self._client.transport
+        if transport is not None:
+            transport.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._client.backend_down()
+
+
+class FrontSite(Factory):
+    """Connections of one front: replica hits answered, the rest relayed."""
+
+    def __init__(
+        self,
+        replicas: list[Replica],
+        now: Callable[[], float],
+        connect: Callable[[Protocol], Deferred[Any]],
+        max_request_size: int,
+    ) -> None:
+        self.replicas = replicas
+        self.max_request_size = max_request_size
+        self.writer = ResponseWriter(now)
+        self._connect = connect
+        self._post: dict[bytes, Replica] = {}
+        self._get: list[tuple[bytes, Replica]] = []
+        for replica in replicas:
+            prefix = replica.path.rstrip("/").encode("ascii")
+            self._post[prefix] = replica
+            self._post[prefix + b"/"] = replica
+            self._get.append((prefix + b"/", replica))
+        self._get.sort(key=lambda item: -len(item[0]))
+        self.counts: dict[str, dict[str, int]] = {}
+        self.handed_over = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return FastChannel(self, addr)
+
+    def full_protocol(self, addr: IAddress | None) -> Relay:
+        return Relay(self._connect)
+
+    def answer(
+        self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
+        body: bytes,
+    ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
+        """A cached answer and whether to keep the connection, or None to relay."""
+        path = target.split(b"?", 1)[0]
+        replica: Replica | None = None
+        if method == b"POST":
+            replica = self._post.get(path)
+            if replica is None:
+                return None
+            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if ctype != b"application/ocsp-request" or len(body) > self.max_request_size:
+                return None
+            der = body
+        elif method == b"GET":
+            for prefix, candidate in self._get:
+                if path.startswith(prefix):
+                    replica = candidate
+                    break
+            if replica is None or len(path) > 2 * self.max_request_size:
+                return None
+            try:
+                der = decode_get_path(path[len(prefix) - 1 :].decode("latin-1"))
+            except HsmOcspError:
+                return None
+        else:
+            return None
+        if b"if-none-match" in headers:
+            return None
+        response = replica.lookup(der)
+        if response is None:
+            return None
+        connection = headers.get(b"connection", b"").lower()
+        keep = connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
+        by_method = self.counts.setdefault(replica.name, {})
+        name = method.decode("ascii")
+        by_method[name] = by_method.get(name, 0) + 1
+        return self.writer.render(response, replica.max_age_for(response), version, keep), keep
+
+    def take_counts(self) -> dict[str, dict[str, int]]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def bind_reuseport(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (``SO_REUSEPORT``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Control(Protocol):
+    """The pipe from the main process (stdin) and back (stdout)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._decoder = FrameDecoder()
+        self._replicas: list[Replica] = []
+        self.site: FrontSite | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        for message in self._decoder.feed(data):
+            kind = message[0]
+            if kind == "put":
+                self._replicas[message[1]].put(message[2], message[3], message[4])
+            elif kind == "drop":
+                self._replicas[message[1]].drop(message[2])
+            elif kind == "inv":
+                self._replicas[message[1]].invalidate(message[2])
+            elif kind == "init":
+                self._init(message[1])
+
+    def _init(self, init: dict[str, Any]) -> None:
+        now = self._reactor.seconds
+        self._replicas = [
+            Replica(h["name"], h["path"], h["max_age"], h["nonce"], now) for h in init["handles"]
+        ]
+        endpoint = UNIXClientEndpoint(self._reactor, init["backend"])
+
+        def connect(protocol: Protocol) -> Deferred[Any]:
+            connected: Deferred[Any] = connectProtocol(endpoint, protocol)
+            return connected
+
+        self.site = FrontSite(self._replicas, now, connect, init["max_request_size"])
+        sock = bind_reuseport(init["host"], init["port"])
+        self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.site)
+        sock.close()  # the reactor holds its own duplicate
+        self._send(("ready", os.getpid()))
+        from twisted.internet.task import LoopingCall
+
+        LoopingCall(self._report).start(1.0, now=False)
+
+    def _report(self) -> None:
+        if self.site is not None:
+            counts = self.site.take_counts()
+            if counts:
+                self._send(("stats", counts))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        assert self.transport is not None
+        self.transport.write(encode_frame(message))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        # The main process closed the pipe (stopping, or gone): so do we.
+        if self._reactor.running:
+            self._reactor.stop()
+
+
+def main() -> int:
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    control = _Control(reactor)
+    StandardIO(control)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

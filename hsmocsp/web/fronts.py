@@ -1,0 +1,245 @@
+"""The main process's side of ``--workers N``: start, feed and watch the fronts.
+
+See :mod:`hsmocsp.web.front` for what a front does. Here: each front is a
+child process (``python -m hsmocsp.web.front``) given, on its stdin, an init
+message (where to listen, where the main process's private socket is, the
+handles) and then every change of every handle's cache, starting with a
+snapshot of what the caches hold. A front that exits is started again after
+a second; stopping closes their pipes (they exit) and kills any still there
+after a grace period. Their answer counts come back once a second and are
+added to the main process's metrics, so ``/metrics`` covers every process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import cooperate
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import hsmocsp
+from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.web.front import FrameDecoder, FrameError, encode_frame
+from hsmocsp.web.metrics import Metrics
+
+log = Logger()
+
+RESPAWN_DELAY = 1.0
+STOP_GRACE = 5.0
+SNAPSHOT_CHUNK = 500
+
+
+class _Feed:
+    """A :class:`~hsmocsp.cache.CacheObserver` for one handle: tells every front."""
+
+    def __init__(self, pool: FrontPool, index: int) -> None:
+        self._pool = pool
+        self._index = index
+
+    def stored(self, key: bytes, serial: int, value: SignedResponse) -> None:
+        self._pool.broadcast(encode_frame(("put", self._index, key, serial, value)))
+
+    def dropped(self, key: bytes) -> None:
+        self._pool.broadcast(encode_frame(("drop", self._index, key)))
+
+    def invalidated(self, serials: frozenset[int] | None) -> None:
+        self._pool.broadcast(encode_frame(("inv", self._index, serials)))
+
+
+class _Front(ProcessProtocol):
+    def __init__(self, pool: FrontPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.pid: int | None = None
+        self.live = False  # its pipe takes updates
+        self.ended: Deferred[None] = Deferred()
+        self._decoder = FrameDecoder()
+        self._err = b""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+        self.transport.write(encode_frame(("init", self.pool.init_message())))
+        self.live = True
+        self.pool.send_snapshot(self)
+
+    def send(self, frame: bytes) -> None:
+        if self.live and self.transport is not None:
+            self.transport.write(frame)
+
+    def outReceived(self, data: bytes) -> None:
+        try:
+            for message in self._decoder.feed(data):
+                if message[0] == "stats":
+                    self.pool.count(self.number, message[1])
+                elif message[0] == "ready":
+                    log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
+        except (FrameError, ValueError, EOFError) as err:
+            log.error("HTTP front {n}: unreadable message ({err}); stopping it",
+                      n=self.number, err=err)  # fmt: skip
+            self.kill()
+
+    def errReceived(self, data: bytes) -> None:
+        lines = (self._err + data).split(b"\n")
+        self._err = lines.pop()[-4096:]
+        for line in lines:
+            if line.strip():
+                log.warn("HTTP front {n}: {line}", n=self.number,
+                         line=line.decode("utf-8", "replace"))  # fmt: skip
+
+    def kill(self) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+
+    def processEnded(self, reason: Failure) -> None:
+        self.live = False
+        self.pool.ended(self, reason)
+        self.ended.callback(None)
+
+
+class FrontPool(service.Service):
+    """``count`` front processes serving ``host:port`` next to this one."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        handles: Sequence[Handle],
+        metrics: Metrics,
+        *,
+        count: int,
+        host: str,
+        port: int,
+        backend: str,
+        max_request_size: int,
+    ) -> None:
+        self.reactor = reactor
+        self.handles = list(handles)
+        self.metrics = metrics
+        self.count_wanted = count
+        self.host = host
+        self.port = port
+        self.backend = backend
+        self.max_request_size = max_request_size
+        self.fronts: dict[int, _Front] = {}
+        self._stopping = False
+        self._feeds = [_Feed(self, i) for i in range(len(self.handles))]
+
+    def init_message(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "backend": self.backend,
+            "max_request_size": self.max_request_size,
+            "handles": [
+                {"name": h.name, "path": h.path, "max_age": h.max_age, "nonce": h.nonce_policy}
+                for h in self.handles
+            ],
+        }
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for handle, feed in zip(self.handles, self._feeds, strict=True):
+            handle.cache.observers.append(feed)
+        for number in range(1, self.count_wanted + 1):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        if self._stopping:
+            return
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(hsmocsp.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        front = _Front(self, number)
+        self.fronts[number] = front
+        self.reactor.spawnProcess(
+            front,
+            sys.executable,
+            [sys.executable, "-m", "hsmocsp.web.front"],
+            env=env,
+            childFDs={0: "w", 1: "r", 2: "r"},
+        )
+
+    def send_snapshot(self, front: _Front) -> None:
+        """Every cached response to a new front, a chunk per reactor turn.
+
+        An entry is sent only if it is still the cache's current value when
+        its chunk goes out: one replaced or invalidated meanwhile has already
+        reached the front as a later message and must not be overwritten.
+        """
+
+        def chunks() -> Any:
+            for index, handle in enumerate(self.handles):
+                items = handle.cache.items()
+                for start in range(0, len(items), SNAPSHOT_CHUNK):
+                    if not front.live:
+                        return
+                    frames = [
+                        encode_frame(("put", index, key, serial, value))
+                        for key, serial, value in items[start : start + SNAPSHOT_CHUNK]
+                        if handle.cache.current(key) is value
+                    ]
+                    front.send(b"".join(frames))
+                    yield None
+
+        cooperate(chunks())
+
+    def broadcast(self, frame: bytes) -> None:
+        for front in self.fronts.values():
+            front.send(frame)
+
+    def count(self, number: int, counts: dict[str, dict[str, int]]) -> None:
+        by_name = {h.name: h for h in self.handles}
+        for name, methods in counts.items():
+            handle = by_name.get(name)
+            if handle is None:
+                continue
+            for method, n in methods.items():
+                self.metrics.response(handle.name, "successful", str(method), n)
+                self.metrics.front_answered(number, n)
+                handle.cache.stats.hits += n
+
+    def ended(self, front: _Front, reason: Failure) -> None:
+        if self.fronts.get(front.number) is front:
+            del self.fronts[front.number]
+        if self._stopping:
+            return
+        log.warn("HTTP front {n} (pid {pid}) exited ({why}); starting it again in {s:g} s",
+                 n=front.number, pid=front.pid, why=reason.getErrorMessage(),
+                 s=RESPAWN_DELAY)  # fmt: skip
+        self.reactor.callLater(RESPAWN_DELAY, self._spawn, front.number)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stopping = True
+        for handle, feed in zip(self.handles, self._feeds, strict=True):
+            if feed in handle.cache.observers:
+                handle.cache.observers.remove(feed)
+        fronts = list(self.fronts.values())
+        for front in fronts:
+            front.live = False
+            if front.transport is not None:
+                front.transport.closeStdin()
+
+        def kill_all() -> None:
+            for front in fronts:
+                front.kill()
+
+        killer = self.reactor.callLater(STOP_GRACE, kill_all)
+
+        def done(_: object) -> None:
+            if killer.active():
+                killer.cancel()
+
+        return DeferredList([f.ended for f in fronts]).addCallback(done)

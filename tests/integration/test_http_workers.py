@@ -1,0 +1,188 @@
+"""``--workers N``: extra HTTP processes on the same port, fed from the main cache.
+
+A real ``twistd hsmocsp --workers 3`` (the main process and two fronts) on the dev
+PKI. Connections are spread by the kernel (``SO_REUSEPORT``), so each check opens
+many new connections; ``hsmocsp_front_answers_total`` shows the fronts answered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from hsmocsp.devpki.opensslca import DevPki, issue_leaf, revoke
+from tests.integration.conftest import dev_env, level1_config
+from tests.integration.harness import Responder, http, openssl_ocsp
+
+pytestmark = pytest.mark.integration
+
+CONNECTIONS = 60
+
+
+@pytest.fixture(scope="module")
+def workers(devpki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Responder]:
+    work = tmp_path_factory.mktemp("workers")
+    r = Responder(
+        config=level1_config(devpki, work), env=dev_env(devpki), workdir=work,
+        extra_args=("--workers", "3"),
+    )  # fmt: skip
+    r.start()
+    yield r
+    r.stop()
+
+
+def _request(cert: Path, issuer: Path) -> bytes:
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(issuer.read_bytes())
+    builder = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA1())
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def _post_new_connection(port: int, der: bytes) -> bytes:
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/ocsp", der, {"Content-Type": "application/ocsp-request"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return resp.read()
+    finally:
+        conn.close()
+
+
+def _statuses(r: Responder, der: bytes) -> set[ocsp.OCSPCertStatus]:
+    seen = set()
+    for _ in range(CONNECTIONS):
+        parsed = ocsp.load_der_ocsp_response(_post_new_connection(r.port, der))
+        assert parsed.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+        seen.add(parsed.certificate_status)
+    return seen
+
+
+def _front_answers(r: Responder) -> dict[str, float]:
+    text = http(r.url + "/metrics")[2].decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("hsmocsp_front_answers_total{"):
+            label = line.split('front="', 1)[1].split('"', 1)[0]
+            out[label] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _front_pids(r: Responder) -> list[int]:
+    assert r.proc is not None
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(r.proc.pid)], capture_output=True, text=True
+    ).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "hsmocsp.web.front" in line]
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_fronts_answer_and_openssl_verifies(workers: Responder, devpki: DevPki) -> None:
+    assert len(_front_pids(workers)) == 2
+    der = _request(devpki.good_pem, devpki.ca_pem)
+    _post_new_connection(workers.port, der)  # signed once, pushed to the fronts
+    time.sleep(0.5)
+    assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+    _wait(lambda: len(_front_answers(workers)) == 2, "both fronts to report answers")
+    assert all(n > 0 for n in _front_answers(workers).values())
+    # Whatever process answers, openssl verifies it: good, revoked and unknown.
+    for _ in range(6):
+        for args, expect in (
+            (("-cert", str(devpki.good_pem)), "good"),
+            (("-cert", str(devpki.revoked_pem)), "revoked"),
+            (("-serial", "0x7E57AB1F"), "unknown"),
+        ):
+            result = openssl_ocsp(
+                "-url", workers.url + "/ocsp", "-issuer", str(devpki.ca_pem), "-no_nonce",
+                *args, "-VAfile", str(devpki.ocsp_pem), "-CAfile", str(devpki.ca_pem),
+            )  # fmt: skip
+            assert result.verified, result.output
+            assert f": {expect}" in result.output
+
+
+def test_relayed_requests_are_answered_by_the_main_process(workers: Responder) -> None:
+    # Not OCSP fast-path material: probes, metrics, CA download, a 404, a bad request.
+    for _ in range(10):
+        assert http(workers.url + "/readyz")[0] == 200
+        assert http(workers.url + "/ca/root.der")[0] == 200
+        assert http(workers.url + "/nothing-here")[0] == 404
+        status, _, body = http(
+            workers.url + "/ocsp", b"\x30\x03garbage", {"Content-Type": "application/ocsp-request"}
+        )
+        assert status == 200
+        assert ocsp.load_der_ocsp_response(body).response_status == (
+            ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        )
+
+
+def test_revocation_reaches_every_process(workers: Responder, devpki: DevPki) -> None:
+    leaf = issue_leaf(devpki, "workers-leaf")
+    der = _request(leaf, devpki.ca_pem)
+    _wait(
+        lambda: ocsp.load_der_ocsp_response(_post_new_connection(workers.port, der))
+        .certificate_status == ocsp.OCSPCertStatus.GOOD,
+        "the new leaf to be known",
+    )  # fmt: skip
+    time.sleep(0.5)
+    assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+    generation = _generation(workers)
+    revoke(devpki, leaf, "superseded")
+    _wait(lambda: _generation(workers) > generation, "the revocation to be loaded")
+    # No OCSP request has reached any process since the reload. Many at once now:
+    # a front still holding the old "good" would answer it at once, before the main
+    # process has signed anything new.
+    with ThreadPoolExecutor(CONNECTIONS) as pool:
+        answers = list(pool.map(lambda _: _post_new_connection(workers.port, der), range(60)))
+    seen = {ocsp.load_der_ocsp_response(a).certificate_status for a in answers}
+    assert seen == {ocsp.OCSPCertStatus.REVOKED}
+    assert _statuses(workers, der) == {ocsp.OCSPCertStatus.REVOKED}
+
+
+def _generation(r: Responder) -> float:
+    text = http(r.url + "/metrics")[2].decode()
+    for line in text.splitlines():
+        if line.startswith('hsmocsp_source_generation{handle="root"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no source generation metric")
+
+
+def test_a_front_that_dies_is_replaced(workers: Responder, devpki: DevPki) -> None:
+    before = _front_pids(workers)
+    os.kill(before[0], signal.SIGKILL)
+    _wait(
+        lambda: len(_front_pids(workers)) == 2 and before[0] not in _front_pids(workers),
+        "a new front",
+    )
+    der = _request(devpki.good_pem, devpki.ca_pem)
+    assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+
+
+def test_fronts_stop_with_the_main_process(devpki: DevPki, tmp_path: Path) -> None:
+    r = Responder(
+        config=level1_config(devpki, tmp_path), env=dev_env(devpki), workdir=tmp_path,
+        extra_args=("--workers", "2"),
+    )  # fmt: skip
+    r.start()
+    pids = _front_pids(r)
+    assert len(pids) == 1
+    r.stop()
+    _wait(lambda: not os.path.exists(f"/proc/{pids[0]}"), "the front to exit", timeout=10)

@@ -1,0 +1,189 @@
+"""Front processes (``--workers``): the replica, the frames, the answer or the relay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from hsmocsp.errors import ConfigError
+from hsmocsp.tap import tcp_listen_address
+from hsmocsp.web.app import OCSPApp
+from hsmocsp.web.fastpath import FastSite
+from hsmocsp.web.front import SERVICE_UNAVAILABLE, FrameDecoder, FrontSite, Replica, encode_frame
+from tests.unit.test_fastpath import ADDR, post, split, warm
+from tests.unit.test_responder import make, request_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class Backend:
+    """Stands in for the main process's Unix socket."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.protocols: list[Protocol] = []
+        self.transports: list[StringTransport] = []
+
+    def connect(self, protocol: Protocol) -> Deferred[Any]:
+        if not self.up:
+            d: Deferred[Any] = Deferred()
+            d.errback(ConnectionRefusedError("no main process"))
+            return d
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.protocols.append(protocol)
+        self.transports.append(transport)
+        return succeed(protocol)
+
+
+def setup(
+    nonce: str = "echo", backend: Backend | None = None
+) -> tuple[FastSite, FrontSite, Replica, Clock, Backend]:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, _, _ = make(clock)
+    handle.nonce_policy = nonce  # type: ignore[assignment]
+    main = FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds)
+    replica = Replica(handle.name, handle.path, handle.max_age, nonce, clock.seconds)
+    backend = backend or Backend()
+    front = FrontSite([replica], clock.seconds, backend.connect, 10_000)
+    feed = _Feed(replica)
+    handle.cache.observers.append(feed)  # type: ignore[arg-type]
+    return main, front, replica, clock, backend
+
+
+class _Feed:
+    """The cache observer of fronts.py, minus the pipe: frames straight into the replica."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.decoder = FrameDecoder()
+
+    def _through_pipe(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        (decoded,) = self.decoder.feed(encode_frame(message))
+        return decoded
+
+    def stored(self, key: bytes, serial: int, value: Any) -> None:
+        _, k, s, v = self._through_pipe(("put", key, serial, value))
+        self.replica.put(k, s, v)
+
+    def dropped(self, key: bytes) -> None:
+        self.replica.drop(self._through_pipe(("drop", key))[1])
+
+    def invalidated(self, serials: frozenset[int] | None) -> None:
+        self.replica.invalidate(self._through_pipe(("inv", serials))[1])
+
+
+def ask(site: FrontSite | FastSite, raw: bytes) -> tuple[Protocol, StringTransport]:
+    proto = site.buildProtocol(ADDR)
+    transport = StringTransport()
+    assert proto is not None
+    proto.makeConnection(transport)
+    proto.dataReceived(raw)
+    return proto, transport
+
+
+def test_front_answers_with_the_main_process_bytes() -> None:
+    main, front, _, _, backend = setup()
+    req = request_for(1)
+    warm(main, req)
+    _, from_main = ask(main, post(req))
+    _, from_front = ask(front, post(req))
+    assert from_front.value() == from_main.value()  # headers and body, byte for byte
+    assert backend.protocols == []
+    assert front.take_counts() == {main.app.handles[0].name: {"POST": 1}}
+    assert front.take_counts() == {}
+
+
+def test_unknown_request_is_relayed_from_that_request_on() -> None:
+    main, front, _, _, backend = setup()
+    known, other = request_for(1), request_for(2)
+    warm(main, known)
+    proto, client = ask(front, post(known) + post(other) + post(known))
+    head, _ = split(client.value())
+    assert head.startswith(b"HTTP/1.1 200")  # the first answered here
+    assert len(backend.transports) == 1
+    # Everything from the request the front could not answer goes to the main process.
+    assert backend.transports[0].value() == post(other) + post(known)
+    backend.protocols[0].dataReceived(b"HTTP/1.1 200 OK\r\n\r\nfrom main")
+    assert client.value().endswith(b"from main")
+    proto.dataReceived(b"more")
+    assert backend.transports[0].value().endswith(b"more")
+
+
+def test_invalidation_reaches_the_replica() -> None:
+    main, front, replica, _, backend = setup()
+    req = request_for(1)
+    warm(main, req)
+    assert replica.lookup(req) is not None
+    main.app.handles[0].cache.invalidate([1])
+    assert replica.lookup(req) is None
+    ask(front, post(req))
+    assert len(backend.transports) == 1  # relayed, not answered from a stale entry
+
+
+def test_past_refresh_point_is_left_to_the_main_process() -> None:
+    main, _, replica, clock, _ = setup()
+    req = request_for(1)
+    warm(main, req)
+    value = replica.lookup(req)
+    assert value is not None
+    clock.advance(value.refresh_at - clock.seconds())
+    assert replica.lookup(req) is None
+
+
+@pytest.mark.parametrize("policy, served", [("echo", False), ("ignore", True)])
+def test_nonce_policy(policy: str, served: bool) -> None:
+    main, _, replica, _, _ = setup(nonce=policy)
+    warm(main, request_for(1))
+    assert (replica.lookup(request_for(1, nonce=True)) is not None) is served
+
+
+def test_malformed_request_is_relayed() -> None:
+    _, front, replica, _, backend = setup()
+    assert replica.lookup(b"\x30\x03abc") is None
+    ask(front, post(b"\x30\x03abc"))
+    assert len(backend.transports) == 1
+
+
+def test_main_process_unreachable_gives_503() -> None:
+    _, front, _, _, _ = setup(backend=Backend(up=False))
+    _, client = ask(front, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert client.value() == SERVICE_UNAVAILABLE
+
+
+def test_frames_split_anywhere() -> None:
+    frames = encode_frame(("a", 1)) + encode_frame(("b", b"x" * 1000))
+    decoder = FrameDecoder()
+    got = [m for i in range(len(frames)) for m in decoder.feed(frames[i : i + 1])]
+    assert got == [("a", 1), ("b", b"x" * 1000)]
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("tcp:8080:interface=127.0.0.1", ("127.0.0.1", 8080, 1024)),
+        ("tcp:port=0:interface=127.0.0.1:backlog=50", ("127.0.0.1", 0, 50)),
+        ("8080", ("0.0.0.0", 8080, 1024)),
+        ("tcp6:8443:interface=\\:\\:1", ("::1", 8443, 1024)),
+    ],
+)
+def test_tcp_listen_address(description: str, expected: tuple[str, int, int]) -> None:
+    assert tcp_listen_address(description, _cfg(), "listen") == expected
+
+
+@pytest.mark.parametrize("description", ["unix:/run/x.sock", "ssl:443", "tcp:http"])
+def test_listen_that_cannot_be_shared(description: str) -> None:
+    with pytest.raises(ConfigError, match=r"hsmocsp.yaml: listen:"):
+        tcp_listen_address(description, _cfg(), "listen")
+
+
+def _cfg() -> Any:
+    return SimpleNamespace(path=Path("/etc/hsmocsp.yaml"))  # all the parser reads
