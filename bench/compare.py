@@ -363,14 +363,17 @@ handles:
     ) -> str:  # fmt: skip
         return self.run_hsmocsp(name, self.hsmocsp_config(name, workers, presign_rate), profile)
 
-    def run_hsmocsp(self, name: str, cfg: Path, profile: Path | None = None) -> str:
+    def run_hsmocsp(
+        self, name: str, cfg: Path, profile: Path | None = None, http_workers: int = 1
+    ) -> str:
         """Start twistd on an existing config; the base URL once /readyz answers 200."""
         port = free_port()
         prof = [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
         child = self.children.start(
             name,
             [str(TWISTD), "--nodaemon", "--pidfile=", "--logfile=-", *prof, "hsmocsp",
-             "--config", str(cfg), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+             "--config", str(cfg), "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--workers", str(http_workers)],
             env=self.env(), cwd=cfg.parent,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -401,6 +404,34 @@ handles:
         r = self.wrk(url + gpath, self.script("get", get_script(gpath)))
         self.report.add("hsmocsp cached GET", r, note)
         keepalive_check(url, self.request, gpath, body)
+        for child in list(self.children.children):
+            if child.name == "hsmocsp":
+                self.children.stop(child)
+
+        # --workers 2: the main process and one front on the same port (SO_REUSEPORT).
+        name = "hsmocsp-workers2"
+        url = self.run_hsmocsp(name, self.hsmocsp_config(name, workers=2), http_workers=2)
+        for _ in range(3):  # whichever process takes it, the main one signs; fronts get a copy
+            check_response(http(url + "/ocsp", self.request, OCSP_CT)[2],
+                           ocsp.OCSPCertStatus.GOOD, "hsmocsp --workers 2")  # fmt: skip
+        time.sleep(1)
+        for label, script in (
+            ("POST", self.script("post-w2", post_script(self.request))),
+            ("GET", self.script("get-w2", get_script(gpath))),
+        ):
+            before = _metric(scrape_metrics(url), "hsmocsp_front_answers_total")
+            target = url + ("/ocsp" if label == "POST" else gpath)
+            r = self.wrk(target, script)
+            time.sleep(1.5)  # fronts report their counts once a second
+            fronts = _metric(scrape_metrics(url), "hsmocsp_front_answers_total") - before
+            self.report.add(
+                f"hsmocsp cached {label}, --workers 2", r,
+                f"main process + 1 front on one port; the front answered {fronts:,.0f}"
+                f" of {r.requests:,}",
+            )  # fmt: skip
+        for child in list(self.children.children):
+            if child.name == name:
+                self.children.stop(child)
 
     def profile_cached(self) -> None:
         """cProfile of the cached POST path (twistd --profile)."""
