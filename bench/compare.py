@@ -786,7 +786,7 @@ http {{
             raise BenchError("bench/index_load.py is absent")
         lines = "100000" if self.args.quick else "1000000"
         proc = subprocess.run(
-            [sys.executable, str(script), "--lines", lines],
+            [sys.executable, str(script), "--lines", lines, "--reactor"],
             capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)),
         )  # fmt: skip
         if proc.returncode != 0:
