@@ -21,18 +21,21 @@ write later they drop it too). A front never serves an answer past its
 refresh point: that request is relayed, so the main process sees the demand
 and refreshes it.
 
-Frames on both pipes are a 4-byte big-endian length and a pickle (both ends
-are this program, on a pipe only they share):
+Frames on both pipes are a 4-byte big-endian length and a payload:
 
-* main -> front: ``("init", dict)``, ``("put", h, key, serial, SignedResponse)``,
-  ``("drop", h, key)``, ``("inv", h, serials or None)``;
-* front -> main: ``("ready", pid)``, ``("stats", {handle: {method: answers}})``.
+* main -> front, pickles (the front trusts its parent): ``("init", dict)``,
+  ``("put", h, key, serial, SignedResponse)``, ``("drop", h, key)``,
+  ``("inv", h, serials or None)``;
+* front -> main, JSON arrays: ``["ready", pid]``, ``["stats", {handle: {method: n}}]``.
+  Not pickle: a front parses untrusted requests, and the main process holds the HSM
+  session, so it never executes anything a front sends (as with the signing workers).
 
 Run as ``python -m hsmocsp.web.front``, by :mod:`hsmocsp.web.fronts` only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -54,7 +57,7 @@ from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.responder import SignedResponse
 from hsmocsp.web.fastpath import FastChannel, ResponseWriter
 
-__all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame"]
+__all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame", "encode_report"]
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -66,8 +69,20 @@ SERVICE_UNAVAILABLE = (
 
 
 def encode_frame(message: tuple[Any, ...]) -> bytes:
+    """A main -> front frame (pickle)."""
     payload = pickle.dumps(message, protocol=5)
     return _LENGTH.pack(len(payload)) + payload
+
+
+def encode_report(message: tuple[Any, ...]) -> bytes:
+    """A front -> main frame (JSON)."""
+    payload = json.dumps(message).encode()
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def _json_message(payload: bytes) -> Any:
+    message = json.loads(payload)
+    return tuple(message) if isinstance(message, list) else message
 
 
 class FrameError(HsmOcspError):
@@ -75,10 +90,13 @@ class FrameError(HsmOcspError):
 
 
 class FrameDecoder:
-    """Splits a byte stream into the messages :func:`encode_frame` made."""
+    """Splits a byte stream into messages: :func:`encode_frame`'s (``trusted``, the
+    front reading its parent) or :func:`encode_report`'s (the main process reading a
+    front)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, trusted: bool) -> None:
         self._buf = bytearray()
+        self._loads: Callable[[bytes], Any] = pickle.loads if trusted else _json_message
 
     def feed(self, data: bytes) -> Iterator[tuple[Any, ...]]:
         self._buf += data
@@ -91,7 +109,10 @@ class FrameDecoder:
                 return
             payload = bytes(self._buf[_LENGTH.size : end])
             del self._buf[:end]
-            message = pickle.loads(payload)
+            try:
+                message = self._loads(payload)
+            except ValueError as err:
+                raise FrameError(f"unreadable frame: {err}") from err
             if not isinstance(message, tuple) or not message:
                 raise FrameError("frame is not a message")
             yield message
@@ -326,7 +347,7 @@ class _Control(Protocol):
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(trusted=True)
         self._replicas: list[Replica] = []
         self.site: FrontSite | None = None
 
@@ -370,7 +391,7 @@ class _Control(Protocol):
 
     def _send(self, message: tuple[Any, ...]) -> None:
         assert self.transport is not None
-        self.transport.write(encode_frame(message))
+        self.transport.write(encode_report(message))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         # The main process closed the pipe (stopping, or gone): so do we.

@@ -61,7 +61,7 @@ class _Front(ProcessProtocol):
         self.pid: int | None = None
         self.live = False  # its pipe takes updates
         self.ended: Deferred[None] = Deferred()
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(trusted=False)
         self._err = b""
 
     def connectionMade(self) -> None:
@@ -78,11 +78,11 @@ class _Front(ProcessProtocol):
     def outReceived(self, data: bytes) -> None:
         try:
             for message in self._decoder.feed(data):
-                if message[0] == "stats":
+                if message[0] == "stats" and len(message) == 2:
                     self.pool.count(self.number, message[1])
                 elif message[0] == "ready":
                     log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
-        except (FrameError, ValueError, EOFError) as err:
+        except (FrameError, ValueError, TypeError, AttributeError) as err:
             log.error("HTTP front {n}: unreadable message ({err}); stopping it",
                       n=self.number, err=err)  # fmt: skip
             self.kill()
@@ -200,12 +200,16 @@ class FrontPool(service.Service):
             front.send(frame)
 
     def count(self, number: int, counts: dict[str, dict[str, int]]) -> None:
+        """Add a front's answer counts (JSON from a process that reads untrusted input:
+        only known handles and methods, only non-negative integers)."""
         by_name = {h.name: h for h in self.handles}
         for name, methods in counts.items():
             handle = by_name.get(name)
-            if handle is None:
+            if handle is None or not isinstance(methods, dict):
                 continue
             for method, n in methods.items():
+                if method not in ("GET", "POST") or not isinstance(n, int) or n < 0:
+                    continue
                 self.metrics.response(handle.name, "successful", str(method), n)
                 self.metrics.front_answered(number, n)
                 handle.cache.stats.hits += n

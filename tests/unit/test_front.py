@@ -16,7 +16,15 @@ from hsmocsp.errors import ConfigError
 from hsmocsp.tap import tcp_listen_address
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
-from hsmocsp.web.front import SERVICE_UNAVAILABLE, FrameDecoder, FrontSite, Replica, encode_frame
+from hsmocsp.web.front import (
+    SERVICE_UNAVAILABLE,
+    FrameDecoder,
+    FrameError,
+    FrontSite,
+    Replica,
+    encode_frame,
+    encode_report,
+)
 from tests.unit.test_fastpath import ADDR, post, split, warm
 from tests.unit.test_responder import make, request_for
 
@@ -64,7 +72,7 @@ class _Feed:
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(trusted=True)
 
     def _through_pipe(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
         (decoded,) = self.decoder.feed(encode_frame(message))
@@ -161,9 +169,17 @@ def test_main_process_unreachable_gives_503() -> None:
 
 def test_frames_split_anywhere() -> None:
     frames = encode_frame(("a", 1)) + encode_frame(("b", b"x" * 1000))
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(trusted=True)
     got = [m for i in range(len(frames)) for m in decoder.feed(frames[i : i + 1])]
     assert got == [("a", 1), ("b", b"x" * 1000)]
+
+
+def test_main_process_reads_fronts_as_json_only() -> None:
+    decoder = FrameDecoder(trusted=False)
+    report = encode_report(("stats", {"root": {"POST": 3}}))
+    assert list(decoder.feed(report)) == [("stats", {"root": {"POST": 3}})]
+    with pytest.raises(FrameError, match="unreadable frame"):
+        list(decoder.feed(encode_frame(("stats", {}))))  # a pickle is refused, not loaded
 
 
 @pytest.mark.parametrize(
