@@ -50,6 +50,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import HsmOcspError
@@ -58,6 +59,8 @@ from hsmocsp.responder import SignedResponse
 from hsmocsp.web.fastpath import FastChannel, ResponseWriter
 
 __all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame", "encode_report"]
+
+log = Logger()
 
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -375,7 +378,14 @@ class _Control(Protocol):
             return connected
 
         self.site = FrontSite(self._replicas, now, connect, init["max_request_size"])
-        sock = bind_reuseport(init["host"], init["port"])
+        self.site.noisy = False
+        try:
+            sock = bind_reuseport(init["host"], init["port"])
+        except OSError as err:
+            log.error("cannot listen on {host}:{port}: {why}", host=init["host"],
+                      port=init["port"], why=err.strerror)  # fmt: skip
+            self._reactor.stop()
+            return
         self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.site)
         sock.close()  # the reactor holds its own duplicate
         self._send(("ready", os.getpid()))
@@ -402,8 +412,22 @@ class _Control(Protocol):
 def main() -> int:
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    # Our stderr is read by the main process, which logs each line under this front's name.
+    # Warnings and errors only: the main process logs what it should know.
+    errors_only = FilteringLogObserver(
+        textFileLogObserver(sys.stderr, timeFormat=""),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+    )
+    globalLogBeginner.beginLoggingTo([errors_only], redirectStandardIO=False)
     control = _Control(reactor)
     StandardIO(control)
     reactor.run()

@@ -33,6 +33,8 @@ from hsmocsp.web.metrics import Metrics
 log = Logger()
 
 RESPAWN_DELAY = 1.0
+MAX_RESPAWN_DELAY = 30.0
+STABLE_AFTER = 10.0  # a front that ran this long gets the short delay again
 STOP_GRACE = 5.0
 SNAPSHOT_CHUNK = 500
 
@@ -61,6 +63,7 @@ class _Front(ProcessProtocol):
         self.pid: int | None = None
         self.live = False  # its pipe takes updates
         self.ended: Deferred[None] = Deferred()
+        self.started_at = pool.reactor.seconds()
         self._decoder = FrameDecoder(trusted=False)
         self._err = b""
 
@@ -132,6 +135,7 @@ class FrontPool(service.Service):
         self.backend = backend
         self.max_request_size = max_request_size
         self.fronts: dict[int, _Front] = {}
+        self._delays: dict[int, float] = {}
         self._stopping = False
         self._feeds = [_Feed(self, i) for i in range(len(self.handles))]
 
@@ -219,10 +223,16 @@ class FrontPool(service.Service):
             del self.fronts[front.number]
         if self._stopping:
             return
+        # A front that keeps failing at start (say, its address is gone) is retried
+        # with growing pauses, up to MAX_RESPAWN_DELAY, not once a second forever.
+        ran = self.reactor.seconds() - front.started_at
+        previous = self._delays.get(front.number, RESPAWN_DELAY / 2)
+        delay = RESPAWN_DELAY if ran > STABLE_AFTER else min(MAX_RESPAWN_DELAY, previous * 2)
+        self._delays[front.number] = delay
         log.warn("HTTP front {n} (pid {pid}) exited ({why}); starting it again in {s:g} s",
                  n=front.number, pid=front.pid, why=reason.getErrorMessage(),
-                 s=RESPAWN_DELAY)  # fmt: skip
-        self.reactor.callLater(RESPAWN_DELAY, self._spawn, front.number)
+                 s=delay)  # fmt: skip
+        self.reactor.callLater(delay, self._spawn, front.number)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

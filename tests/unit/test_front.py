@@ -203,3 +203,41 @@ def test_listen_that_cannot_be_shared(description: str) -> None:
 
 def _cfg() -> Any:
     return SimpleNamespace(path=Path("/etc/hsmocsp.yaml"))  # all the parser reads
+
+
+class _SpawningClock(Clock):
+    """A Clock that records spawnProcess calls instead of starting anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        self.spawned.append(protocol)
+
+
+def test_failing_front_is_restarted_with_growing_pauses() -> None:
+    from twisted.internet.error import ProcessDone
+    from twisted.python.failure import Failure
+
+    from hsmocsp.web.fronts import MAX_RESPAWN_DELAY, RESPAWN_DELAY, FrontPool
+    from hsmocsp.web.metrics import Metrics
+
+    clock = _SpawningClock()
+    pool = FrontPool(clock, [], Metrics([]), count=1, host="127.0.0.1", port=1,
+                     backend="/nowhere", max_request_size=10_000)  # fmt: skip
+    pool.startService()
+    delays = []
+    for _ in range(7):  # each front dies at once
+        front = clock.spawned[-1]
+        front.processEnded(Failure(ProcessDone(0)))
+        (call,) = clock.getDelayedCalls()
+        delays.append(call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert delays[0] == RESPAWN_DELAY and delays[-1] == MAX_RESPAWN_DELAY
+    clock.advance(60)  # this one runs a while, then dies: back to the short pause
+    clock.spawned[-1].processEnded(Failure(ProcessDone(0)))
+    (call,) = clock.getDelayedCalls()
+    assert call.getTime() - clock.seconds() == RESPAWN_DELAY
+    pool.stopService()
