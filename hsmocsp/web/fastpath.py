@@ -18,9 +18,9 @@ path stays the one place with all of HTTP's corner cases.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -45,6 +45,8 @@ MAX_PIPELINED = 65536
 
 log = Logger()
 
+T = TypeVar("T")
+
 
 class FastSite(Site):
     """A ``Site`` whose connections try the cached fast path first."""
@@ -53,13 +55,7 @@ class FastSite(Site):
         super().__init__(app.resource())
         self.app = app
         self._now = now
-        self._post: dict[bytes, Handle] = {}
-        self._get: list[tuple[bytes, Handle]] = []
-        for handle in app.handles:
-            prefix = handle.path.rstrip("/").encode("ascii")
-            self._post[prefix or b"/"] = handle
-            self._get.append((prefix + b"/", handle))
-        self._get.sort(key=lambda item: -len(item[0]))
+        self.routes = OcspRoutes([(h.path, h) for h in app.handles], app.max_request_size)
         self.max_request_size = app.max_request_size
         self.writer = ResponseWriter(now)
         self.fast_answers = 0
@@ -79,36 +75,11 @@ class FastSite(Site):
     ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
         """The whole HTTP response (now or later) and whether to keep the connection,
         or None to decline (twisted.web then takes the connection)."""
-        path = target.split(b"?", 1)[0]
-        handle: Handle | None = None
-        if method == b"POST":
-            handle = self._post.get(path)
-            if handle is None:
-                return None
-            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-            if ctype != b"application/ocsp-request" or len(body) > self.app.max_request_size:
-                return None
-            der = body
-        elif method == b"GET":
-            for prefix, candidate in self._get:
-                if path.startswith(prefix):
-                    handle = candidate
-                    break
-            if handle is None or len(path) > 2 * self.app.max_request_size:
-                return None
-            try:
-                der = decode_get_path(path[len(prefix) - 1 :].decode("latin-1"))
-            except MalformedRequest:
-                return None
-        else:
+        routed = self.routes.route(method, target, headers, body)
+        if routed is None:
             return None
-        if b"if-none-match" in headers:
-            return None
-        connection = headers.get(b"connection", b"").lower()
-        if version == b"HTTP/1.1":
-            keep = connection != b"close"
-        else:
-            keep = connection == b"keep-alive"
+        handle, der = routed
+        keep = keep_alive(version, headers)
         response = handle.cached_response(der)
         if response is not None and response.cacheable:
             self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
@@ -133,6 +104,56 @@ class FastSite(Site):
         lines.append(b"\r\n")
         lines.append(body)
         return b"".join(lines)
+
+
+class OcspRoutes(Generic[T]):
+    """Which handle a plain OCSP POST or GET is for, and the request's DER.
+
+    Shared by the fast path and the fronts (:mod:`hsmocsp.web.front`), so both take
+    exactly the same requests; everything else is declined (None).
+    """
+
+    def __init__(self, paths: Iterable[tuple[str, T]], max_request_size: int) -> None:
+        self._post: dict[bytes, T] = {}
+        self._get: list[tuple[bytes, T]] = []
+        for path, target in paths:
+            prefix = path.rstrip("/").encode("ascii")
+            self._post[prefix or b"/"] = target
+            self._get.append((prefix + b"/", target))
+        self._get.sort(key=lambda item: -len(item[0]))
+        self._max = max_request_size
+
+    def route(
+        self, method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
+    ) -> tuple[T, bytes] | None:
+        path = target.split(b"?", 1)[0]
+        if b"if-none-match" in headers:
+            return None
+        if method == b"POST":
+            found = self._post.get(path)
+            if found is None:
+                return None
+            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if ctype != b"application/ocsp-request" or len(body) > self._max:
+                return None
+            return found, body
+        if method != b"GET" or len(path) > 2 * self._max:
+            return None
+        for prefix, candidate in self._get:
+            if path.startswith(prefix):
+                try:
+                    return candidate, decode_get_path(path[len(prefix) - 1 :].decode("latin-1"))
+                except MalformedRequest:
+                    return None
+        return None
+
+
+def keep_alive(version: bytes, headers: dict[bytes, bytes]) -> bool:
+    """Whether the client wants the connection kept after this response."""
+    connection = headers.get(b"connection", b"").lower()
+    if version == b"HTTP/1.1":
+        return connection != b"close"
+    return connection == b"keep-alive"
 
 
 class ResponseWriter:

@@ -54,9 +54,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import HsmOcspError
-from hsmocsp.ocsp.request import decode_get_path, parse_request
+from hsmocsp.ocsp.request import parse_request
 from hsmocsp.responder import SignedResponse
-from hsmocsp.web.fastpath import FastChannel, ResponseWriter
+from hsmocsp.web.fastpath import FastChannel, OcspRoutes, ResponseWriter, keep_alive
 
 __all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame", "encode_report"]
 
@@ -267,14 +267,7 @@ class FrontSite(Factory):
         self.max_request_size = max_request_size
         self.writer = ResponseWriter(now)
         self._connect = connect
-        self._post: dict[bytes, Replica] = {}
-        self._get: list[tuple[bytes, Replica]] = []
-        for replica in replicas:
-            prefix = replica.path.rstrip("/").encode("ascii")
-            self._post[prefix] = replica
-            self._post[prefix + b"/"] = replica
-            self._get.append((prefix + b"/", replica))
-        self._get.sort(key=lambda item: -len(item[0]))
+        self.routes = OcspRoutes([(r.path, r) for r in replicas], max_request_size)
         self.counts: dict[str, dict[str, int]] = {}
         self.handed_over = 0
 
@@ -289,36 +282,14 @@ class FrontSite(Factory):
         body: bytes,
     ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
         """A cached answer and whether to keep the connection, or None to relay."""
-        path = target.split(b"?", 1)[0]
-        replica: Replica | None = None
-        if method == b"POST":
-            replica = self._post.get(path)
-            if replica is None:
-                return None
-            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-            if ctype != b"application/ocsp-request" or len(body) > self.max_request_size:
-                return None
-            der = body
-        elif method == b"GET":
-            for prefix, candidate in self._get:
-                if path.startswith(prefix):
-                    replica = candidate
-                    break
-            if replica is None or len(path) > 2 * self.max_request_size:
-                return None
-            try:
-                der = decode_get_path(path[len(prefix) - 1 :].decode("latin-1"))
-            except HsmOcspError:
-                return None
-        else:
+        routed = self.routes.route(method, target, headers, body)
+        if routed is None:
             return None
-        if b"if-none-match" in headers:
-            return None
+        replica, der = routed
         response = replica.lookup(der)
         if response is None:
             return None
-        connection = headers.get(b"connection", b"").lower()
-        keep = connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
+        keep = keep_alive(version, headers)
         by_method = self.counts.setdefault(replica.name, {})
         name = method.decode("ascii")
         by_method[name] = by_method.get(name, 0) + 1

@@ -387,8 +387,8 @@ def test_stop_stops_polling(env: Env) -> None:
 # --- the real reactor and thread pool -----------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
-async def test_reload_on_the_real_reactor(tmp_path: Path) -> None:
+async def _started_on_reactor(tmp_path: Path) -> tuple[OpenSSLSource, x509.Certificate, Path]:
+    """A source on the real reactor (index parsed in a child process), started."""
     from twisted.internet import reactor
 
     ca, _key = make_ca()
@@ -396,9 +396,15 @@ async def test_reload_on_the_real_reactor(tmp_path: Path) -> None:
     index.write_text(BASE)
     src = OpenSSLSource(issuer=ca, index_path=index, crl_path=None, poll_interval=3600.0,
                         reactor=reactor)  # fmt: skip
+    await src.start()
+    return src, ca, index
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_reload_on_the_real_reactor(tmp_path: Path) -> None:
+    src, ca, index = await _started_on_reactor(tmp_path)
     changes: list[frozenset[int] | None] = []
     src.on_change(changes.append)
-    await src.start()
     try:
         new = tmp_path / "index.txt.new"
         new.write_text(row("R", "250101000000Z,superseded", 1) + BASE.split("\n", 1)[1])
@@ -413,14 +419,7 @@ async def test_reload_on_the_real_reactor(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_stop_abandons_a_hung_parse(tmp_path: Path) -> None:
-    from twisted.internet import reactor
-
-    ca, _key = make_ca()
-    index = tmp_path / "index.txt"
-    index.write_text(BASE)
-    src = OpenSSLSource(issuer=ca, index_path=index, crl_path=None, poll_interval=3600.0,
-                        reactor=reactor)  # fmt: skip
-    await src.start()
+    src, ca, index = await _started_on_reactor(tmp_path)
     index.unlink()
     os.mkfifo(index)  # the child's open() blocks until stop() kills it
     checking = src.check_now()
