@@ -9,6 +9,7 @@ merge ``//`` or redirect on trailing slashes (OCSP clients follow no redirects).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
@@ -37,7 +38,9 @@ OCSP_RESPONSE = b"application/ocsp-response"
 NO_CACHE = b"max-age=0, no-cache, no-store"
 
 
-def _http_date(seconds: float) -> bytes:
+@functools.lru_cache(maxsize=4096)
+def http_date(seconds: float) -> bytes:
+    """RFC 7231 date; remembered, since responses signed in one second share theirs."""
     return formatdate(seconds, usegmt=True).encode("ascii")
 
 
@@ -187,8 +190,8 @@ class OCSPApp:
                         b"max-age=%d, public, no-transform, must-revalidate"
                         % handle.max_age_for(outcome),
                     ),
-                    (b"Last-Modified", _http_date(outcome.this_update)),
-                    (b"Expires", _http_date(outcome.next_update)),
+                    (b"Last-Modified", http_date(outcome.this_update)),
+                    (b"Expires", http_date(outcome.next_update)),
                     (b"ETag", etag),
                 ]
                 if if_none_match == etag:

@@ -19,7 +19,6 @@ path stays the one place with all of HTTP's corner cases.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from email.utils import formatdate
 from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -35,7 +34,7 @@ from twisted.web.server import Site
 from hsmocsp.errors import MalformedRequest
 from hsmocsp.ocsp.request import decode_get_path
 from hsmocsp.responder import Handle, SignedResponse
-from hsmocsp.web.app import OCSPApp, Outcome
+from hsmocsp.web.app import OCSPApp, Outcome, http_date
 
 #: A request head larger than this is not an OCSP request we answer fast.
 MAX_HEAD = 8192
@@ -174,7 +173,7 @@ class ResponseWriter:
         second = int(now)
         if second != self._date_second:
             self._date_second = second
-            self._date = _http_date(now)
+            self._date = http_date(now)
         return self._date
 
     def render(self, response: SignedResponse, max_age: int, version: bytes, keep: bool) -> bytes:
@@ -188,8 +187,8 @@ class ResponseWriter:
                 b"Last-Modified: %s\r\nExpires: %s\r\nETag: %s\r\n"
                 % (
                     len(response.der),
-                    _http_date(response.this_update),
-                    _http_date(response.next_update),
+                    http_date(response.this_update),
+                    http_date(response.next_update),
                     response.etag.encode("ascii"),
                 )
             )
@@ -201,10 +200,6 @@ class ResponseWriter:
             % max_age,
             b"Date: ", date, b"\r\n", connection, b"\r\n", response.der,
         ))  # fmt: skip
-
-
-def _http_date(seconds: float) -> bytes:
-    return formatdate(seconds, usegmt=True).encode("ascii")
 
 
 def _connection_header(version: bytes, keep: bool) -> bytes:
