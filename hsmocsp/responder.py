@@ -401,6 +401,10 @@ class Handle:
 
         return self.signer.sign(tbs).addCallback(assemble)
 
+    def now(self) -> float:
+        """The handle's clock (the reactor's, or a test's)."""
+        return self._now()
+
     def max_age_for(self, response: SignedResponse) -> int:
         remaining = response.next_update - self._now()
         if self.max_age is not None:

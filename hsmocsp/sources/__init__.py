@@ -27,6 +27,13 @@ class StatusSource(Protocol):
     @property
     def generation(self) -> int: ...
 
+    @property
+    def checked_at(self) -> float | None:
+        """When (reactor time) the source last confirmed its data is current: a poll
+        that found the files as loaded, a CRL fetched. None before the first load.
+        ``now - checked_at`` is the age of the data answers are made from."""
+        ...
+
     def start(self) -> Deferred[None]:
         """First load; fails if the data cannot be loaded at all."""
         ...

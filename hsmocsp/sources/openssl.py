@@ -188,6 +188,7 @@ class OpenSSLSource:
         self._crl = _Watched(Path(crl_path), "CRL") if crl_path is not None else None
         self._snapshot: _Snapshot | None = None
         self._generation = 0
+        self._checked_at: float | None = None
         self._listeners: list[ChangeListener] = []
         self._loop: LoopingCall | None = None
         self._inflight: Deferred[None] | None = None
@@ -197,6 +198,10 @@ class OpenSSLSource:
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def checked_at(self) -> float | None:
+        return self._checked_at
 
     def start(self) -> Deferred[None]:
         """Load both files (off the reactor thread), then start polling.
@@ -291,6 +296,7 @@ class OpenSSLSource:
         if self._crl is not None:
             self._crl.good_sig = out.crl_sig
         self._install(snapshot)
+        self._checked_at = self._reactor.seconds()
         self._log.info(
             "{path}: loaded {good} good and {revoked} revoked serials{crl}",
             path=str(self._index.path),
@@ -331,10 +337,14 @@ class OpenSSLSource:
         index_sig = self._stat(self._index)
         load_index = index_sig is not None and self._index.wants_load(index_sig)
         load_crl = False
+        crl_sig: _Sig | None = None
         if self._crl is not None:
             crl_sig = self._stat(self._crl)
             load_crl = crl_sig is not None and self._crl.wants_load(crl_sig)
         if not (load_index or load_crl):
+            crl_ok = self._crl is None or (crl_sig is not None and crl_sig == self._crl.good_sig)
+            if index_sig is not None and index_sig == self._index.good_sig and crl_ok:
+                self._checked_at = self._reactor.seconds()  # the files are what we loaded
             return None
         current = self._snapshot
         d = Deferred.fromCoroutine(self._reload(current, load_index, load_crl))
@@ -418,6 +428,8 @@ class OpenSSLSource:
                 else:
                     watched.failed_sig, watched.failed_tries = failed_sig, 1
                 self._problem(watched, f"{message}; keeping last good data")
+        if out.index_error is None and out.crl_error is None:
+            self._checked_at = self._reactor.seconds()
         if out.snapshot is None:
             return
         self._install(out.snapshot)

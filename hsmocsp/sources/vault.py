@@ -201,6 +201,7 @@ class VaultSource:
         self._inflight: dict[int, list[Deferred[tuple[CertStatus, _Signer]]]] = {}
         self._listeners: list[Callable[[frozenset[int] | None], None]] = []
         self._generation = 0
+        self._checked_at: float | None = None
         self._ok = False
         self._started = False
         self._timer: IDelayedCall | None = None
@@ -217,6 +218,10 @@ class VaultSource:
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def checked_at(self) -> float | None:
+        return self._checked_at
 
     def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
         self._listeners.append(listener)
@@ -398,6 +403,7 @@ class VaultSource:
             self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
             return
         self._ok = True
+        self._checked_at = self._clock.seconds()
         self._apply_crls(fetched, initial)
         self._schedule_refresh(self._next_refresh())
 

@@ -73,6 +73,12 @@ class Metrics:
             ["handle"],
             registry=self.registry,
         )
+        age = Gauge(
+            "hsmocsp_source_age_seconds",
+            "Seconds since the source last confirmed its data current (NaN before the first load)",
+            ["handle"],
+            registry=self.registry,
+        )
         ready = Gauge(
             "hsmocsp_source_ready",
             "1 when the source is loaded and reachable",
@@ -88,6 +94,7 @@ class Metrics:
                 (in_flight, _in_flight),
                 (queue, _queue_depth),
                 (generation, _generation),
+                (age, _source_age),
                 (ready, _ready),
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
@@ -135,6 +142,11 @@ def _queue_depth(h: Handle) -> float:
 
 def _generation(h: Handle) -> float:
     return float(h.source.generation)
+
+
+def _source_age(h: Handle) -> float:
+    checked = h.source.checked_at
+    return float("nan") if checked is None else max(0.0, h.now() - checked)
 
 
 def _ready(h: Handle) -> float:

@@ -72,6 +72,7 @@ class DictSource:
         self.issuer = issuer
         self.statuses = dict(statuses)
         self.generation = 1
+        self.checked_at: float | None = 0.0
         self.lookups = 0
         self.listeners: list[Callable[[frozenset[int] | None], None]] = []
         self.is_ready = True

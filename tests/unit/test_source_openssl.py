@@ -427,3 +427,20 @@ async def test_stop_abandons_a_hung_parse(tmp_path: Path) -> None:
     await checking
     assert src.ready()
     assert (await src.status(ca, 1)) == CertStatus.good()
+
+
+def test_checked_at_tells_the_age_of_the_data(env: Env) -> None:
+    src = env.started()
+    assert src.checked_at == env.clock.seconds()
+    env.poll()  # unchanged files: confirmed current
+    assert src.checked_at == env.clock.seconds()
+    env.write_index("garbage\n")
+    env.poll()  # a file we could not load: the data we serve is getting older
+    failed_at = env.clock.seconds()
+    assert src.checked_at == failed_at - POLL
+    env.write_index(BASE + row("V", "", 9))
+    env.poll()
+    assert src.checked_at == env.clock.seconds()
+    env.index.unlink()
+    env.poll()
+    assert src.checked_at == env.clock.seconds() - POLL

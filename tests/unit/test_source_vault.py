@@ -364,13 +364,18 @@ def test_crl_refresh_reports_new_revocations() -> None:
 def test_crl_refresh_failure_marks_unready_and_retries() -> None:
     env = Env(crl_refresh=300)
     env.start()
+    started = env.source.checked_at
+    assert started == env.clock.seconds()
     env.fake.mode = "down"
+    env.clock.advance(5)
     env.run(env.source.refresh_crl())
     assert not env.source.ready()
+    assert env.source.checked_at == started  # the data is getting older
     env.fake.mode = "ok"
     env.clock.advance(15)  # CRL_RETRY
     env.stub.flush()
     assert env.source.ready()
+    assert env.source.checked_at == env.clock.seconds()
     env.run(env.source.stop())
     assert env.clock.getDelayedCalls() == []
 

@@ -95,6 +95,13 @@ def test_probes_and_metrics() -> None:
     assert b'hsmocsp_responses_total{handle="t",method="POST",status="successful"} 1.0' in body
     assert b'hsmocsp_cache_misses{handle="t"} 1.0' in body
     assert b"hsmocsp_sign_seconds" in body
+    # The fake source last confirmed its data at t=1,750,000,000 - 42 (clock time now).
+    source.checked_at = 1_750_000_000 - 42  # type: ignore[attr-defined]
+    body = fetch(client, "GET", "/metrics")[2]
+    assert b'hsmocsp_source_age_seconds{handle="t"} 42.0' in body
+    source.checked_at = None  # type: ignore[attr-defined]
+    body = fetch(client, "GET", "/metrics")[2]
+    assert b'hsmocsp_source_age_seconds{handle="t"} NaN' in body
 
 
 def test_published_ca() -> None:
