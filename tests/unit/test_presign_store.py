@@ -128,3 +128,32 @@ def test_presigned_response_is_served_by_the_fast_path_on_first_request() -> Non
     )  # fmt: skip
     assert answer is not None and site.fast_answers == 1 and signer.calls == 2
     presigner.stop()
+
+
+def test_known_serials_are_signed_again_before_they_expire_unasked() -> None:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    start = clock.seconds()
+    handle, source, signer = make(clock, validity=100)
+    for serial in range(10, 15):
+        source.statuses[serial] = CertStatus.good()
+    presigner = Presigner(handle, clock=clock, rate=100)
+    presigner.start()
+    clock.advance(1)
+    assert signer.calls == 7  # serials 1, 2 and 10..14
+    refresh_at = start + 100 * handle.refresh_fraction
+    assert presigner.resweep_interval == 100 * (1 - handle.refresh_fraction) / 2
+    while clock.seconds() < refresh_at:
+        clock.advance(0.5)
+    assert signer.calls == 7  # sweeps before the refresh point sign nothing
+    while clock.seconds() < start + 99:
+        clock.advance(0.5)
+    assert signer.calls == 14  # every entry signed again, unasked, before nextUpdate
+    assert presigner.sweeps >= 3
+    clock.advance(30)  # past the first responses' nextUpdate
+    calls = signer.calls
+    for serial in (1, 2, 12):
+        response = resolve(handle.respond_der(request_for(serial)))
+        assert response.this_update >= refresh_at
+    assert signer.calls == calls  # served from the refreshed entries
+    presigner.stop()
