@@ -172,8 +172,15 @@ def test_a_front_that_dies_is_replaced(workers: Responder, devpki: DevPki) -> No
         lambda: len(_front_pids(workers)) == 2 and before[0] not in _front_pids(workers),
         "a new front",
     )
-    der = _request(devpki.good_pem, devpki.ca_pem)
+    time.sleep(1)  # the new front listening, its snapshot sent
+    answered = _front_answers(workers)
+    der = _request(devpki.good_pem, devpki.ca_pem)  # cached long ago: only the snapshot has it
     assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+    # Both fronts, the new one included, answered from their copy of the cache.
+    _wait(
+        lambda: all(_front_answers(workers)[n] > answered[n] for n in answered),
+        "both fronts to answer",
+    )
 
 
 def test_fronts_stop_with_the_main_process(devpki: DevPki, tmp_path: Path) -> None:
