@@ -48,7 +48,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-import hsmocsp
+from hsmocsp.childenv import python_env
 from hsmocsp.errors import SignerError, SignerUnavailable
 from hsmocsp.signing import wire
 
@@ -161,12 +161,8 @@ class _Worker:
         self.init_failure: str | None = None
 
     def spawn(self, init: dict[str, Any]) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in self.pool.env_drop}
-        # The worker imports hsmocsp; make that work from a source checkout too.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(hsmocsp.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH")) if p
-        )
+        # The vendor module may be configured by any variable: all of ours but the PIN's.
+        env = python_env({k: v for k, v in os.environ.items() if k not in self.pool.env_drop})
         protocol = _WorkerProtocol(self)
         self.transport = self.pool._reactor.spawnProcess(
             protocol,

@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReacto
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-import hsmocsp
+from hsmocsp.childenv import minimal_env
 from hsmocsp.errors import SourceError
 from hsmocsp.sources.index import IndexData, SerialSet, parse_index_file
 from hsmocsp.status import CertStatus
@@ -220,16 +220,12 @@ class ProcessIndexReader:
     def __call__(self, path: Path) -> Deferred[tuple[IndexData, IndexSig]]:
         ended: Deferred[tuple[bytes, bytes, Failure]] = Deferred()
         protocol = _ChildProtocol(ended)
-        env = dict(os.environ)
-        # The child imports hsmocsp; make that work from a source checkout too.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(hsmocsp.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             transport = self._reactor.spawnProcess(
                 protocol,
                 self._argv[0],
                 [*self._argv, str(path)],
-                env=env,
+                env=minimal_env(),
                 childFDs={0: "w", 1: "r", 2: "r"},
             )
         except OSError as err:

@@ -12,7 +12,6 @@ added to the main process's metrics, so ``/metrics`` covers every process.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from twisted.internet.task import cooperate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-import hsmocsp
+from hsmocsp.childenv import minimal_env
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.web.front import FrameDecoder, FrameError, encode_frame
 from hsmocsp.web.metrics import Metrics
@@ -162,16 +161,13 @@ class FrontPool(service.Service):
     def _spawn(self, number: int) -> None:
         if self._stopping:
             return
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(hsmocsp.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         front = _Front(self, number)
         self.fronts[number] = front
         self.reactor.spawnProcess(
             front,
             sys.executable,
             [sys.executable, "-m", "hsmocsp.web.front"],
-            env=env,
+            env=minimal_env(),  # a front reads untrusted input: none of our secrets
             childFDs={0: "w", 1: "r", 2: "r"},
         )
 

@@ -33,8 +33,9 @@ CONNECTIONS = 60
 @pytest.fixture(scope="module")
 def workers(devpki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Responder]:
     work = tmp_path_factory.mktemp("workers")
+    env = dict(dev_env(devpki), HSMOCSP_TEST_SECRET="not-for-fronts")
     r = Responder(
-        config=level1_config(devpki, work), env=dev_env(devpki), workdir=work,
+        config=level1_config(devpki, work), env=env, workdir=work,
         extra_args=("--workers", "3"),
     )  # fmt: skip
     r.start()
@@ -98,6 +99,10 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 20) -> None
 
 def test_fronts_answer_and_openssl_verifies(workers: Responder, devpki: DevPki) -> None:
     assert len(_front_pids(workers)) == 2
+    for pid in _front_pids(workers):  # a front parses untrusted input: it holds no secret
+        assert b"HSMOCSP_TEST_SECRET" not in Path(f"/proc/{pid}/environ").read_bytes()
+    assert workers.proc is not None
+    assert b"HSMOCSP_TEST_SECRET" in Path(f"/proc/{workers.proc.pid}/environ").read_bytes()
     der = _request(devpki.good_pem, devpki.ca_pem)
     _post_new_connection(workers.port, der)  # signed once, pushed to the fronts
     time.sleep(0.5)

@@ -169,3 +169,17 @@ async def test_cancel_kills_the_child(tmp_path: Path) -> None:
     reading.cancel()
     with pytest.raises(CancelledError):
         await reading
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_child_gets_none_of_our_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HSM_PIN", "1234")
+    tell = [
+        sys.executable, "-c",
+        "import os, sys; sys.stderr.write('pin=' + os.environ.get('HSM_PIN', 'absent'));"
+        " sys.exit(3)",
+    ]  # fmt: skip
+    with pytest.raises(SourceError, match=r"pin=absent"):
+        await _reader(argv=tell)(tmp_path / "index.txt")
