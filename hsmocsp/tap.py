@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -215,6 +216,10 @@ class ResponderService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if hasattr(signal, "SIGHUP"):
+            # `systemctl reload` / kill -HUP: every source looks for new data now. (Left
+            # alone, SIGHUP would end the process.)
+            signal.signal(signal.SIGHUP, self._on_sighup)
         d = ensureDeferred(self._start())
         d.addErrback(self._fatal)
         d.chainDeferred(self.started)
@@ -266,6 +271,15 @@ class ResponderService(service.MultiService):
             )
             presigner.start()
             self.presigners.append(presigner)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.refresh_sources)
+
+    def refresh_sources(self) -> Deferred[None]:
+        """Ask every source (once each) to look for new data now."""
+        log.info("SIGHUP: every source looks for new data now")
+        unique = {id(source): source for source in self.sources}
+        return ensureDeferred(_all([s.refresh() for s in unique.values()]))
 
     def _listen_with_fronts(self, site: FastSite, host: str, port: int, backlog: int) -> None:
         """This process and ``http_workers - 1`` fronts on one port (``SO_REUSEPORT``);

@@ -40,6 +40,10 @@ class StatusSource(Protocol):
 
     def stop(self) -> Deferred[None]: ...
 
+    def refresh(self) -> Deferred[None]:
+        """Look for new data now rather than at the next poll (``SIGHUP``); never fails."""
+        ...
+
     def issuers(self) -> Sequence[x509.Certificate]:
         """The CA certificates whose serials this source answers for."""
         ...

@@ -256,6 +256,9 @@ class OpenSSLSource:
 
     # --- extras ---------------------------------------------------------------------
 
+    def refresh(self) -> Deferred[None]:
+        return self.check_now()
+
     def check_now(self) -> Deferred[None]:
         """Look for changed files now (e.g. on SIGHUP) instead of at the next poll."""
         if self._inflight is not None:

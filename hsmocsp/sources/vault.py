@@ -282,6 +282,9 @@ class VaultSource:
 
     # --- public extras ------------------------------------------------------------------
 
+    def refresh(self) -> Deferred[None]:
+        return self.refresh_crl()
+
     def refresh_crl(self) -> Deferred[None]:
         """Fetch every issuer's CRL now (also what the background timer does)."""
         waiter: Deferred[None] = Deferred()

@@ -392,6 +392,7 @@ def main() -> int:
     )
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # so is a reload
     # Our stderr is read by the main process, which logs each line under this front's name.
     # Warnings and errors only: the main process logs what it should know.
     errors_only = FilteringLogObserver(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import time
 import urllib.parse
 from pathlib import Path
@@ -209,6 +210,33 @@ def test_reload_sees_revocation_without_restart(
             break
         time.sleep(0.3)
     assert f"{leaf}: revoked" in out and "Reason: superseded" in out
+
+
+def test_sighup_makes_sources_look_now(devpki: DevPki, tmp_path: Path) -> None:
+    """Polling once an hour: only SIGHUP (systemctl reload) can show the revocation."""
+    r = Responder(config=level1_config(devpki, tmp_path, poll=3600), env=dev_env(devpki),
+                  workdir=tmp_path).start()  # fmt: skip
+    try:
+        leaf = issue_leaf(devpki, "hup-me")
+        assert f"{leaf}: unknown" in _check(r, devpki, "-cert", str(leaf), "-no_nonce")
+        assert r.proc is not None
+        r.proc.send_signal(signal.SIGHUP)
+        out = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and f"{leaf}: good" not in out:
+            time.sleep(0.3)
+            out = _check(r, devpki, "-cert", str(leaf), "-no_nonce")
+        assert f"{leaf}: good" in out
+        revoke(devpki, leaf, "keyCompromise")
+        r.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "revoked" not in out:
+            time.sleep(0.3)
+            out = _check(r, devpki, "-cert", str(leaf), "-no_nonce")
+        assert f"{leaf}: revoked" in out
+        assert r.alive() and "SIGHUP: every source looks for new data now" in r.output()
+    finally:
+        r.stop()
 
 
 def test_config_error_names_key_and_exits(devpki: DevPki, tmp_path: Path) -> None:

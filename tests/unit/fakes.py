@@ -74,6 +74,7 @@ class DictSource:
         self.generation = 1
         self.checked_at: float | None = 0.0
         self.lookups = 0
+        self.refreshes = 0
         self.listeners: list[Callable[[frozenset[int] | None], None]] = []
         self.is_ready = True
         self.fail_with: Exception | None = None
@@ -82,6 +83,10 @@ class DictSource:
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def refresh(self) -> Deferred[None]:
+        self.refreshes += 1
         return succeed(None)
 
     def issuers(self) -> Sequence[x509.Certificate]:
