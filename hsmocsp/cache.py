@@ -136,6 +136,21 @@ class ResponseCache(Generic[V]):
             flight.waiters.append(waiter)
         return waiter
 
+    def refresh(
+        self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]
+    ) -> Deferred[V] | None:
+        """Produce a new value for ``key`` now, the current one still served meanwhile.
+
+        For pre-signing, which must count what it starts: the Deferred fires when the
+        new value is stored (or fails); None when a producer is already running.
+        """
+        if key in self._flights:
+            return None
+        self.stats.refreshes += 1
+        waiter: Deferred[V] = Deferred()
+        self._start(key, serial, produce, waiter=waiter)
+        return waiter
+
     def put(self, key: bytes, serial: int, value: V) -> None:
         """Store a value made elsewhere (pre-signing, loading the persistent store)."""
         if key in self._flights:

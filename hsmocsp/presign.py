@@ -185,8 +185,16 @@ class Presigner:
         cached = self.handle.cache.peek(cid.der)
         if cached is not None and self._clock.seconds() < cached.refresh_at:
             return False
-        result = self.handle.cache.get(
-            cid.der, serial, lambda: self.handle.produce_single(cid, issuer)
+
+        def produce() -> Deferred[SignedResponse]:
+            return self.handle.produce_single(cid, issuer)
+
+        # Past its refresh point: refresh through a counted Deferred (cache.get would
+        # start it in the background, uncounted, and a sweep would flood the signer).
+        result = (
+            self.handle.cache.refresh(cid.der, serial, produce)
+            if cached is not None
+            else self.handle.cache.get(cid.der, serial, produce)
         )
         if not isinstance(result, Deferred):
             return False

@@ -157,3 +157,23 @@ def test_known_serials_are_signed_again_before_they_expire_unasked() -> None:
         assert response.this_update >= refresh_at
     assert signer.calls == calls  # served from the refreshed entries
     presigner.stop()
+
+
+def test_a_resweep_of_stale_entries_keeps_to_the_concurrency() -> None:
+    """Entries past their refresh point are re-signed a few at a time, not all at once."""
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, source, signer = make(clock, validity=100)
+    for serial in range(10, 60):
+        source.statuses[serial] = CertStatus.good()
+    presigner = Presigner(handle, clock=clock, rate=10_000, concurrency=2)
+    presigner.start()
+    clock.advance(1)
+    assert signer.calls == 52
+    signer.hold = True
+    while clock.seconds() < 1_750_000_000 + 80:  # past refresh (50), before expiry (100)
+        clock.advance(0.5)
+        assert len(signer.held) <= 2  # never more than `concurrency` waiting on the HSM
+        signer.release()
+    assert signer.calls == 104  # and every entry was refreshed
+    presigner.stop()
