@@ -140,6 +140,7 @@ class HandleConfig:
     nonce: Literal["echo", "ignore"]
     publish_ca: str | None
     publish_crl: str | None
+    max_cached: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +416,7 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
     nonce = r.string("nonce", default="echo")
     if nonce not in ("echo", "ignore"):
         raise r.error("nonce", "must be echo or ignore")
+    max_cached = r.integer("max_cached", 1_000_000, minimum=1)
     publish_ca = publish_crl = None
     if r.has("publish"):
         p = r.sub("publish")
@@ -435,6 +437,7 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
         nonce=nonce,  # type: ignore[arg-type]
         publish_ca=publish_ca,
         publish_crl=publish_crl,
+        max_cached=max_cached,
     )
 
 

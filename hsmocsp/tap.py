@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 
+from hsmocsp.cache import ResponseCache
 from hsmocsp.config import (
     MAX_HTTP_WORKERS,
     Config,
@@ -210,6 +211,7 @@ class ResponderService(service.MultiService):
             now=self.reactor.seconds,
             publish_ca=h.publish_ca,
             publish_crl=h.publish_crl,
+            cache=ResponseCache(self.reactor.seconds, max_entries=h.max_cached),
         )
 
     # --- running -----------------------------------------------------------------------

@@ -133,3 +133,12 @@ def test_http_workers_bounds(folder: Path, value: str, problem: str) -> None:
 def test_http_workers_default_and_set(folder: Path) -> None:
     assert load_config(write(folder, BASE)).http_workers == 1
     assert load_config(write(folder, BASE + "http_workers: 4\n")).http_workers == 4
+
+
+def test_max_cached(folder: Path) -> None:
+    (handle,) = load_config(write(folder, BASE)).handles
+    assert handle.max_cached == 1_000_000
+    (handle,) = load_config(write(folder, BASE + "    max_cached: 5000\n")).handles
+    assert handle.max_cached == 5000
+    err = error_of(folder, BASE + "    max_cached: 0\n")
+    assert "handles.root.max_cached" in str(err) and "at least 1" in str(err)
