@@ -252,25 +252,24 @@ def _der_of_pem_cert(pem: Path, der: Path) -> None:
         der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
 
 
-def _spki(cert: Path) -> bytes:
-    return (
-        load_cert(cert)
-        .public_key()
-        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def cert_spki(cert: x509.Certificate) -> bytes:
+    """The certificate's SubjectPublicKeyInfo, DER: what to compare with a token key."""
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
-def _token_spki(dev: DevPki, label: str) -> bytes:
+def token_spki(dev: DevPki, label: str) -> bytes:
+    """The SubjectPublicKeyInfo (DER, re-encoded the same way) of token key ``label``."""
     der = softhsm.public_key_der(dev.softhsm_conf, dev.module, label, token_label=dev.token_label)
-    key = serialization.load_der_public_key(der)
-    return key.public_bytes(
+    return serialization.load_der_public_key(der).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
 def _check_matches_token(dev: DevPki, cert: Path, label: str) -> None:
     """A certificate kept from an earlier run must still belong to the token's key."""
-    if _spki(cert) != _token_spki(dev, label):
+    if cert_spki(load_cert(cert)) != token_spki(dev, label):
         raise DevPkiError(
             f"{cert} does not match token key {label!r} (token re-created?); "
             f"remove {dev.directory} and run again"

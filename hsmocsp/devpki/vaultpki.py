@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 
 from hsmocsp.devpki import softhsm
 from hsmocsp.devpki.bao import BaoAPI, BaoError, vault_serial
-from hsmocsp.devpki.opensslca import BASE_URL, DevPki, load_cert
+from hsmocsp.devpki.opensslca import BASE_URL, DevPki, cert_spki, load_cert, token_spki
 from hsmocsp.devpki.tools import DevPkiError, run, write_private
 
 __all__ = ["MountFiles", "VaultPki", "build_vault_levels", "vault_layout"]
@@ -144,19 +144,6 @@ def _certs(pem: str | bytes) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(data)
     except ValueError as err:
         raise DevPkiError(f"Vault returned something that is not a PEM certificate: {err}") from err
-
-
-def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _token_spki(dev: DevPki, label: str) -> bytes:
-    der = softhsm.public_key_der(dev.softhsm_conf, dev.module, label, token_label=dev.token_label)
-    return serialization.load_der_public_key(der).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -360,16 +347,16 @@ def _configure(api: BaoAPI, mount: str, leaf_role: str) -> None:
 
 def _ensure_signer(dev: DevPki, api: BaoAPI, files: MountFiles, ca: x509.Certificate) -> None:
     """The mount's OCSP signer certificate for the HSM key; kept while still valid."""
-    want_spki = _token_spki(dev, files.signer_key_label)
+    want_spki = token_spki(dev, files.signer_key_label)
     if files.ocsp_pem.exists():
         cert = load_cert(files.ocsp_pem)
-        same_key = _spki(cert) == want_spki
+        same_key = cert_spki(cert) == want_spki
         if same_key and _issued_by(cert, ca) and _vault_knows(api, files.mount, cert):
             return
     csr = _hsm_csr(dev, files.signer_key_label, f"hsmocsp dev OCSP signer {files.mount}")
     data = _data(api, "POST", f"{files.mount}/sign/ocsp-signer", {"csr": csr, "ttl": SIGNER_TTL})
     cert = _certs(data["certificate"])[0]
-    if _spki(cert) != want_spki:
+    if cert_spki(cert) != want_spki:
         raise DevPkiError(f"{files.mount}: signed OCSP certificate does not hold the HSM key")
     _write_atomic(files.ocsp_pem, _pem(cert))
 
