@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,16 @@ def make_pool(**kwargs: Any) -> TokenPool:
     return TokenPool(**options)
 
 
+@contextlib.asynccontextmanager
+async def started_pool(pool: TokenPool) -> AsyncIterator[TokenPool]:
+    """``pool`` started, and stopped however the test ends."""
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.stop()
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -99,9 +111,7 @@ async def expect(d: defer.Deferred[Any], exc_type: type[Exception]) -> Exception
 async def test_signatures_verify_against_token_public_key(
     token: Path, key: KeyRef, alg_der: bytes, curve: type[ec.EllipticCurve] | None
 ) -> None:
-    pool = make_pool()
-    await pool.start()
-    try:
+    async with started_pool(make_pool()) as pool:
         signer = Pkcs11Signer(pool, key)
         await signer.start()
         assert signer.signature_algorithm_der == alg_der
@@ -118,15 +128,11 @@ async def test_signatures_verify_against_token_public_key(
                 assert isinstance(public.curve, curve)
                 public.verify(signature, DATA, ec.ECDSA(signer.algorithm.digest))
         await pool.check()
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_key_by_label_and_by_id_are_the_same(token: Path) -> None:
-    pool = make_pool(workers=1)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(workers=1)) as pool:
         by_label = await pool.public_key(KeyRef(label="p256"))
         by_id = await pool.public_key(KeyRef(key_id=b"\x02"))
         assert by_label == by_id
@@ -134,23 +140,17 @@ async def test_key_by_label_and_by_id_are_the_same(token: Path) -> None:
         assert "nope" in str(err)
         # A bad request does not cost the worker.
         await pool.check()
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_rsa_sha384_option(token: Path) -> None:
-    pool = make_pool(workers=1)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(workers=1)) as pool:
         signer = Pkcs11Signer(pool, KeyRef(label="rsa"), rsa_hash="sha384")
         await signer.start()
         signature = await signer.sign(DATA)
         public = signer.public_key()
         assert isinstance(public, rsa.RSAPublicKey)
         public.verify(signature, DATA, padding.PKCS1v15(), hashes.SHA384())
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -170,17 +170,13 @@ async def test_pin_not_in_worker_cmdline_or_environment(
     token: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_TOKEN_PIN", PIN)
-    pool = make_pool(workers=1, env_drop=("TEST_TOKEN_PIN",))
-    await pool.start()
-    try:
+    async with started_pool(make_pool(workers=1, env_drop=("TEST_TOKEN_PIN",))) as pool:
         (pid,) = pool.worker_pids()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert PIN.encode() not in cmdline
         assert not [v for v in environ if v.startswith(b"TEST_TOKEN_PIN=")]
         assert f"SOFTHSM2_CONF={token}".encode() in environ
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -210,11 +206,9 @@ async def test_missing_token_and_module(token: Path, tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_killed_worker_fails_in_flight_then_is_replaced(token: Path) -> None:
-    pool = make_pool(workers=1)
-    await pool.start()
-    signer = Pkcs11Signer(pool, KeyRef(label="rsa"))
-    await signer.start()
-    try:
+    async with started_pool(make_pool(workers=1)) as pool:
+        signer = Pkcs11Signer(pool, KeyRef(label="rsa"))
+        await signer.start()
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)  # freeze it so the next request is surely in flight
         in_flight = signer.sign(DATA)
@@ -226,17 +220,13 @@ async def test_killed_worker_fails_in_flight_then_is_replaced(token: Path) -> No
         await signer.sign(DATA)
         (new_pid,) = pool.worker_pids()
         assert new_pid != pid
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_worker_killed_between_signs(token: Path) -> None:
-    pool = make_pool(workers=2)
-    await pool.start()
-    signer = Pkcs11Signer(pool, KeyRef(key_id=b"\x02"))
-    await signer.start()
-    try:
+    async with started_pool(make_pool(workers=2)) as pool:
+        signer = Pkcs11Signer(pool, KeyRef(key_id=b"\x02"))
+        await signer.start()
         old = set(pool.worker_pids())
         for pid in old:
             os.kill(pid, signal.SIGKILL)
@@ -244,34 +234,26 @@ async def test_worker_killed_between_signs(token: Path) -> None:
         for _ in range(4):
             await signer.sign(DATA)
         assert len(pool.worker_pids()) == 2
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_hung_worker_times_out_and_is_replaced(token: Path) -> None:
-    pool = make_pool(workers=1, timeout=1.0)
-    await pool.start()
-    signer = Pkcs11Signer(pool, KeyRef(label="p256"))
-    await signer.start()
-    try:
+    async with started_pool(make_pool(workers=1, timeout=1.0)) as pool:
+        signer = Pkcs11Signer(pool, KeyRef(label="p256"))
+        await signer.start()
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)  # a hung HSM call
         err = await expect(signer.sign(DATA), SignerUnavailable)
         assert "timed out" in str(err)
         await wait_for(lambda: gone(pid), "hung worker killed")
         await signer.sign(DATA)
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_queue_overflow_sheds_load(token: Path) -> None:
-    pool = make_pool(workers=1, max_queue=2)
-    await pool.start()
-    signer = Pkcs11Signer(pool, KeyRef(label="p256"))
-    await signer.start()
-    try:
+    async with started_pool(make_pool(workers=1, max_queue=2)) as pool:
+        signer = Pkcs11Signer(pool, KeyRef(label="p256"))
+        await signer.start()
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
         accepted = [signer.sign(DATA) for _ in range(3)]  # 1 in flight + 2 queued
@@ -284,17 +266,13 @@ async def test_queue_overflow_sheds_load(token: Path) -> None:
         for d in accepted:
             await d
         assert pool.queue_depth() == 0 and pool.busy() == 0
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_cancelled_request_leaves_queue(token: Path) -> None:
-    pool = make_pool(workers=1)
-    await pool.start()
-    signer = Pkcs11Signer(pool, KeyRef(label="p256"))
-    await signer.start()
-    try:
+    async with started_pool(make_pool(workers=1)) as pool:
+        signer = Pkcs11Signer(pool, KeyRef(label="p256"))
+        await signer.start()
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
         first = signer.sign(DATA)
@@ -305,8 +283,6 @@ async def test_cancelled_request_leaves_queue(token: Path) -> None:
         assert pool.queue_depth() == 0
         os.kill(pid, signal.SIGCONT)
         await first
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -364,11 +340,9 @@ def change_pin(conf: Path, token_label: str, old: str, new: str) -> None:
 async def test_failing_replacement_backs_off_then_recovers(token: Path) -> None:
     init_token(token.parent, "T2", PIN, "5678")
     gen_keypair(token, "k", "01", "EC:prime256v1", token_label="T2")
-    pool = make_pool(token_label="T2", workers=1, max_restart_delay=0.3)
-    await pool.start()
-    signer = Pkcs11Signer(pool, KeyRef(label="k"))
-    await signer.start()
-    try:
+    async with started_pool(make_pool(token_label="T2", workers=1, max_restart_delay=0.3)) as pool:
+        signer = Pkcs11Signer(pool, KeyRef(label="k"))
+        await signer.start()
         change_pin(token, "T2", PIN, "4321")  # the running worker stays logged in
         await signer.sign(DATA)
         (pid,) = pool.worker_pids()
@@ -386,5 +360,3 @@ async def test_failing_replacement_backs_off_then_recovers(token: Path) -> None:
                 await sleep(0.1)
         else:
             raise AssertionError("pool did not recover")
-    finally:
-        await pool.stop()

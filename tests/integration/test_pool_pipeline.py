@@ -30,7 +30,7 @@ except ImportError:  # tests/ not a package: rootdir-less "prepend" import mode
         softhsm_available,
     )
 
-from tests.integration.test_pkcs11_pool import expect, wait_for
+from tests.integration.test_pkcs11_pool import expect, gone, started_pool, wait_for
 from tests.integration.test_pkcs11_pool import make_pool as _make_pool
 
 pytestmark = [
@@ -47,14 +47,6 @@ def make_pool(**kwargs: Any) -> TokenPool:
     return _make_pool(**{"workers": 1, **kwargs})
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def verify_rsa(public: Any, signature: bytes, data: bytes) -> None:
     assert isinstance(public, rsa.RSAPublicKey)
     public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
@@ -62,9 +54,7 @@ def verify_rsa(public: Any, signature: bytes, data: bytes) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_many_concurrent_signatures_each_match_their_data(token: Path) -> None:
-    pool = make_pool(workers=2)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(workers=2)) as pool:
         rsa_public = serialization.load_der_public_key(await pool.public_key(RSA))
         ec_public = serialization.load_der_public_key(await pool.public_key(EC))
         assert isinstance(ec_public, ec.EllipticCurvePublicKey)
@@ -84,15 +74,11 @@ async def test_many_concurrent_signatures_each_match_their_data(token: Path) -> 
             else:
                 assert len(signature) == 64  # raw r || s
         assert pool.busy() == 0 and pool.queue_depth() == 0
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_dead_worker_fails_running_request_and_requeues_the_next(token: Path) -> None:
-    pool = make_pool(pipeline=2)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(pipeline=2)) as pool:
         public = serialization.load_der_public_key(await pool.public_key(RSA))
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
@@ -108,15 +94,11 @@ async def test_dead_worker_fails_running_request_and_requeues_the_next(token: Pa
         verify_rsa(public, await queued, b"third")
         (new_pid,) = pool.worker_pids()
         assert new_pid != pid
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_cancelled_pipelined_request_does_not_shift_replies(token: Path) -> None:
-    pool = make_pool(pipeline=2)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(pipeline=2)) as pool:
         public = serialization.load_der_public_key(await pool.public_key(RSA))
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
@@ -132,15 +114,11 @@ async def test_cancelled_pipelined_request_does_not_shift_replies(token: Path) -
         verify_rsa(public, await third, b"third")
         verify_rsa(public, await pool.sign(RSA, "CKM_SHA256_RSA_PKCS", b"4"), b"4")
         assert pool.worker_pids() == [pid]  # the dropped reply did not cost the worker
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_hung_worker_times_out_running_and_waiting_requests(token: Path) -> None:
-    pool = make_pool(pipeline=2, timeout=1.0)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(pipeline=2, timeout=1.0)) as pool:
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
         running = pool.sign(EC, "CKM_ECDSA", b"\x01" * 32)
@@ -151,15 +129,11 @@ async def test_hung_worker_times_out_running_and_waiting_requests(token: Path) -
             assert "timed out" in str(err) and where in str(err)
         await wait_for(lambda: gone(pid), "hung worker killed")
         assert len(await pool.sign(EC, "CKM_ECDSA", b"\x04" * 32)) == 64
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_pipeline_of_one_queues_in_the_pool(token: Path) -> None:
-    pool = make_pool(pipeline=1, max_queue=1)
-    await pool.start()
-    try:
+    async with started_pool(make_pool(pipeline=1, max_queue=1)) as pool:
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
         accepted = [pool.sign(EC, "CKM_ECDSA", b"\x01" * 32) for _ in range(2)]
@@ -169,20 +143,14 @@ async def test_pipeline_of_one_queues_in_the_pool(token: Path) -> None:
         os.kill(pid, signal.SIGCONT)
         for d in accepted:
             await d
-    finally:
-        await pool.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_mechanism_without_binary_code_is_refused_by_the_worker(token: Path) -> None:
-    pool = make_pool()
-    await pool.start()
-    try:
+    async with started_pool(make_pool()) as pool:
         err = await expect(pool.sign(RSA, "CKM_MD5_RSA_PKCS", b"x"), SignerError)
         assert "not allowed" in str(err)
         await pool.check()
-    finally:
-        await pool.stop()
 
 
 def test_pipeline_must_be_positive() -> None:
