@@ -386,10 +386,7 @@ class TokenPool:
 
     @property
     def _where(self) -> str:
-        if self.token_label is None:
-            return f"slot {self.slot} in PKCS#11 module {self.module}"
-        token = f"token {self.token_label!r}"
-        return f"{token} in PKCS#11 module {self.module}"
+        return wire.token_location(self.module, self.token_label, self.slot)
 
     # --- lifecycle ----------------------------------------------------------------------
 

@@ -74,6 +74,14 @@ class FrameError(Exception):
     """The byte stream is not a sequence of valid frames."""
 
 
+def token_location(module: str, token_label: str | None, slot: int | None) -> str:
+    """How pool and worker name a token in messages (the pool recognises the worker's
+    prefix by this exact text, so both must spell it the same)."""
+    if token_label is None:
+        return f"slot {slot} in PKCS#11 module {module}"
+    return f"token {token_label!r} in PKCS#11 module {module}"
+
+
 def encode(message: Message) -> bytes:
     body = json.dumps(message, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:

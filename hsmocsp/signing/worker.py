@@ -158,10 +158,7 @@ class Token:
 
     @property
     def where(self) -> str:
-        if self.token_label is None:
-            return f"slot {self.slot} in PKCS#11 module {self.module}"
-        token = f"token {self.token_label!r}"
-        return f"{token} in PKCS#11 module {self.module}"
+        return wire.token_location(self.module, self.token_label, self.slot)
 
     def open(self, pin: str) -> None:
         """Load the module, find the token, open one session and log in as user."""
