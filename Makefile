@@ -15,7 +15,7 @@ BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test deps venv devpki lint bench bench-slow clean distclean
+.PHONY: run test reliability deps venv devpki lint bench bench-slow clean distclean
 
 deps: .deps.stamp
 .deps.stamp: Makefile
@@ -43,7 +43,11 @@ run: devpki
 
 # Lint first, so pytest's summary is the last line CI reads.
 test: venv lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not reliability" tests
+
+# The long fault runs (HSM gone for minutes, floods, soaks): not part of `make test`.
+reliability: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability tests
 
 lint: venv
 	$(BIN)/ruff check hsmocsp twisted tests bench
