@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from hsmocsp.errors import ConfigError
-from hsmocsp.tap import tcp_listen_address
+from hsmocsp.service.listen import tcp_listen_address
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
 from hsmocsp.web.front import (
@@ -192,17 +190,13 @@ def test_main_process_reads_fronts_as_json_only() -> None:
     ],
 )
 def test_tcp_listen_address(description: str, expected: tuple[str, int, int]) -> None:
-    assert tcp_listen_address(description, _cfg(), "listen") == expected
+    assert tcp_listen_address(description, "/etc/hsmocsp.yaml", "listen") == expected
 
 
 @pytest.mark.parametrize("description", ["unix:/run/x.sock", "ssl:443", "tcp:http"])
 def test_listen_that_cannot_be_shared(description: str) -> None:
     with pytest.raises(ConfigError, match=r"hsmocsp.yaml: listen:"):
-        tcp_listen_address(description, _cfg(), "listen")
-
-
-def _cfg() -> Any:
-    return SimpleNamespace(path=Path("/etc/hsmocsp.yaml"))  # all the parser reads
+        tcp_listen_address(description, "/etc/hsmocsp.yaml", "listen")
 
 
 class _SpawningClock(Clock):

@@ -1,0 +1,203 @@
+"""Configuration in, components out: the one place that maps config objects to objects.
+
+Everything here runs at ``makeService`` time and is synchronous: it reads
+certificates and PINs (a missing file is a :class:`~hsmocsp.errors.ConfigError`
+naming the key) but starts nothing. Starting is the service tree's job
+(:mod:`hsmocsp.service.service`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+
+from hsmocsp.cache import ResponseCache
+from hsmocsp.config import (
+    Config,
+    FileKeyConfig,
+    HandleConfig,
+    OpenSSLSourceConfig,
+    TokenConfig,
+    VaultSourceConfig,
+)
+from hsmocsp.errors import ConfigError
+from hsmocsp.responder import Handle
+from hsmocsp.signing import Signer
+from hsmocsp.sources import StatusSource
+
+if TYPE_CHECKING:
+    from hsmocsp.signing.pool import TokenPool
+
+
+@dataclass
+class Parts:
+    """What a configuration builds, by name; nothing started yet."""
+
+    pools: dict[str, TokenPool] = field(default_factory=dict)  # by token name
+    signers: dict[str, Signer] = field(default_factory=dict)  # by handle name
+    sources: dict[str, StatusSource] = field(default_factory=dict)  # by handle name
+    handle_pools: dict[str, TokenPool] = field(default_factory=dict)  # PKCS#11 handles only
+    handles: list[Handle] = field(default_factory=list)
+
+
+def load_cert(path: Path, key: str, cfg: Config) -> x509.Certificate:
+    """A PEM or DER certificate; an unreadable or invalid file names ``key``."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(str(cfg.path), key, f"cannot read {path}: {err.strerror}") from err
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as err:
+        raise ConfigError(str(cfg.path), key, f"{path} is not a certificate: {err}") from err
+
+
+def build_pool(token: TokenConfig, reactor: Any) -> TokenPool:
+    """One worker pool per token; the PIN is read now (a missing one is a config error)."""
+    from hsmocsp.signing.pool import TokenPool
+
+    pin = token.pin.read(f"tokens.{token.name}.pin")
+    return TokenPool(
+        module=str(token.module),
+        token_label=token.token_label,
+        slot=token.slot,
+        pin=pin,
+        workers=token.workers,
+        max_queue=token.max_queue,
+        timeout=token.sign_timeout,
+        pipeline=token.pipeline,
+        # The workers get the PIN on stdin; they need not inherit it.
+        env_drop=(token.pin.env,) if token.pin.env else (),
+        reactor=reactor,
+    )
+
+
+def build_signer(h: HandleConfig, pool: TokenPool | None) -> Signer:
+    """A file signer, or a PKCS#11 signer on ``pool`` (its token's shared pool)."""
+    if isinstance(h.signer, FileKeyConfig):
+        from hsmocsp.signing.filekey import FileSigner
+
+        pw = h.signer.password
+        return FileSigner(
+            str(h.signer.key),
+            password_env=pw.env if pw else None,
+            password_file=str(pw.file) if pw and pw.file else None,
+        )
+    from hsmocsp.signing.pkcs11 import Pkcs11Signer
+    from hsmocsp.signing.pool import KeyRef
+
+    assert pool is not None
+    return Pkcs11Signer(pool, KeyRef(label=h.signer.key_label, key_id=h.signer.key_id))
+
+
+def build_source(h: HandleConfig, issuer: x509.Certificate | None, reactor: Any) -> StatusSource:
+    src = h.source
+    if isinstance(src, OpenSSLSourceConfig):
+        from hsmocsp.sources.openssl import OpenSSLSource
+
+        assert issuer is not None
+        return OpenSSLSource(
+            issuer=issuer,
+            index_path=src.index,
+            crl_path=src.crl,
+            poll_interval=src.poll_interval,
+            reactor=reactor,
+        )
+    assert isinstance(src, VaultSourceConfig)
+    return build_vault_source(src, reactor)
+
+
+def build_vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
+    from hsmocsp.sources.vault import VaultSource, VaultTLS
+    from hsmocsp.sources.vaultauth import AppRoleAuth, KubernetesAuth, TokenAuth, VaultAuth
+
+    a = src.auth
+    auth: VaultAuth
+    if a.method == "approle":
+        assert a.role_id is not None and a.secret_id is not None
+        assert a.secret_id.file is not None
+        auth = AppRoleAuth(a.role_id, a.secret_id.file, mount=a.mount or "approle")
+    elif a.method == "kubernetes":
+        assert a.jwt_file is not None and a.role is not None
+        auth = KubernetesAuth(a.jwt_file, a.role, mount=a.mount or "kubernetes")
+    else:
+        assert a.token is not None
+        auth = TokenAuth(env=a.token.env, file=a.token.file)
+    tls = None
+    if src.tls is not None:
+        tls = VaultTLS(
+            ca_bundle=src.tls.ca_file, client_cert=src.tls.cert_file, client_key=src.tls.key_file
+        )
+    return VaultSource(
+        address=src.address,
+        mount=src.mount,
+        auth=auth,
+        namespace=src.namespace,
+        tls=tls,
+        cache_ttl=src.cache_ttl,
+        crl_refresh=src.crl_refresh,
+        request_timeout=src.request_timeout,
+        reactor=reactor,
+    )
+
+
+def build_handle(
+    h: HandleConfig,
+    responder: x509.Certificate,
+    signer: Signer,
+    source: StatusSource,
+    pool: TokenPool | None,
+    reactor: Any,
+) -> Handle:
+    return Handle(
+        queue_depth=pool.queue_depth if pool is not None else None,
+        name=h.name,
+        path=h.path,
+        source=source,
+        signer=signer,
+        responder_cert=responder,
+        validity=h.validity,
+        refresh_fraction=h.refresh_fraction,
+        max_age=h.max_age,
+        nonce_policy=h.nonce,
+        now=reactor.seconds,
+        publish_ca=h.publish_ca,
+        publish_crl=h.publish_crl,
+        cache=ResponseCache(reactor.seconds, max_entries=h.max_cached),
+    )
+
+
+def build(cfg: Config, reactor: Any) -> Parts:
+    """Every pool, signer, source and handle of ``cfg``, in configuration order."""
+    parts = Parts()
+    for h in cfg.handles:
+        issuer = load_cert(h.issuer, f"handles.{h.name}.issuer", cfg) if h.issuer else None
+        responder = load_cert(h.responder_cert, f"handles.{h.name}.responder_cert", cfg)
+        pool = None
+        if not isinstance(h.signer, FileKeyConfig):
+            token = cfg.tokens[h.signer.token]
+            pool = parts.pools.get(token.name)
+            if pool is None:
+                pool = parts.pools[token.name] = build_pool(token, reactor)
+            parts.handle_pools[h.name] = pool
+        signer = parts.signers[h.name] = build_signer(h, pool)
+        source = parts.sources[h.name] = build_source(h, issuer, reactor)
+        parts.handles.append(build_handle(h, responder, signer, source, pool, reactor))
+    return parts
+
+
+__all__ = [
+    "Parts",
+    "build",
+    "build_handle",
+    "build_pool",
+    "build_signer",
+    "build_source",
+    "build_vault_source",
+    "load_cert",
+]

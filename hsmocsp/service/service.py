@@ -1,0 +1,267 @@
+"""The responder's service tree: every component an ``IService`` child, in start order.
+
+::
+
+    ResponderService (Sequence: one stage after the other; stopped in reverse)
+    ├── pools        Group: one Component per PKCS#11 token (workers logged in)
+    ├── signers      Group: one Component per handle (public key read from the token)
+    ├── sources      Group: one Component per handle (index/CRL loaded, Vault reached)
+    ├── handles      Component: responder certificates checked against keys and issuers
+    ├── store        Component (with data_dir): stored responses restored, flushing
+    ├── listener     Listener, or SharedListener with the HTTP fronts as its child
+    ├── announce     Component: the "serving"/"listening" log lines
+    └── presigners   Group: one PresignService per handle
+
+So nothing listens before every handle can answer, and a stop closes the port
+first and ends the HSM workers last. A start-up failure (wrong PIN, unreadable
+index, Vault refusing the token, port in use) is logged as one line and the
+process exits with status 1, so systemd's ``Restart=on-failure`` and a
+container runtime see it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+
+from hsmocsp.config import Config
+from hsmocsp.errors import HsmOcspError
+from hsmocsp.presign import Presigner
+from hsmocsp.responder import Handle
+from hsmocsp.service.builder import Parts, build
+from hsmocsp.service.listen import Listener, SharedListener, tcp_listen_address
+from hsmocsp.service.tree import Component, Group, Sequence, _all
+from hsmocsp.store import ResponseStore
+from hsmocsp.web.app import OCSPApp
+from hsmocsp.web.fastpath import FastSite
+from hsmocsp.web.fronts import FrontPool
+
+if TYPE_CHECKING:
+    from hsmocsp.signing.pool import TokenPool
+
+log = Logger()
+
+
+class PresignService(service.Service):
+    """Keeps one handle's cache filled (:class:`~hsmocsp.presign.Presigner`).
+
+    The presigner is made at start, not at build: it subscribes to its source's
+    changes, which only mean something once the source has loaded.
+    """
+
+    def __init__(self, handle: Handle, reactor: Any, rate: float, concurrency: int) -> None:
+        self.setName(f"presigner {handle.name}")
+        self.handle = handle
+        self.reactor = reactor
+        self.rate = rate
+        self.concurrency = concurrency
+        self.presigner: Presigner | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.presigner is None:
+            self.presigner = Presigner(
+                self.handle,
+                clock=self.reactor,
+                rate=self.rate,
+                concurrency=self.concurrency,
+                signer_backlog=self.handle.queue_depth,
+            )
+        self.presigner.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.presigner is not None:
+            self.presigner.stop()
+
+
+class ResponderService(Sequence):
+    """Owns pools, signers, sources, handles, the store and (last) the listening port."""
+
+    def __init__(
+        self, cfg: Config, reactor: Any, listen: str | None = None, workers: int | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reactor = reactor
+        self.listen = listen or cfg.listen
+        self.listen_key = "--listen" if listen else "listen"
+        self.http_workers = workers or cfg.http_workers
+        self.tcp_listen = (
+            tcp_listen_address(self.listen, str(cfg.path), self.listen_key)
+            if self.http_workers > 1
+            else None
+        )
+        parts = build(cfg, reactor)
+        self.pools = parts.pools
+        self.signers = list(parts.signers.values())
+        self.sources = list(parts.sources.values())
+        self.handles: list[Handle] = parts.handles
+        self._handle_pools: dict[str, TokenPool] = parts.handle_pools
+        self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
+        for handle in self.handles:
+            handle._on_signed = self.app.metrics.signed
+        self.store: ResponseStore | None = None
+        self.fronts: FrontPool | None = None
+        self.listener: Listener | SharedListener | None = None
+        self._build_tree(parts)
+
+    # --- the tree -------------------------------------------------------------------
+
+    def _build_tree(self, parts: Parts) -> None:
+        pools = Group("pools")
+        for name, pool in parts.pools.items():
+            Component(f"pool {name}", pool.start, pool.stop).setServiceParent(pools)
+        pools.setServiceParent(self)
+        signers = Group("signers")
+        for name, signer in parts.signers.items():
+            Component(f"signer {name}", signer.start, signer.stop).setServiceParent(signers)
+        signers.setServiceParent(self)
+        sources = Group("sources")
+        for name, source in parts.sources.items():
+            Component(f"source {name}", source.start, source.stop).setServiceParent(sources)
+        sources.setServiceParent(self)
+        Component("handles", self._prepare_handles).setServiceParent(self)
+        if self.cfg.data_dir is not None:
+            Component("store", self._open_store, self._close_store).setServiceParent(self)
+        site = FastSite(self.app, self.reactor.seconds)
+        site.noisy = False
+        site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
+        if self.tcp_listen is None:
+            self.listener = Listener(
+                self.reactor, self.listen, site, str(self.cfg.path), self.listen_key
+            )
+        else:
+            self.listener = SharedListener(
+                self.reactor,
+                self.tcp_listen,
+                site,
+                self._make_fronts,
+                str(self.cfg.path),
+                self.listen_key,
+            )
+        self.listener.setServiceParent(self)
+        Component("announce", self._announce).setServiceParent(self)
+        presigners = Group("presigners")
+        for handle in self.handles:
+            handle_pool = self._handle_pools.get(handle.name)
+            PresignService(
+                handle,
+                self.reactor,
+                rate=self.cfg.presign_rate,
+                concurrency=handle_pool.workers if handle_pool is not None else 1,
+            ).setServiceParent(presigners)
+        presigners.setServiceParent(self)
+
+    def _prepare_handles(self) -> None:
+        for handle in self.handles:
+            handle.prepare()
+
+    async def _open_store(self) -> None:
+        assert self.cfg.data_dir is not None
+        store = self.store = ResponseStore(self.cfg.data_dir / "responses.sqlite", self.reactor)
+        for handle in self.handles:
+            kept = await handle.restore(store.load(handle.name, handle.key_hash))
+            handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
+            if kept:
+                log.info("handle {name}: {n} stored responses restored", name=handle.name, n=kept)
+        store.start()
+
+    def _close_store(self) -> Deferred[None] | None:
+        return self.store.stop() if self.store is not None else None
+
+    def _make_fronts(self, port: int, backend: str) -> FrontPool:
+        assert self.tcp_listen is not None
+        self.fronts = FrontPool(
+            self.reactor,
+            self.handles,
+            self.app.metrics,
+            count=self.http_workers - 1,
+            host=self.tcp_listen[0],
+            port=port,
+            backend=backend,
+            max_request_size=self.cfg.max_request_size,
+        )
+        return self.fronts
+
+    def _announce(self) -> None:
+        for handle in self.handles:
+            log.info(
+                "handle {name}: serving {path} ({n} issuer(s))",
+                name=handle.name,
+                path=handle.path,
+                n=len(handle.source.issuers()),
+            )
+        log.info(
+            "hsmocsp listening on {listen} ({n} HTTP process(es))",
+            listen=self.listen,
+            n=self.http_workers,
+        )
+
+    # --- running --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            # `systemctl reload` / kill -HUP. (Left alone, SIGHUP would end the process.)
+            signal.signal(signal.SIGHUP, self._on_sighup)
+        self.whenStarted().addErrback(self._log_failed_start)
+
+    @property
+    def presigners(self) -> list[Presigner]:
+        """The handles' presigners, once started."""
+        return [
+            s.presigner
+            for s in self.getServiceNamed("presigners")
+            if isinstance(s, PresignService) and s.presigner is not None
+        ]
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> Deferred[None]:
+        """What SIGHUP (``systemctl reload``) does: extend here, one awaited step each."""
+        return self.refresh_sources()
+
+    def refresh_sources(self) -> Deferred[None]:
+        """Ask every source (once each) to look for new data now."""
+        log.info("SIGHUP: every source looks for new data now")
+        unique = {id(source): source for source in self.sources}
+        return Deferred.fromCoroutine(_all([s.refresh() for s in unique.values()]))
+
+    def _log_failed_start(self, failure: Any) -> None:
+        if failure.check(HsmOcspError):
+            log.critical("hsmocsp cannot start: {why}", why=failure.getErrorMessage())
+        else:
+            log.failure("hsmocsp cannot start", failure)
+
+
+def exit_when_start_fails(svc: Sequence, reactor: Any) -> None:
+    """Once ``svc`` failed to start, stop the reactor and exit with status 1.
+
+    The tree has already stopped short of the listener; stopping the reactor
+    stops what did start (HSM workers last), then the process exits non-zero.
+    """
+
+    def fail(_: object) -> None:
+        if IReactorCore.providedBy(reactor) and reactor.running:
+            reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            reactor.stop()
+
+    svc.whenStarted().addErrback(fail)
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+__all__ = ["PresignService", "ResponderService", "exit_when_start_fails"]
