@@ -55,6 +55,17 @@ class SignerError(HsmOcspError):
     """The signer failed in a way retrying will not fix (-> internalError)."""
 
 
+class PinRefused(SignerError):
+    """The token refused the PIN (incorrect, locked, expired, wrong length).
+
+    Distinct because it must never be retried with the same PIN: a Nitrokey HSM
+    locks after three wrong tries. At start-up it ends the process with exit
+    status 77, so systemd's ``RestartPreventExitStatus=77`` keeps a restart from
+    spending a second try; at run time the token stays failed until the PIN
+    source changes and SIGHUP reads it again.
+    """
+
+
 class SourceUnavailable(HsmOcspError):
     """The status source cannot answer right now, e.g. Vault unreachable (-> tryLater)."""
 

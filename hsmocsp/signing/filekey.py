@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from hsmocsp.errors import SignerError
+from hsmocsp.health import READY, Health, State
 from hsmocsp.signing.algorithms import SignatureAlgorithm, choose_algorithm
 
 
@@ -86,6 +87,14 @@ class FileSigner:
         except SignerError:
             return defer.fail()
         return defer.succeed(None)
+
+    def health(self) -> Health:
+        """A key in memory cannot go away: READY once loaded."""
+        try:
+            self._loaded()
+        except SignerError as err:
+            return Health(State.FAILED, str(err))
+        return READY
 
     # --- internals ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from hsmocsp.errors import SignerError
+from hsmocsp.health import Health
 from hsmocsp.signing.algorithms import SignatureAlgorithm, choose_algorithm, ecdsa_raw_to_der
 from hsmocsp.signing.pool import KeyRef, TokenPool
 
@@ -102,6 +103,10 @@ class Pkcs11Signer:
 
     def check(self) -> Deferred[None]:
         return self._pool.check()
+
+    def health(self) -> Health:
+        """The token's health (shared by every key of the pool)."""
+        return self._pool.health()
 
     # Metrics probes (the pool is shared: these are the token's, not this key's).
 

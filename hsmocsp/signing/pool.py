@@ -49,7 +49,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.childenv import python_env
-from hsmocsp.errors import SignerError, SignerUnavailable
+from hsmocsp.errors import PinRefused, SignerError, SignerUnavailable
+from hsmocsp.health import READY, Health, State
 from hsmocsp.signing import wire
 
 log = Logger()
@@ -76,15 +77,21 @@ class KeyRef:
 
 
 class _Request:
-    __slots__ = ("deferred", "expires", "frame", "id", "pool", "worker")
+    __slots__ = ("deferred", "expires", "frame", "id", "key", "pool", "retried", "worker")
 
-    def __init__(self, pool: TokenPool, request_id: int, frame: bytes, expires: float) -> None:
+    def __init__(
+        self, pool: TokenPool, request_id: int, frame: bytes, expires: float, key: KeyRef | None
+    ) -> None:
         self.frame = frame  # the encoded frame to send
         self.id = request_id
         self.deferred: Deferred[bytes] = Deferred(self._cancel)
         self.pool = pool
         self.worker: _Worker | None = None
         self.expires = expires  # reactor.seconds() after which the caller gives up
+        self.key = key  # the key it uses, if any
+        # Signing is idempotent: a request whose worker died under it is sent once
+        # more, to another worker, before the caller hears tryLater.
+        self.retried = False
 
     @property
     def done(self) -> bool:
@@ -152,6 +159,7 @@ class _Worker:
         self.requests: collections.deque[_Request] = collections.deque()
         self.busy_since = 0.0  # when requests[0] started
         self.killing = False  # SIGKILL sent: send it nothing more, read nothing more
+        self.retiring = False  # said it will exit (fatal error): send it nothing more
         self.hang_timer: IDelayedCall | None = None  # start-up only
         # Twisted's writer for the worker's stdin, while direct writes are fine; its pipes.
         self._stdin: Any = None
@@ -159,6 +167,7 @@ class _Worker:
         self.ready: Deferred[None] = Deferred()
         self.exited: Deferred[None] = Deferred()
         self.init_failure: str | None = None
+        self.init_kind = ""  # the init reply's kind when it failed ("pin", "error", ...)
 
     def spawn(self, init: dict[str, Any]) -> None:
         # The vendor module may be configured by any variable: all of ours but the PIN's.
@@ -261,6 +270,7 @@ class _Worker:
                     str(message.get("message", "worker init failed"))
                     if isinstance(message, dict) else "worker sent a bad init reply"
                 )
+                self.init_kind = str(message.get("kind", "")) if isinstance(message, dict) else ""
             return
         request_id = message.get("id") if isinstance(message, dict) else message.id
         if not self.requests or request_id != self.requests[0].id:
@@ -273,6 +283,7 @@ class _Worker:
         if self.requests:
             self.busy_since = self.pool._reactor.seconds()
         if isinstance(message, wire.Result):
+            self.pool._succeeded(request)
             request.finish(message.result)
         elif isinstance(message, wire.SignRequest):
             request.finish(SignerError("bad reply from signing worker: a request"))
@@ -282,12 +293,24 @@ class _Worker:
             except wire.FrameError as err:
                 request.finish(SignerError(f"bad reply from signing worker: {err}"))
             else:
+                self.pool._succeeded(request)
                 request.finish(result)
         else:
             text = str(message.get("message", "signing failed"))
-            exc: Exception = (
-                SignerError(text) if message.get("kind") == "error" else SignerUnavailable(text)
-            )
+            kind = message.get("kind")
+            if message.get("fatal") is True:
+                # The worker exits after this reply: its session, token or key is gone.
+                self.retiring = True
+                self.pool._worker_retiring(self, text)
+                if self.pool._retry(request):
+                    return
+            exc: Exception
+            if kind == "error":
+                exc = SignerError(text)
+            elif kind == "missing":
+                exc = self.pool._key_missing(request, text)
+            else:
+                exc = SignerUnavailable(text)
             request.finish(exc)
         self.pool._worker_idle(self)
 
@@ -305,15 +328,21 @@ class _Worker:
         self.requests.clear()
         for request in unstarted:
             request.worker = None
+        if running is not None:
+            running.worker = None
+            if self.pool._retry(running, requeue=False):
+                unstarted.insert(0, running)
+                running = None
         self.pool._requeue(unstarted)
         # The pool first (it starts a replacement), then the callers: a caller
         # whose errback sends a new request must find a worker starting.
         self.pool._worker_ended(self, was, how)
         if was == "starting":
             problem = self.init_failure or f"worker exited during start-up ({how})"
-            self.ready.errback(SignerError(problem))
+            self.ready.errback(
+                PinRefused(problem) if self.init_kind == "pin" else SignerError(problem)
+            )
         if running is not None:
-            running.worker = None
             running.finish(SignerUnavailable(f"signing worker {self.pid} died ({how})"))
         self.exited.callback(None)
 
@@ -337,9 +366,10 @@ class TokenPool:
         max_queue: int = 1000,
         timeout: float = 10.0,
         start_timeout: float = 30.0,
-        max_restart_delay: float = 10.0,
+        max_restart_delay: float = 4.0,
         env_drop: tuple[str, ...] = (),
         pipeline: int = 2,
+        probe_interval: float = 2.0,
         reactor: Any = None,
     ) -> None:
         if token_label is None and slot is None:
@@ -379,6 +409,16 @@ class TokenPool:
         self._sweep: IDelayedCall | None = None  # the one timeout timer
         self._sweep_at = 0.0
         self._key_parts: dict[tuple[KeyRef, str], bytes] = {}
+        # Health: what the pool says about itself, and what it last logged.
+        self.probe_interval = probe_interval
+        self._probe: IDelayedCall | None = None
+        self._last_ok = 0.0  # reactor.seconds() of the last successful reply
+        self._problem = ""  # the last thing that went wrong, for health reasons
+        self._pin_refused: str | None = None  # set by a PIN refusal, cleared by reload_pin
+        self._known_keys: set[KeyRef] = set()  # keys a worker has signed with or read
+        self._missing: dict[KeyRef, str] = {}  # known keys a worker found missing since
+        self._health = Health(State.FAILED, f"signing pool for {self._where} is not running")
+        self._logged: tuple[State, bool] = (State.READY, False)
 
     def __repr__(self) -> str:
         # Never the PIN.
@@ -417,11 +457,19 @@ class TokenPool:
                         message = f"{self._where}: {message}"
                     self._starting = False
                     await self.stop()
-                    raise SignerError(message) from None
+                    # One login only: the caller must not try this PIN again.
+                    raise (PinRefused if isinstance(err, PinRefused) else SignerError)(
+                        message
+                    ) from None
         finally:
             self._starting = False
         log.info("signing pool up: {n} workers on {where}", n=self.workers, where=self._where)
+        self._last_ok = self._reactor.seconds()
+        self._health = READY
+        self._logged = (State.READY, False)
         self._fill()  # in case one died during start-up
+        self._update_health()
+        self._arm_probe()
 
     def stop(self) -> Deferred[None]:
         """Fail queued requests, let in-flight ones finish, end every worker.
@@ -434,6 +482,10 @@ class TokenPool:
             if call.active():
                 call.cancel()
         self._restarts.clear()
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
+        self._health = Health(State.FAILED, f"signing pool for {self._where} is not running")
         while self._queue:
             self._queue.popleft().finish(SignerUnavailable("signing pool stopping"))
         workers = list(self._live)
@@ -469,15 +521,15 @@ class TokenPool:
                 # Not a binary-coded mechanism: JSON, and the worker refuses it.
                 return self._submit(lambda request_id: wire.encode({
                     "op": "sign", "id": request_id, **_key_fields(key),
-                    "mechanism": mechanism, "data_b64": wire.b64(data)}))
+                    "mechanism": mechanism, "data_b64": wire.b64(data)}), key)
             self._key_parts[(key, mechanism)] = part
         key_part = part
-        return self._submit(lambda request_id: wire.encode_sign(request_id, key_part, data))
+        return self._submit(lambda request_id: wire.encode_sign(request_id, key_part, data), key)
 
     def public_key(self, key: KeyRef) -> Deferred[bytes]:
         """SubjectPublicKeyInfo DER of ``key``'s public half."""
         return self._submit(lambda request_id: wire.encode(
-            {"op": "public_key", "id": request_id, **_key_fields(key)}))
+            {"op": "public_key", "id": request_id, **_key_fields(key)}), key)
 
     def check(self) -> Deferred[None]:
         """Fires when a worker has answered a session round trip through the queue."""
@@ -488,6 +540,39 @@ class TokenPool:
     def busy(self) -> int:
         """Workers currently running a request."""
         return sum(1 for w in self._live if w.requests)
+
+    def busy_pids(self) -> list[int]:
+        """Process ids of the workers running a request (tests, diagnostics)."""
+        return [w.pid for w in self._live if w.requests and w.pid is not None]
+
+    def health(self) -> Health:
+        """READY with every worker logged in; DEGRADED while some are (or while the
+        first replacement after a crash is starting); FAILED when none is and
+        replacements keep failing (token gone), or the PIN was refused.
+
+        The state changes as workers end and start, not when a probe asks; each
+        change is logged once (see :meth:`_update_health`).
+        """
+        return self._health
+
+    def reload_pin(self, pin: str) -> None:
+        """A PIN read again from its source (SIGHUP).
+
+        Logged-in workers keep their sessions. If the token had refused the PIN,
+        workers start again only when this PIN differs from the refused one: the
+        same PIN is never tried twice.
+        """
+        if self._pin_refused is not None and pin == self._pin:
+            log.warn("signing on {where}: the PIN source still gives the refused PIN;"
+                     " not trying it again", where=self._where)
+            return
+        self._pin = pin
+        if self._pin_refused is not None:
+            log.info("signing on {where}: new PIN read; starting workers", where=self._where)
+            self._pin_refused = None
+            self._failures = 0
+            self._fill()
+            self._update_health()
 
     def queue_depth(self) -> int:
         """Requests waiting for a worker: queued, or sent to one but not yet started."""
@@ -526,8 +611,9 @@ class TokenPool:
 
     def _fill(self) -> None:
         """Start one replacement if a worker is missing, none is starting and no
-        back-off is pending; called again when that one is up or has failed."""
-        if not self._running or self._starting:
+        back-off is pending; called again when that one is up or has failed.
+        Never while the token refuses the PIN (see :meth:`reload_pin`)."""
+        if not self._running or self._starting or self._pin_refused is not None:
             return
         if any(w.state == "starting" for w in self._live):
             return
@@ -538,11 +624,11 @@ class TokenPool:
             # A replacement's start-up failure is logged by _worker_ended.
             self._spawn().ready.addErrback(lambda _: None)
 
-    def _submit(self, encode: Callable[[int], bytes]) -> Deferred[Any]:
+    def _submit(self, encode: Callable[[int], bytes], key: KeyRef | None = None) -> Deferred[Any]:
         if not self._running:
             return defer.fail(SignerUnavailable(f"signing pool for {self._where} is not running"))
-        if not any(w.state in ("starting", "ready") for w in self._live):
-            return defer.fail(SignerUnavailable(f"no signing worker up for {self._where}"))
+        if not any(w.state in ("starting", "ready") and not w.retiring for w in self._live):
+            return defer.fail(SignerUnavailable(self._nobody_up()))
         if self._idle_worker() is None and self.queue_depth() >= self.max_queue:
             return defer.fail(SignerUnavailable(
                 f"signing queue full ({self.max_queue} waiting) for {self._where}"))
@@ -552,7 +638,7 @@ class TokenPool:
         except wire.FrameError as err:
             return defer.fail(SignerError(f"cannot send to signing worker: {err}"))
         now = self._reactor.seconds()
-        request = _Request(self, request_id, frame, now + self.timeout)
+        request = _Request(self, request_id, frame, now + self.timeout, key)
         self._queue.append(request)
         self._dispatch(now)
         self._arm(request.expires, now)
@@ -561,7 +647,8 @@ class TokenPool:
     def _idle_worker(self) -> _Worker | None:
         """A ready worker running nothing."""
         for worker in self._live:
-            if worker.state == "ready" and not worker.requests and not worker.killing:
+            if (worker.state == "ready" and not worker.requests and not worker.killing
+                    and not worker.retiring):
                 return worker
         return None
 
@@ -569,7 +656,7 @@ class TokenPool:
         """The ready worker with the fewest requests in its pipe, if it has room."""
         best = None
         for worker in self._live:
-            if worker.state != "ready" or worker.killing:
+            if worker.state != "ready" or worker.killing or worker.retiring:
                 continue
             if best is None or len(worker.requests) < len(best.requests):
                 best = worker
@@ -653,31 +740,135 @@ class TokenPool:
 
     def _worker_ready(self, worker: _Worker) -> None:
         self._failures = 0
+        self._problem = ""  # a login worked: what failed before is history
+        self._last_ok = self._reactor.seconds()
         self._dispatch()
         self._fill()
+        self._update_health()
 
     def _worker_idle(self, worker: _Worker) -> None:
         self._dispatch()
+
+    def _worker_retiring(self, worker: _Worker, problem: str) -> None:
+        """A worker replied with a fatal error and is about to exit."""
+        self._problem = problem
 
     def _worker_ended(self, worker: _Worker, was: str, how: str) -> None:
         if worker in self._live:
             self._live.remove(worker)
         if not self._running:
             return
+        # Each end is a debug line; what operators read is the one line per change
+        # of health that _update_health writes (one per episode, not per restart).
         if was == "starting":
-            self._failures += 1
-            log.error("signing worker {pid} failed to start on {where}: {problem}",
-                      pid=worker.pid, where=self._where,
-                      problem=worker.init_failure or how)
+            problem = worker.init_failure or f"worker exited during start-up ({how})"
+            log.debug("signing worker {pid} failed to start on {where}: {problem}",
+                      pid=worker.pid, where=self._where, problem=problem)
+            self._problem = problem
+            if worker.init_kind == "pin" and not self._starting:
+                self._pin_refused = problem
+            else:
+                self._failures += 1
         else:
-            log.error("signing worker {pid} on {where} ended ({how}); replacing it",
+            log.debug("signing worker {pid} on {where} ended ({how}); replacing it",
                       pid=worker.pid, where=self._where, how=how)
+            if not worker.retiring:
+                self._problem = f"signing worker {worker.pid} ended ({how})"
         self._schedule_restart(self._backoff())
-        if not any(w.state in ("starting", "ready") for w in self._live):
+        if not any(w.state in ("starting", "ready") and not w.retiring for w in self._live):
             # Nobody can serve the queue now; fail it rather than let it time out.
             while self._queue:
-                self._queue.popleft().finish(SignerUnavailable(
-                    f"no signing worker up for {self._where}"))
+                self._queue.popleft().finish(SignerUnavailable(self._nobody_up()))
+        self._update_health()
+
+    def _nobody_up(self) -> str:
+        reason = self._pin_refused or self._problem
+        return f"no signing worker up for {self._where}" + (f": {reason}" if reason else "")
+
+    def _succeeded(self, request: _Request) -> None:
+        self._last_ok = self._reactor.seconds()
+        if request.key is not None:
+            self._known_keys.add(request.key)
+            if self._missing.pop(request.key, None) is not None:
+                self._update_health()
+
+    def _key_missing(self, request: _Request, text: str) -> Exception:
+        """A worker did not find the key: a configuration error, unless the key was
+        there before (then the token's storage is changing under us: tryLater)."""
+        if request.key is None or request.key not in self._known_keys:
+            return SignerError(text)
+        self._missing[request.key] = text
+        self._update_health()
+        return SignerUnavailable(text)
+
+    def _retry(self, request: _Request, requeue: bool = True) -> bool:
+        """Give a request whose worker died (or gave up its session) one more try on
+        another worker; False when it already had one, or cannot have one."""
+        if request.done or request.retried or not self._running:
+            return False
+        request.retried = True
+        if requeue:
+            self._queue.appendleft(request)
+            self._dispatch()
+        return True
+
+    def _update_health(self) -> None:
+        """Recompute :meth:`health`; log a line when its state changes (one per change)."""
+        if not self._running:
+            return
+        ready = sum(
+            1 for w in self._live if w.state == "ready" and not w.killing and not w.retiring
+        )
+        starting = any(w.state == "starting" for w in self._live)
+        # Reasons start with the token: a handle's health quotes them as they are.
+        up = f"{self._where}: {ready} of {self.workers} signing workers up"
+        if self._pin_refused is not None:
+            reason = f"{up}; {self._pin_refused}; fix the PIN source, then send SIGHUP"
+            health = Health(State.DEGRADED if ready else State.FAILED, reason)
+        elif ready == 0:
+            health = Health(
+                State.DEGRADED if starting and self._failures == 0 else State.FAILED,
+                f"{up}" + (f"; {self._problem}" if self._problem else ""),
+            )
+        elif self._missing:
+            health = Health(State.DEGRADED, f"{up}; " + "; ".join(self._missing.values()))
+        elif ready < self.workers:
+            health = Health(State.DEGRADED, up + (f"; {self._problem}" if self._problem else ""))
+        else:
+            health = READY
+        self._health = health
+        if self._starting:
+            return
+        key = (health.state, self._pin_refused is not None)
+        if key == self._logged:
+            return
+        self._logged = key
+        if self._pin_refused is not None:
+            log.critical("signing {state}: {reason}", state=health.state.label,
+                         reason=health.reason)
+        elif health.state is State.READY:
+            self._problem = ""
+            log.info("signing ready: {where}: {n} workers up", where=self._where,
+                     n=self.workers)
+        elif health.state is State.DEGRADED:
+            log.warn("signing degraded: {reason}", reason=health.reason)
+        else:
+            log.error("signing failed: {reason}", reason=health.reason)
+
+    def _arm_probe(self) -> None:
+        if self.probe_interval > 0 and self._running:
+            self._probe = self._reactor.callLater(self.probe_interval, self._probe_now)
+
+    def _probe_now(self) -> None:
+        """While nothing is signed, ask an idle worker to check its session and keys,
+        so a token that vanished from an idle pool shows in :meth:`health` too."""
+        self._probe = None
+        if not self._running:
+            return
+        idle = self._reactor.seconds() - self._last_ok >= self.probe_interval * 0.9
+        if idle and not self._queue and self._idle_worker() is not None:
+            self.check().addErrback(lambda _: None)  # a failure ends the worker: see health
+        self._arm_probe()
 
     def _schedule_restart(self, delay: float) -> None:
         if delay <= 0:

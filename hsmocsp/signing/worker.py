@@ -76,8 +76,17 @@ _CURVES = {
 }
 
 
+# Login refusals that say "this PIN": never to be tried again with the same PIN.
+PIN_ERRORS = frozenset(
+    {"CKR_PIN_INCORRECT", "CKR_PIN_LOCKED", "CKR_PIN_EXPIRED", "CKR_PIN_LEN_RANGE",
+     "CKR_PIN_INVALID"}
+)
+
+
 class Failure(Exception):
-    """A reply of kind ``error`` (-> SignerError) or ``unavailable`` (-> SignerUnavailable).
+    """A reply of kind ``error`` (-> SignerError), ``unavailable`` (-> SignerUnavailable),
+    ``pin`` (the token refused the PIN: -> PinRefused, never retried with this PIN) or
+    ``missing`` (no such key: an error unless the pool knows the key existed).
 
     ``fatal`` makes the worker exit after replying.
     """
@@ -154,6 +163,9 @@ class Token:
         self._session: Any = None
         self._lib: Any = None
         self._handles: dict[tuple[str | None, bytes | None, int], Any] = {}
+        # Private keys found at least once: one of these vanishing means the token
+        # (or its storage) went away, not that the configuration is wrong.
+        self._seen: set[tuple[str | None, bytes | None]] = set()
         self._to_bytes: Callable[[Any], bytes] = bytes
 
     @property
@@ -186,9 +198,11 @@ class Token:
             # logged in is success (a second session of the same process).
             if name != "CKR_USER_ALREADY_LOGGED_IN":
                 if name == "CKR_PIN_INCORRECT":
-                    raise Failure("error", f"wrong PIN for {self.where}") from err
+                    raise Failure("pin", f"wrong PIN for {self.where}") from err
                 if name == "CKR_PIN_LOCKED":
-                    raise Failure("error", f"PIN locked for {self.where}") from err
+                    raise Failure("pin", f"PIN locked for {self.where}") from err
+                if name in PIN_ERRORS:
+                    raise Failure("pin", f"PIN refused by {self.where}: {name}") from err
                 raise Failure("error", f"login failed on {self.where}: {name}") from err
         self._session = session
 
@@ -254,9 +268,14 @@ class Token:
 
         handle = self._find(label, key_id, PyKCS11.CKO_PRIVATE_KEY)
         if handle is None:
-            raise Failure(
-                "error", f"no private {self.describe_key(label, key_id)} on {self.where}"
-            )
+            what = self.describe_key(label, key_id)
+            if (label, key_id) in self._seen:
+                # It was here: the token went away under us (SoftHSM's directory
+                # moved, a USB token pulled). This process's module state is stale;
+                # a fresh process (a fresh C_Initialize) is what finds it again.
+                raise Failure("unavailable", f"{what} gone from {self.where}", fatal=True)
+            raise Failure("missing", f"no private {what} on {self.where}")
+        self._seen.add((label, key_id))
         return handle
 
     def forget(self) -> None:
@@ -315,7 +334,9 @@ class Token:
         raise Failure("error", f"{what} on {self.where} is neither RSA nor EC")
 
     def check(self) -> None:
-        """A cheap round trip to the token: the session is alive and logged in."""
+        """A cheap round trip to the token: the session is alive and logged in, and
+        every key used so far is still there (looked up afresh, not from the cache:
+        a session can outlive its token's storage, as SoftHSM's does)."""
         import PyKCS11
 
         try:
@@ -324,6 +345,10 @@ class Token:
             raise _from_pkcs11(err, f"session check on {self.where}") from err
         if info.state not in (PyKCS11.CKS_RO_USER_FUNCTIONS, PyKCS11.CKS_RW_USER_FUNCTIONS):
             raise Failure("unavailable", f"session on {self.where} is not logged in", fatal=True)
+        if self._seen:
+            self.forget()
+            for label, key_id in sorted(self._seen, key=repr):
+                self.private_key(label, key_id)
 
 
 def _rsa_spki(modulus: bytes, exponent: bytes, what: str) -> bytes:
@@ -509,6 +534,8 @@ def main() -> NoReturn:
                 "kind": failure.kind,
                 "message": failure.message,
             }
+            if fatal:
+                reply["fatal"] = True  # the pool may retry the request on another worker
         except wire.FrameError as err:
             reply = {"id": request_id, "ok": False, "kind": "error", "message": str(err)}
         except Exception as err:
@@ -517,6 +544,7 @@ def main() -> NoReturn:
                 "ok": False,
                 "kind": "unavailable",
                 "message": f"worker error: {err!r}",
+                "fatal": True,
             }
             fatal = True
         else:

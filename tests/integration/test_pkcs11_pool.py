@@ -28,15 +28,11 @@ from tests.integration.conftest import SOFTHSM_PIN
 try:
     from tests.integration.softhsm_helpers import (
         SOFTHSM_MODULE,
-        gen_keypair,
-        init_token,
         softhsm_available,
     )
 except ImportError:  # tests/ not a package: rootdir-less "prepend" import mode
     from softhsm_helpers import (  # type: ignore[no-redef,import-not-found,unused-ignore]
         SOFTHSM_MODULE,
-        gen_keypair,
-        init_token,
         softhsm_available,
     )
 
@@ -205,7 +201,7 @@ async def test_missing_token_and_module(token: Path, tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_killed_worker_fails_in_flight_then_is_replaced(token: Path) -> None:
+async def test_killed_worker_in_flight_is_signed_by_the_replacement(token: Path) -> None:
     async with started_pool(make_pool(workers=1)) as pool:
         signer = Pkcs11Signer(pool, KeyRef(label="rsa"))
         await signer.start()
@@ -214,9 +210,8 @@ async def test_killed_worker_fails_in_flight_then_is_replaced(token: Path) -> No
         in_flight = signer.sign(DATA)
         await wait_for(lambda: pool.busy() == 1, "request in flight")
         os.kill(pid, signal.SIGKILL)
-        err = await expect(in_flight, SignerUnavailable)
-        assert "died" in str(err)
-        # A replacement is already starting; the next request waits for it.
+        # Retried once, on the replacement that is already starting.
+        await in_flight
         await signer.sign(DATA)
         (new_pid,) = pool.worker_pids()
         assert new_pid != pid
@@ -310,53 +305,3 @@ def _children() -> list[int]:
             if int(fields[1]) == me:
                 found.append(int(entry))
     return found
-
-
-def change_pin(conf: Path, token_label: str, old: str, new: str) -> None:
-    import subprocess
-
-    subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            SOFTHSM_MODULE,
-            "--token-label",
-            token_label,
-            "--login",
-            "--pin",
-            old,
-            "--change-pin",
-            "--new-pin",
-            new,
-        ],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-@pytest_twisted.ensureDeferred
-async def test_failing_replacement_backs_off_then_recovers(token: Path) -> None:
-    init_token(token.parent, "T2", PIN, "5678")
-    gen_keypair(token, "k", "01", "EC:prime256v1", token_label="T2")
-    async with started_pool(make_pool(token_label="T2", workers=1, max_restart_delay=0.3)) as pool:
-        signer = Pkcs11Signer(pool, KeyRef(label="k"))
-        await signer.start()
-        change_pin(token, "T2", PIN, "4321")  # the running worker stays logged in
-        await signer.sign(DATA)
-        (pid,) = pool.worker_pids()
-        os.kill(pid, signal.SIGKILL)
-        # Replacements now fail to log in; requests get tryLater, never hang.
-        await wait_for(lambda: gone(pid), "worker reaped")
-        err = await expect(signer.sign(DATA), SignerUnavailable)
-        assert "4321" not in str(err) and PIN not in str(err)
-        change_pin(token, "T2", "4321", PIN)
-        for _ in range(200):
-            try:
-                await signer.sign(DATA)
-                break
-            except SignerUnavailable:
-                await sleep(0.1)
-        else:
-            raise AssertionError("pool did not recover")
