@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from hsmocsp.coredump import forbid_core_dumps
 from hsmocsp.signing import wire
 
 # Errors after which this session (or the module) is unusable: reply, then exit so
@@ -490,6 +491,7 @@ def _exit(code: int) -> NoReturn:
 
 def main() -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    forbid_core_dumps()  # before the PIN arrives: no core of this process holds it
     _die_with_parent()
     reply_fd = os.dup(1)
     os.dup2(2, 1)  # vendor chatter on stdout goes to stderr, not into the replies
