@@ -20,5 +20,5 @@ def test_process_becomes_non_dumpable_with_core_limit_zero() -> None:
     out = subprocess.run(
         [sys.executable, "-c", CODE], env=python_env({}), capture_output=True, text=True,
         check=True, timeout=60,
-    ).stdout.split(maxsplit=3)
+    ).stdout.strip().split(maxsplit=3)
     assert out == ["True", "True", "False", "(0, 0)"]
