@@ -31,8 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from hsmocsp.config import Config
-from hsmocsp.errors import HsmOcspError
+from hsmocsp.config import Config, FileKeyConfig, VaultSourceConfig
+from hsmocsp.coredump import forbid_core_dumps
+from hsmocsp.errors import ConfigError, HsmOcspError, PinRefused
 from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle
 from hsmocsp.service.builder import Parts, build
@@ -99,6 +100,8 @@ class ResponderService(Sequence):
             if self.http_workers > 1
             else None
         )
+        if holds_secrets(cfg):
+            forbid_core_dumps()  # before build() reads a PIN: no core of ours holds one
         parts = build(cfg, reactor)
         self.pools = parts.pools
         self.signers = list(parts.signers.values())
@@ -108,6 +111,8 @@ class ResponderService(Sequence):
         self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
         for handle in self.handles:
             handle._on_signed = self.app.metrics.signed
+        for name, pool in self.pools.items():
+            self.app.metrics.watch_token(name, pool.health)
         self.store: ResponseStore | None = None
         self.fronts: FrontPool | None = None
         self.listener: Listener | SharedListener | None = None
@@ -228,7 +233,20 @@ class ResponderService(Sequence):
 
     def reload(self) -> Deferred[None]:
         """What SIGHUP (``systemctl reload``) does: extend here, one awaited step each."""
+        self.reload_pins()
         return self.refresh_sources()
+
+    def reload_pins(self) -> None:
+        """Read every token's PIN from its source again; a pool whose token refused the
+        old PIN tries the new one (once), never the same one again."""
+        for name, pool in self.pools.items():
+            token = self.cfg.tokens[name]
+            try:
+                pin = token.pin.read(f"tokens.{name}.pin")
+            except ConfigError as err:
+                log.error("SIGHUP: PIN of token {name} not re-read: {err}", name=name, err=err)
+                continue
+            pool.reload_pin(pin)
 
     def refresh_sources(self) -> Deferred[None]:
         """Ask every source (once each) to look for new data now."""
@@ -243,25 +261,41 @@ class ResponderService(Sequence):
             log.failure("hsmocsp cannot start", failure)
 
 
+#: Exit status when a token refused the PIN at start-up (shared contract with the
+#: systemd unit's ``RestartPreventExitStatus=77``: a restart would spend another try).
+EXIT_PIN_REFUSED = 77
+
+
 def exit_when_start_fails(svc: Sequence, reactor: Any) -> None:
-    """Once ``svc`` failed to start, stop the reactor and exit with status 1.
+    """Once ``svc`` failed to start, stop the reactor and exit with status 1 (77 when a
+    token refused the PIN).
 
     The tree has already stopped short of the listener; stopping the reactor
     stops what did start (HSM workers last), then the process exits non-zero.
     """
 
-    def fail(_: object) -> None:
+    def fail(failure: Any) -> None:
+        code = EXIT_PIN_REFUSED if failure.check(PinRefused) else 1
         if IReactorCore.providedBy(reactor) and reactor.running:
-            reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            reactor.addSystemEventTrigger("after", "shutdown", _exit_failed, code)
             reactor.stop()
 
     svc.whenStarted().addErrback(fail)
 
 
-def _exit_failed() -> None:
+def _exit_failed(code: int = 1) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
+
+
+def holds_secrets(cfg: Config) -> bool:
+    """Does this process hold a PIN, a Vault credential or a key password?"""
+    return bool(cfg.tokens) or any(
+        isinstance(h.source, VaultSourceConfig)
+        or (isinstance(h.signer, FileKeyConfig) and h.signer.password is not None)
+        for h in cfg.handles
+    )
 
 
 __all__ = ["PresignService", "ResponderService", "exit_when_start_fails"]

@@ -758,20 +758,17 @@ class TokenPool:
             self._live.remove(worker)
         if not self._running:
             return
-        # Each end is a debug line; what operators read is the one line per change
-        # of health that _update_health writes (one per episode, not per restart).
+        # No line per worker: what operators read is the one line per change of
+        # health that _update_health writes (one per episode, not per restart),
+        # which quotes the latest problem.
         if was == "starting":
             problem = worker.init_failure or f"worker exited during start-up ({how})"
-            log.debug("signing worker {pid} failed to start on {where}: {problem}",
-                      pid=worker.pid, where=self._where, problem=problem)
             self._problem = problem
             if worker.init_kind == "pin" and not self._starting:
                 self._pin_refused = problem
             else:
                 self._failures += 1
         else:
-            log.debug("signing worker {pid} on {where} ended ({how}); replacing it",
-                      pid=worker.pid, where=self._where, how=how)
             if not worker.retiring:
                 self._problem = f"signing worker {worker.pid} ended ({how})"
         self._schedule_restart(self._backoff())

@@ -6,12 +6,14 @@ source age), so the request path only bumps one counter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from hsmocsp.health import Health, State
 
 if TYPE_CHECKING:
     from hsmocsp.responder import Handle
@@ -99,6 +101,31 @@ class Metrics:
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
 
+    def watch_token(self, name: str, health: Callable[[], Health]) -> None:
+        """``hsmocsp_token_up{token}`` (1 while the token can sign: ready or degraded)
+        and ``hsmocsp_token_state{token,state}`` (1 for its current state), read from
+        the token pool's ``health()`` at scrape time."""
+        if not hasattr(self, "_token_up"):
+            self._token_up = Gauge(
+                "hsmocsp_token_up",
+                "1 while a signing worker is logged in to the token",
+                ["token"],
+                registry=self.registry,
+            )
+            self._token_state = Gauge(
+                "hsmocsp_token_state",
+                "1 for the token's current state (ready, degraded, failed)",
+                ["token", "state"],
+                registry=self.registry,
+            )
+        self._token_up.labels(name).set_function(
+            lambda: float(health().state is not State.FAILED)
+        )
+        for state in State:
+            self._token_state.labels(name, state.label).set_function(
+                partial(_is_state, health, state)
+            )
+
     def response(self, handle: str, status: str, method: str, n: int = 1) -> None:
         key = (handle, status, method)
         child = self._children.get(key)
@@ -114,6 +141,10 @@ class Metrics:
 
     def render(self) -> tuple[str, bytes]:
         return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+
+def _is_state(health: Callable[[], Health], state: State) -> float:
+    return float(health().state is state)
 
 
 def _cache_hits(h: Handle) -> float:
