@@ -30,7 +30,8 @@ A file is accepted whole or not at all: any bad line rejects it with a
 :class:`~hsmocsp.errors.SourceError` naming the file and line, so a
 half-written file never replaces good data. That includes a last line with
 no newline (OpenSSL itself silently drops such a line, which could hide a
-revocation).
+revocation). Lines may end in CRLF; the ``\r`` is dropped with the ``\n``, so a line
+that is only ``\r`` is blank.
 
 Memory: an index of a million certificates is mostly ``V`` rows, so good
 serials go into :class:`SerialSet`, a sorted array of fixed-width big-endian
@@ -430,7 +431,9 @@ def parse_index_file(lines: Iterable[bytes], name: str) -> IndexData:
         for lineno, raw in enumerate(lines, 1):  # noqa: B007 - used in the error path
             if raw[-1:] != b"\n":
                 raise _LineError("last line has no newline (file incomplete or being written?)")
-            line = raw[:-1]
+            # A CRLF file (saved by an editor or copied through Windows): the ``\r`` is
+            # part of the line end, so a line that is only ``\r`` is blank.
+            line = raw[:-2] if raw[-2:-1] == b"\r" else raw[:-1]
             if not line or line[0] == 0x23:  # blank, or '#' comment as TXT_DB skips
                 continue
             parts = line.split(b"\t", 5)

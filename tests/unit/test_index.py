@@ -197,6 +197,19 @@ def test_empty_file_comments_and_blank_lines() -> None:
     assert data.status(5) == CertStatus.good()
 
 
+def test_crlf_file_with_blank_crlf_lines() -> None:
+    """An index.txt saved with CRLF line ends (an editor, a copy through Windows): a line
+    that is only ``\\r`` is blank, and a revocation written that way is seen."""
+    text = row("V", "", "01") + "\n" + row("R", "240506070809Z,keyCompromise", "02") + "\n"
+    data = parse(text.replace("\n", "\r\n"))
+    assert data.status(1) == CertStatus.good()
+    assert data.status(2) == CertStatus.revoked(REVOKED_AT, CRLReason.keyCompromise)
+    assert data.lines == 4
+    # The last line of a CRLF file still needs its line end.
+    with pytest.raises(SourceError, match="no newline"):
+        parse(row("V", "", "01").replace("\n", "\r\n") + "V\t301231235959Z\t\t02\tu\t/CN=y\r")
+
+
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [

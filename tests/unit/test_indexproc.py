@@ -130,6 +130,17 @@ async def test_child_parses(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_child_parses_crlf_with_blank_line(tmp_path: Path) -> None:
+    """The child parser reads CRLF files like the in-process one: ``\\r\\n`` is blank."""
+    path = tmp_path / "index.txt"
+    path.write_bytes(ROWS.replace("\n", "\r\n").encode() + b"\r\n")
+    data, _ = await _reader()(path)
+    assert data.status(3).status is Status.revoked
+    assert data.status(1).status is Status.good
+    _same(data, read_index(path)[0])
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_child_reports_bad_and_missing_files(tmp_path: Path) -> None:
     path = tmp_path / "index.txt"
     path.write_text("V\t301231235959Z\t\t01\tunknown\t/CN=a")  # no final newline
