@@ -21,11 +21,13 @@ Three rules keep it correct:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+
+from hsmocsp.inflight import ObservableDeferred
 
 
 class Expiring(Protocol):
@@ -51,8 +53,10 @@ class CacheObserver(Protocol[V]):  # type: ignore[misc]
 
 @dataclass
 class _Flight(Generic[V]):
+    """A value being produced for one key; ``stale`` once its serial was invalidated."""
+
     serial: int
-    waiters: list[Deferred[V]] = field(default_factory=list)
+    result: ObservableDeferred[V]
     stale: bool = False
 
 
@@ -125,16 +129,11 @@ class ResponseCache(Generic[V]):
                 return value
             self._drop(key)
         self.stats.misses += 1
-        waiter: Deferred[V] = Deferred()
         flight = self._flights.get(key)
         if flight is None:
-            # The waiter is registered before production starts: a producer may fire
-            # synchronously (file signer, cached source status).
-            self._start(key, serial, produce, waiter=waiter)
-        else:
-            self.stats.coalesced += 1
-            flight.waiters.append(waiter)
-        return waiter
+            return self._start(key, serial, produce)
+        self.stats.coalesced += 1
+        return flight.result.observe()
 
     def refresh(
         self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]
@@ -147,9 +146,7 @@ class ResponseCache(Generic[V]):
         if key in self._flights:
             return None
         self.stats.refreshes += 1
-        waiter: Deferred[V] = Deferred()
-        self._start(key, serial, produce, waiter=waiter)
-        return waiter
+        return self._start(key, serial, produce)
 
     def put(self, key: bytes, serial: int, value: V) -> None:
         """Store a value made elsewhere (pre-signing, loading the persistent store)."""
@@ -183,43 +180,45 @@ class ResponseCache(Generic[V]):
     # --- internals -----------------------------------------------------------------
 
     def _start(
-        self,
-        key: bytes,
-        serial: int,
-        produce: Callable[[], Deferred[V]],
-        waiter: Deferred[V] | None = None,
-    ) -> _Flight[V]:
-        flight: _Flight[V] = _Flight(serial=serial)
-        if waiter is not None:
-            flight.waiters.append(waiter)
+        self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]
+    ) -> Deferred[V]:
+        """Produce a value for ``key`` (again, while the serial turns stale meanwhile),
+        store it, and return the first observer's Deferred for it.
+
+        Shared through :class:`~hsmocsp.inflight.ObservableDeferred`: every waiter
+        has its own Deferred, registered before production starts (a producer may
+        fire synchronously: file signer, cached source status), and a failed
+        background refresh nobody waits for is dropped there; the old entry keeps
+        being served until it expires.
+        """
+        produced: Deferred[V] = Deferred()
+        flight: _Flight[V] = _Flight(serial=serial, result=ObservableDeferred(produced))
         self._flights[key] = flight
+        first = flight.result.observe()
 
         def done(result: V | Failure) -> None:
             if flight.stale and not isinstance(result, Failure):
                 # The status changed while we were signing: redo with fresh data.
                 flight.stale = False
-                produce().addBoth(done)
+                attempt(produce)
                 return
             del self._flights[key]
-            if not isinstance(result, Failure):
-                self._store(key, serial, result, notify=True)
-            for waiter in flight.waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
-            if isinstance(result, Failure) and not flight.waiters:
-                # A background refresh failed: the old entry keeps being served
-                # until it expires; nothing else to report here.
-                result.trap(Exception)
+            if isinstance(result, Failure):
+                produced.errback(result)
+                return
+            self._store(key, serial, result, notify=True)
+            produced.callback(result)
 
-        try:
-            d = produce()
-        except Exception:
-            d = Deferred()
-            d.errback(Failure())
-        d.addBoth(done)
-        return flight
+        def attempt(make: Callable[[], Deferred[V]]) -> None:
+            try:
+                d = make()
+            except Exception:
+                d = Deferred()
+                d.errback(Failure())
+            d.addBoth(done)
+
+        attempt(produce)
+        return first
 
     def _store(self, key: bytes, serial: int, value: V, notify: bool) -> None:
         if key not in self._entries and len(self._entries) >= self._max:

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.inflight import OneAtATime
 from hsmocsp.sources.crl import CRLInfo, load_crl
 from hsmocsp.sources.index import IndexData
 from hsmocsp.sources.indexproc import IndexSig, ProcessIndexReader
@@ -191,7 +192,7 @@ class OpenSSLSource:
         self._checked_at: float | None = None
         self._listeners: list[ChangeListener] = []
         self._loop: LoopingCall | None = None
-        self._inflight: Deferred[None] | None = None
+        self._reloading: OneAtATime[None] = OneAtATime()
 
     # --- StatusSource -------------------------------------------------------------
 
@@ -218,11 +219,7 @@ class OpenSSLSource:
         self._loop = None
         if self._reading is not None:
             self._reading.cancel()
-        if self._inflight is None:
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        self._inflight.addBoth(lambda _: done.callback(None))
-        return done
+        return self._reloading.wait()
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return (self._issuer,)
@@ -261,10 +258,8 @@ class OpenSSLSource:
 
     def check_now(self) -> Deferred[None]:
         """Look for changed files now (e.g. on SIGHUP) instead of at the next poll."""
-        if self._inflight is not None:
-            done: Deferred[None] = Deferred()
-            self._inflight.addBoth(lambda _: done.callback(None))
-            return done
+        if self._reloading.running:
+            return self._reloading.wait()
         d = self._poll()
         return d if d is not None else succeed(None)
 
@@ -335,7 +330,7 @@ class OpenSSLSource:
 
     def _poll(self) -> Deferred[None] | None:
         """One polling round; returns a Deferred while a reload runs (LoopingCall waits)."""
-        if self._inflight is not None or self._snapshot is None:
+        if self._reloading.running or self._snapshot is None:
             return None
         index_sig = self._stat(self._index)
         load_index = index_sig is not None and self._index.wants_load(index_sig)
@@ -350,15 +345,12 @@ class OpenSSLSource:
                 self._checked_at = self._reactor.seconds()  # the files are what we loaded
             return None
         current = self._snapshot
-        d = Deferred.fromCoroutine(self._reload(current, load_index, load_crl))
-        inflight = d.addCallback(self._apply).addErrback(self._reload_crashed)
-        self._inflight = inflight
 
-        def _done(result: None) -> None:
-            self._inflight = None
+        def reload() -> Deferred[None]:
+            d = Deferred.fromCoroutine(self._reload(current, load_index, load_crl))
+            return d.addCallback(self._apply).addErrback(self._reload_crashed)
 
-        inflight.addBoth(_done)
-        return inflight
+        return self._reloading.run(reload)
 
     async def _reload(self, current: _Snapshot, load_index: bool, load_crl: bool) -> _Outcome:
         """Parse what changed (index in a child, CRL in a thread), then diff in a thread."""

@@ -28,12 +28,12 @@ from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.inflight import OneAtATime, OnePerKey
 from hsmocsp.sources.vaultauth import VaultAuth, VaultResponse, VaultTransport
 from hsmocsp.status import CertStatus, CRLReason, Status
 
@@ -198,14 +198,14 @@ class VaultSource:
         self._crls: dict[bytes, tuple[x509.CertificateRevocationList, bytes]] = {}
         self._revoked: dict[int, CertStatus] = {}
         self._cache: OrderedDict[int, _Entry] = OrderedDict()
-        self._inflight: dict[int, list[Deferred[tuple[CertStatus, _Signer]]]] = {}
+        self._lookups: OnePerKey[int, tuple[CertStatus, _Signer]] = OnePerKey()
         self._listeners: list[Callable[[frozenset[int] | None], None]] = []
         self._generation = 0
         self._checked_at: float | None = None
         self._ok = False
         self._started = False
         self._timer: IDelayedCall | None = None
-        self._refresh_waiters: list[Deferred[None]] | None = None
+        self._refreshing: OneAtATime[None] = OneAtATime()
         self._stopped = False
         self._issuer_keys: dict[x509.Certificate, bytes] = {}
         self._skis: dict[x509.Certificate, bytes] = {}
@@ -286,24 +286,11 @@ class VaultSource:
         return self.refresh_crl()
 
     def refresh_crl(self) -> Deferred[None]:
-        """Fetch every issuer's CRL now (also what the background timer does)."""
-        waiter: Deferred[None] = Deferred()
-        if self._refresh_waiters is not None:
-            self._refresh_waiters.append(waiter)
-            return waiter
-        self._refresh_waiters = [waiter]
+        """Fetch every issuer's CRL now (also what the background timer does).
 
-        def done(result: object) -> None:
-            waiters, self._refresh_waiters = self._refresh_waiters or [], None
-            for w in waiters:
-                if isinstance(result, Failure):
-                    w.errback(result)
-                else:
-                    w.callback(None)
-
-        # Never fails after start-up: errors are logged and retried by the timer.
-        Deferred.fromCoroutine(self._refresh_crls()).addBoth(done)
-        return waiter
+        Never fails after start-up: errors are logged and retried by the timer.
+        """
+        return self._refreshing.run(lambda: Deferred.fromCoroutine(self._refresh_crls()))
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -490,23 +477,7 @@ class VaultSource:
     # --- lookups ------------------------------------------------------------------------
 
     def _lookup_shared(self, serial: int) -> Deferred[tuple[CertStatus, _Signer]]:
-        waiter: Deferred[tuple[CertStatus, _Signer]] = Deferred()
-        waiters = self._inflight.get(serial)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._inflight[serial] = [waiter]
-
-        def done(result: tuple[CertStatus, _Signer] | Failure) -> None:
-            for w in self._inflight.pop(serial, []):
-                if not w.called:
-                    if isinstance(result, Failure):
-                        w.errback(result)
-                    else:
-                        w.callback(result)
-
-        Deferred.fromCoroutine(self._lookup(serial)).addBoth(done)
-        return waiter
+        return self._lookups.run(serial, lambda: Deferred.fromCoroutine(self._lookup(serial)))
 
     async def _lookup(self, serial: int) -> tuple[CertStatus, _Signer]:
         path = f"{self.mount}/cert/{vault_serial(serial)}"

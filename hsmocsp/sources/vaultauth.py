@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable
+from hsmocsp.inflight import OneAtATime
 
 __all__ = [
     "AppRoleAuth",
@@ -182,12 +183,12 @@ class _Renewer:
 
     _transport: VaultTransport | None
     _timer: IDelayedCall | None
-    _waiters: list[Deferred[str]] | None
+    _fetching: OneAtATime[str]
 
     def __init__(self) -> None:
         self._transport = None
         self._timer = None
-        self._waiters = None
+        self._fetching = OneAtATime()
 
     def bind(self, transport: VaultTransport) -> None:
         self._transport = transport
@@ -209,23 +210,7 @@ class _Renewer:
 
     def _shared(self, fetch: Callable[[], Deferred[str]]) -> Deferred[str]:
         """Run ``fetch`` once for every concurrent caller; cancelling one waiter is harmless."""
-        waiter: Deferred[str] = Deferred()
-        if self._waiters is not None:
-            self._waiters.append(waiter)
-            return waiter
-        self._waiters = [waiter]
-
-        def done(result: str | Failure) -> None:
-            waiters, self._waiters = self._waiters or [], None
-            for w in waiters:
-                if not w.called:
-                    if isinstance(result, Failure):
-                        w.errback(result)
-                    else:
-                        w.callback(result)
-
-        fetch().addBoth(done)
-        return waiter
+        return self._fetching.run(fetch)
 
     def stop(self) -> None:
         self._cancel_timer()

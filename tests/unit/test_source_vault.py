@@ -522,3 +522,21 @@ def test_renewable_token_is_renewed_at_two_thirds() -> None:
     assert env.fake.renewals == 1
     env.run(env.source.stop())
     assert env.clock.getDelayedCalls() == []
+
+
+def test_concurrent_lookups_share_one_request_and_survive_a_cancelled_waiter() -> None:
+    env = Env(cache_ttl=0)
+    env.start()
+    env.fake.mode = "hang"
+    calls = env.fake.cert_calls
+    first = env.source.status(env.issuer(), GOOD)
+    second = env.source.status(env.issuer(), GOOD)
+    env.stub.flush()
+    assert env.fake.cert_calls == calls + 1
+    first.cancel()  # a client went away: the shared lookup goes on for the other
+    env.fake.mode = "ok"
+    pending = env.fake.pending.pop()
+    body = {"data": {"certificate": env.fake.ca.leaf(GOOD), "revocation_time": 0}}
+    pending.callback(json.dumps(body).encode())
+    assert env.run(second).status is Status.good
+    assert env.fake.cert_calls == calls + 1
