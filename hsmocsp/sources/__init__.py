@@ -12,6 +12,7 @@ from typing import Protocol
 from cryptography import x509
 from twisted.internet.defer import Deferred
 
+from hsmocsp.health import Health
 from hsmocsp.status import CertStatus
 
 
@@ -66,6 +67,13 @@ class StatusSource(Protocol):
 
     def ready(self) -> bool:
         """True when the source has loaded data and its backing store is reachable."""
+        ...
+
+    def health(self) -> Health:
+        """READY, DEGRADED (answers from what it has: cache, last good data; tryLater for
+        what needs the backing store) or FAILED, with the reason. Sources keep it, with
+        ``generation``, ``checked_at`` and the listeners, in a
+        :class:`~hsmocsp.sources.state.SourceState`."""
         ...
 
     def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None: ...

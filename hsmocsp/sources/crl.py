@@ -1,10 +1,11 @@
 """Load and verify a CRL, and turn its entries into certificate statuses.
 
-Shared by the OpenSSL source (a CRL file next to ``index.txt``) and the Vault
-source (the CRL a PKI mount publishes). A CRL is only believed after its
-signature verifies against the issuer's public key and its issuer name matches
-the issuer's subject; anything else is a :class:`~hsmocsp.errors.SourceError`,
-so a CRL of the wrong CA (or a corrupted download) never changes a status.
+The one CRL reader of every source: the OpenSSL source (a CRL file next to
+``index.txt``), the Vault source (the CRLs a PKI mount publishes) and any other.
+A CRL is only believed after its signature verifies against the issuer's public
+key and its issuer name matches the issuer's subject; anything else is a
+:class:`~hsmocsp.errors.SourceError`, so a CRL of the wrong CA (or a corrupted
+download) never changes a status.
 
 Entries keep the reason and invalidity date the CRL gives them (``reason`` is
 ``None`` when the entry has no CRLReason extension, so the OCSP response can
@@ -17,6 +18,7 @@ another CA.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hsmocsp.errors import SourceError
 from hsmocsp.status import CertStatus, CRLReason
 
-__all__ = ["CRLInfo", "load_crl"]
+__all__ = ["CRLInfo", "load_crl", "merged_revocations"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -121,7 +123,8 @@ def load_crl(data: bytes, issuer: x509.Certificate) -> CRLInfo:
         raise SourceError(f"cannot verify the CRL signature: {err}") from err
     if not valid:
         raise SourceError(
-            f"CRL signature does not verify with the key of {issuer.subject.rfc4514_string()!r}"
+            "bad signature: the CRL signature does not verify with the key of"
+            f" {issuer.subject.rfc4514_string()!r}"
         )
     crl_number: int | None = None
     try:
@@ -156,3 +159,12 @@ def load_crl(data: bytes, issuer: x509.Certificate) -> CRLInfo:
         crl_number=crl_number,
         warnings=tuple(warnings),
     )
+
+
+def merged_revocations(crls: Iterable[CRLInfo]) -> dict[int, CertStatus]:
+    """The revoked serials of several CRLs of one source (e.g. the issuers of one Vault
+    mount, whose serials are unique per mount); a later CRL's entry wins."""
+    merged: dict[int, CertStatus] = {}
+    for crl in crls:
+        merged.update(crl.revoked)
+    return merged

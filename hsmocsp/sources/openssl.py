@@ -35,11 +35,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.health import Health
 from hsmocsp.inflight import OneAtATime
 from hsmocsp.sources.crl import CRLInfo, load_crl
 from hsmocsp.sources.index import IndexData
 from hsmocsp.sources.indexproc import IndexSig, ProcessIndexReader
 from hsmocsp.sources.indexproc import read_index as read_index_now
+from hsmocsp.sources.state import ChangeListener, SourceState
 from hsmocsp.status import CertStatus
 
 __all__ = ["IndexReader", "OpenSSLSource", "ThreadRunner"]
@@ -48,8 +50,6 @@ _T = TypeVar("_T")
 
 # (st_mtime_ns, st_size, st_ino): what tells us a file changed.
 _Sig = IndexSig
-
-ChangeListener = Callable[[frozenset[int] | None], None]
 
 
 class ThreadRunner(Protocol):
@@ -188,9 +188,9 @@ class OpenSSLSource:
         self._index = _Watched(Path(index_path), "index")
         self._crl = _Watched(Path(crl_path), "CRL") if crl_path is not None else None
         self._snapshot: _Snapshot | None = None
-        self._generation = 0
-        self._checked_at: float | None = None
-        self._listeners: list[ChangeListener] = []
+        # The source logs each file problem itself (once per distinct problem, with
+        # the file and line), so the shared state only keeps count and health.
+        self.state = SourceState(f"index {index_path}", reactor, log_changes=False)
         self._loop: LoopingCall | None = None
         self._reloading: OneAtATime[None] = OneAtATime()
 
@@ -198,11 +198,11 @@ class OpenSSLSource:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self.state.generation
 
     @property
     def checked_at(self) -> float | None:
-        return self._checked_at
+        return self.state.checked_at
 
     def start(self) -> Deferred[None]:
         """Load both files (off the reactor thread), then start polling.
@@ -249,7 +249,12 @@ class OpenSSLSource:
         return self._snapshot is not None
 
     def on_change(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
+        self.state.on_change(listener)
+
+    def health(self) -> Health:
+        """READY; DEGRADED while the index or CRL file is missing or does not parse (the
+        last good data is served); FAILED before the first load."""
+        return self.state.health()
 
     # --- extras ---------------------------------------------------------------------
 
@@ -293,8 +298,10 @@ class OpenSSLSource:
         self._index.good_sig = out.index_sig
         if self._crl is not None:
             self._crl.good_sig = out.crl_sig
-        self._install(snapshot)
-        self._checked_at = self._reactor.seconds()
+        self._snapshot = snapshot
+        self.state.changed(None, notify=False)
+        self.state.confirmed()
+        self.state.loaded()
         self._log.info(
             "{path}: loaded {good} good and {revoked} revoked serials{crl}",
             path=str(self._index.path),
@@ -310,10 +317,6 @@ class OpenSSLSource:
             lambda f: self._log.failure("OpenSSL source poll loop died", f)
         )
 
-    def _install(self, snapshot: _Snapshot) -> None:
-        self._snapshot = snapshot
-        self._generation += 1
-
     def _stat(self, watched: _Watched) -> _Sig | None:
         try:
             sig = _sig(os.stat(watched.path))
@@ -325,6 +328,7 @@ class OpenSSLSource:
             # Back again; a later disappearance is worth a new warning.
             watched.missing = False
             watched.last_problem = None
+            self.state.solved(watched.kind)
             self._log.info("{path}: present again", path=str(watched.path))
         return sig
 
@@ -342,7 +346,7 @@ class OpenSSLSource:
         if not (load_index or load_crl):
             crl_ok = self._crl is None or (crl_sig is not None and crl_sig == self._crl.good_sig)
             if index_sig is not None and index_sig == self._index.good_sig and crl_ok:
-                self._checked_at = self._reactor.seconds()  # the files are what we loaded
+                self.state.confirmed()  # the files are what we loaded
             return None
         current = self._snapshot
 
@@ -416,6 +420,7 @@ class OpenSSLSource:
                 if watched.last_problem is not None:
                     self._log.info("{path}: loaded again", path=str(watched.path))
                 watched.last_problem = None
+                self.state.solved(watched.kind)
             if error is not None:
                 failed_sig, message = error
                 if failed_sig is not None and failed_sig == watched.failed_sig:
@@ -424,24 +429,20 @@ class OpenSSLSource:
                     watched.failed_sig, watched.failed_tries = failed_sig, 1
                 self._problem(watched, f"{message}; keeping last good data")
         if out.index_error is None and out.crl_error is None:
-            self._checked_at = self._reactor.seconds()
+            self.state.confirmed()
         if out.snapshot is None:
             return
-        self._install(out.snapshot)
-        self._warn_crl(out.snapshot.crl if out.crl_sig is not None else None)
+        self._snapshot = out.snapshot
         changed = frozenset(out.changed) if out.changed is not None else None
+        self.state.changed(changed)
+        self._warn_crl(out.snapshot.crl if out.crl_sig is not None else None)
         self._log.info(
             "{path}: reloaded (generation {generation}, {n} serials changed){crl}",
             path=str(self._index.path),
-            generation=self._generation,
+            generation=self.state.generation,
             n="all" if changed is None else len(changed),
             crl=_describe_crl(out.snapshot.crl),
         )
-        for listener in list(self._listeners):
-            try:
-                listener(changed)
-            except Exception:
-                self._log.failure("change listener {listener!r} failed", listener=listener)
 
     def _reload_crashed(self, failure: Failure) -> None:
         if isinstance(failure.value, CancelledError) and self._stopping:
@@ -451,6 +452,7 @@ class OpenSSLSource:
 
     def _problem(self, watched: _Watched, message: str) -> None:
         """Log ``message`` unless it is the one last logged for this file."""
+        self.state.problem(watched.kind, message)
         if message != watched.last_problem:
             watched.last_problem = message
             self._log.warn("{kind} file problem: {message}", kind=watched.kind, message=message)

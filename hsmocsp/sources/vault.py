@@ -14,7 +14,7 @@ still serve.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,9 +33,12 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.health import Health
 from hsmocsp.inflight import OneAtATime, OnePerKey
+from hsmocsp.sources.crl import CRLInfo, load_crl, merged_revocations
+from hsmocsp.sources.state import ChangeListener, SourceState
 from hsmocsp.sources.vaultauth import VaultAuth, VaultResponse, VaultTransport
-from hsmocsp.status import CertStatus, CRLReason, Status
+from hsmocsp.status import CertStatus, Status
 
 __all__ = ["VaultSource", "VaultTLS", "vault_serial"]
 
@@ -45,6 +48,11 @@ log = Logger()
 CRL_RETRY = 15.0
 #: Never refresh more often than this, even if a CRL's nextUpdate is already past.
 CRL_MIN_INTERVAL = 5.0
+#: Asked every probe_interval seconds; standbys answer 200 too.
+_HEALTH_PATH = "sys/health?standbyok=true&perfstandbyok=true"
+#: Problem areas in the source's health: Vault itself, and the CRLs it serves.
+_VAULT = "vault"
+_CRL = "crl"
 
 
 def vault_serial(serial: int) -> str:
@@ -125,10 +133,6 @@ class _Entry:
     fetched_at: float
 
 
-def _epoch(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 def _same_ca(a: x509.Certificate, b: x509.Certificate) -> bool:
     """Same subject and key: indistinguishable for an OCSP CertID."""
     return a == b or (a.subject == b.subject and a.public_key() == b.public_key())
@@ -151,14 +155,17 @@ class VaultSource:
         reactor: Any = None,
         http_client: Any = None,
         cache_size: int = 100_000,
+        probe_interval: float = 10,
     ) -> None:
         if not address.startswith(("http://", "https://")):
             raise SourceError(f"vault address {address!r} must start with http:// or https://")
         mount = mount.strip("/")
         if not mount:
             raise SourceError("vault mount must not be empty")
-        if cache_ttl < 0 or crl_refresh <= 0 or request_timeout <= 0:
-            raise SourceError("vault cache_ttl/crl_refresh/request_timeout must be positive")
+        if cache_ttl < 0 or crl_refresh <= 0 or request_timeout <= 0 or probe_interval <= 0:
+            raise SourceError(
+                "vault cache_ttl/crl_refresh/request_timeout/probe_interval must be positive"
+            )
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -170,6 +177,7 @@ class VaultSource:
         self._auth = auth
         self._cache_ttl = cache_ttl
         self._crl_refresh = crl_refresh
+        self._probe_interval = probe_interval
         self._cache_size = cache_size
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
@@ -195,16 +203,14 @@ class VaultSource:
         self._issuers: list[x509.Certificate] = []
         self._issuer_ids: dict[str, x509.Certificate] = {}
         self._crl_paths: list[tuple[x509.Certificate, str]] = []
-        self._crls: dict[bytes, tuple[x509.CertificateRevocationList, bytes]] = {}
+        self._crls: dict[bytes, CRLInfo] = {}
         self._revoked: dict[int, CertStatus] = {}
         self._cache: OrderedDict[int, _Entry] = OrderedDict()
         self._lookups: OnePerKey[int, tuple[CertStatus, _Signer]] = OnePerKey()
-        self._listeners: list[Callable[[frozenset[int] | None], None]] = []
-        self._generation = 0
-        self._checked_at: float | None = None
-        self._ok = False
+        self.state = SourceState(self._where(), self._clock)
         self._started = False
         self._timer: IDelayedCall | None = None
+        self._probe_timer: IDelayedCall | None = None
         self._refreshing: OneAtATime[None] = OneAtATime()
         self._stopped = False
         self._issuer_keys: dict[x509.Certificate, bytes] = {}
@@ -217,25 +223,32 @@ class VaultSource:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self.state.generation
 
     @property
     def checked_at(self) -> float | None:
-        return self._checked_at
+        return self.state.checked_at
 
-    def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
-        self._listeners.append(listener)
+    def on_change(self, listener: ChangeListener) -> None:
+        self.state.on_change(listener)
+
+    def health(self) -> Health:
+        """READY; DEGRADED while Vault cannot be reached or refuses us (cached statuses
+        are still answered, new serials get tryLater) or while its CRL is unusable
+        (the last good one is kept); FAILED before the first load."""
+        return self.state.health()
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return tuple(self._issuers)
 
     def ready(self) -> bool:
-        return self._started and bool(self._issuers) and self._ok
+        """Loaded and Vault reachable (a bad CRL alone does not make it unready)."""
+        return self._started and bool(self._issuers) and not self.state.failing(_VAULT)
 
     def crl_der(self, issuer: x509.Certificate) -> bytes | None:
         key = self._issuer_key(issuer)
         found = self._crls.get(key) if key is not None else None
-        return found[1] if found else None
+        return found.der if found else None
 
     def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
         """Serials seen in lookups or CRLs (Vault has no cheap unauthenticated listing)."""
@@ -255,9 +268,10 @@ class VaultSource:
     def stop(self) -> Deferred[None]:
         self._started = False
         self._stopped = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._probe_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._probe_timer = None
         self._auth.stop()
         if self._pool is not None:
             closing: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
@@ -308,8 +322,9 @@ class VaultSource:
             )
         await self._load_issuers(token)
         await self._refresh_crls(initial=True)
-        self._ok = True
         self._started = True
+        self.state.loaded()
+        self._schedule_probe()
         log.info("{where}: serving {n} issuer(s)", where=self._where(), n=len(self._issuers))
 
     async def _get(self, path: str, token: str | None) -> VaultResponse:
@@ -372,10 +387,14 @@ class VaultSource:
     # --- CRLs ---------------------------------------------------------------------------
 
     async def _refresh_crls(self, initial: bool = False) -> None:
-        """Fetch and verify every issuer's CRL; on start-up a failure is fatal."""
+        """Fetch and verify every issuer's CRL; on start-up a failure is fatal.
+
+        Later, nothing escapes: a failure is reported to :attr:`state` (logged once
+        per episode) and retried after ``CRL_RETRY``; the last good CRLs stay.
+        """
         try:
             token = await self._auth.token()
-            fetched: dict[bytes, tuple[x509.CertificateRevocationList, bytes]] = {}
+            fetched: dict[bytes, CRLInfo] = {}
             for issuer, path in self._crl_paths:
                 key = self._issuer_key(issuer)
                 assert key is not None
@@ -387,77 +406,71 @@ class VaultSource:
         except (SourceError, SourceUnavailable) as err:
             if initial:
                 raise
-            if isinstance(err, SourceUnavailable):
-                self._ok = False  # a bad CRL (SourceError) does not mean Vault is down
-            log.warn("{where}: CRL refresh failed: {err}", where=self._where(), err=str(err))
+            # A bad CRL (SourceError) does not mean Vault is down.
+            area = _VAULT if isinstance(err, SourceUnavailable) else _CRL
+            self.state.problem(area, f"CRL refresh failed: {err}")
             self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
             return
-        self._ok = True
-        self._checked_at = self._clock.seconds()
+        except Exception:
+            if initial:
+                raise
+            # A bug, not a Vault problem: say so, and keep the refresh going.
+            log.failure("{where}: CRL refresh failed unexpectedly", where=self._where())
+            self.state.problem(_CRL, "CRL refresh failed unexpectedly (see the log)")
+            self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
+            return
+        self.state.solved(_VAULT)
+        self.state.solved(_CRL)
+        self.state.confirmed()
         self._apply_crls(fetched, initial)
         self._schedule_refresh(self._next_refresh())
 
-    async def _fetch_crl(
-        self, issuer: x509.Certificate, path: str, token: str
-    ) -> tuple[x509.CertificateRevocationList, bytes] | None:
+    async def _fetch_crl(self, issuer: x509.Certificate, path: str, token: str) -> CRLInfo | None:
         resp = await self._get(path, token)
         if resp.code in (204, 404) or (resp.code == 200 and not resp.body):
             return None  # no CRL (disabled); status comes from lookups alone
         if resp.code != 200:
             raise SourceUnavailable(f"{self._where()}: CRL /v1/{path}: HTTP {resp.code}")
-        der = resp.body
         try:
-            crl = x509.load_der_x509_crl(der)
-        except ValueError:
-            try:
-                crl = x509.load_pem_x509_crl(der)
-                der = crl.public_bytes(Encoding.DER)
-            except ValueError as err:
-                raise SourceError(f"{self._where()}: /v1/{path} is not a CRL") from err
-        if crl.issuer != issuer.subject:
-            raise SourceError(f"{self._where()}: CRL /v1/{path} names another issuer")
-        try:
-            valid = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise SourceError(f"{self._where()}: CRL /v1/{path} has a bad signature")
-        return crl, der
+            return load_crl(resp.body, issuer)
+        except SourceError as err:
+            raise SourceError(f"{self._where()}: CRL /v1/{path}: {err}") from err
 
-    def _apply_crls(
-        self, fetched: dict[bytes, tuple[x509.CertificateRevocationList, bytes]], initial: bool
-    ) -> None:
-        changed_der = any(self._crls.get(k, (None, b""))[1] != v[1] for k, v in fetched.items())
-        if not changed_der and len(fetched) == len(self._crls):
+    def _apply_crls(self, fetched: dict[bytes, CRLInfo], initial: bool) -> None:
+        old_crls = self._crls
+        if fetched.keys() == old_crls.keys() and all(
+            old_crls[k].der == v.der for k, v in fetched.items()
+        ):
             return
-        revoked: dict[int, CertStatus] = {}
-        for crl, _der in fetched.values():
-            for entry in crl:
-                revoked[entry.serial_number] = _status_from_entry(entry)
+        for crl in fetched.values():
+            if not any(crl.der == old.der for old in old_crls.values()):
+                for warning in crl.warnings:
+                    log.warn("{where}: CRL: {warning}", where=self._where(), warning=warning)
+        revoked = merged_revocations(fetched.values())
         old = self._revoked
         added = {s for s in revoked if s not in old}
         removed = {s for s in old if s not in revoked}
+        updated = {s for s in revoked if s in old and old[s] != revoked[s]}
         self._crls = fetched
         self._revoked = revoked
-        for serial in added:
+        for serial in added | updated:
             cached = self._cache.get(serial)
             if cached is not None:
                 cached.status = revoked[serial]
         for serial in removed:
             self._cache.pop(serial, None)  # look it up again rather than guess
-        self._generation += 1
-        changed = frozenset(added | removed)
+        changed = frozenset(added | removed | updated)
         if changed and not initial:
             log.info(
                 "{where}: CRL shows {n} newly revoked serial(s)", where=self._where(), n=len(added)
             )
-            self._notify(changed)
+        self.state.changed(changed, notify=bool(changed) and not initial)
 
     def _next_refresh(self) -> float:
         delay = self._crl_refresh
         now = self._clock.seconds()
-        for crl, _ in self._crls.values():
-            nxt = crl.next_update_utc
+        for crl in self._crls.values():
+            nxt = crl.next_update
             if nxt is not None:
                 delay = min(delay, nxt.timestamp() - now)
         return max(CRL_MIN_INTERVAL if delay < self._crl_refresh else 0.0, delay)
@@ -474,6 +487,35 @@ class VaultSource:
         if self._started:
             self.refresh_crl()
 
+    # --- probing ------------------------------------------------------------------------
+
+    def _schedule_probe(self) -> None:
+        if not self._stopped:
+            self._probe_timer = self._clock.callLater(self._probe_interval, self._probe)
+
+    def _probe(self) -> None:
+        """Ask Vault's ``sys/health`` every ``probe_interval`` seconds, so that a handle
+        nobody queries learns that Vault is gone (and back) as soon as a busy one would.
+
+        Only a failure changes health here: coming back is confirmed by a CRL refresh,
+        which also needs our token, so a reachable Vault that refuses us stays degraded.
+        """
+        self._probe_timer = None
+        d = Deferred.fromCoroutine(self._probe_once())
+        d.addErrback(lambda f: log.failure("{where}: probe failed", f, where=self._where()))
+        d.addBoth(lambda _: self._schedule_probe())
+
+    async def _probe_once(self) -> None:
+        try:
+            resp = await self._transport.request("GET", _HEALTH_PATH, token=None)
+        except SourceUnavailable as err:
+            self.state.problem(_VAULT, str(err))
+            return
+        if resp.code != 200:
+            self.state.problem(_VAULT, f"sys/health: HTTP {resp.code} {resp.errors()}".rstrip())
+        elif self.state.failing(_VAULT):
+            await self.refresh_crl()
+
     # --- lookups ------------------------------------------------------------------------
 
     def _lookup_shared(self, serial: int) -> Deferred[tuple[CertStatus, _Signer]]:
@@ -484,29 +526,31 @@ class VaultSource:
         try:
             token = await self._auth.token()
             resp = await self._get(path, token)
-        except SourceUnavailable:
-            self._ok = False
+        except SourceUnavailable as err:
+            self.state.problem(_VAULT, str(err))
             raise
         except SourceError as err:
-            self._ok = False
+            self.state.problem(_VAULT, str(err))
             raise SourceUnavailable(str(err)) from err
         if resp.code == 404:
             result: tuple[CertStatus, _Signer] = (CertStatus.unknown(), None)
         elif resp.code == 200:
             try:
                 result = self._parse_cert(serial, resp)
-            except SourceError:
-                self._ok = False
+            except SourceError as err:
+                self.state.problem(_VAULT, str(err))
                 raise
         elif resp.code == 429 or resp.code >= 500:
-            self._ok = False
-            raise SourceUnavailable(
+            down = SourceUnavailable(
                 f"{self._where()}: /v1/{path}: HTTP {resp.code} {resp.errors()}".rstrip()
             )
+            self.state.problem(_VAULT, str(down))
+            raise down
         else:
-            self._ok = False
-            raise SourceError(f"{self._where()}: /v1/{path}: unexpected HTTP {resp.code}")
-        self._ok = True
+            unexpected = SourceError(f"{self._where()}: /v1/{path}: unexpected HTTP {resp.code}")
+            self.state.problem(_VAULT, str(unexpected))
+            raise unexpected
+        self.state.solved(_VAULT)
         self._remember(serial, result[0], result[1])
         return result
 
@@ -549,8 +593,7 @@ class VaultSource:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         if previous is not None and previous.status != status.status:
-            self._generation += 1
-            self._notify(frozenset({serial}))
+            self.state.changed(frozenset({serial}))
 
     def _for_issuer(
         self, status: CertStatus, signer: _Signer, issuer: x509.Certificate
@@ -592,37 +635,3 @@ class VaultSource:
             if _same_ca(known, issuer):
                 return known.public_bytes(Encoding.DER)
         return None
-
-    def _notify(self, serials: frozenset[int] | None) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(serials)
-            except Exception:
-                log.failure("vault source on_change listener failed")
-
-
-def _status_from_entry(entry: x509.RevokedCertificate) -> CertStatus:
-    when = entry.revocation_date_utc
-    reason: CRLReason | None = None
-    invalidity: datetime | None = None
-    for ext in entry.extensions:
-        value = ext.value
-        if isinstance(value, x509.CRLReason):
-            reason = _REASONS.get(value.reason)
-        elif isinstance(value, x509.InvalidityDate):
-            invalidity = _epoch(value.invalidity_date_utc)
-    return CertStatus.revoked(when, reason, invalidity)
-
-
-_REASONS: dict[x509.ReasonFlags, CRLReason] = {
-    x509.ReasonFlags.unspecified: CRLReason.unspecified,
-    x509.ReasonFlags.key_compromise: CRLReason.keyCompromise,
-    x509.ReasonFlags.ca_compromise: CRLReason.cACompromise,
-    x509.ReasonFlags.affiliation_changed: CRLReason.affiliationChanged,
-    x509.ReasonFlags.superseded: CRLReason.superseded,
-    x509.ReasonFlags.cessation_of_operation: CRLReason.cessationOfOperation,
-    x509.ReasonFlags.certificate_hold: CRLReason.certificateHold,
-    x509.ReasonFlags.remove_from_crl: CRLReason.removeFromCRL,
-    x509.ReasonFlags.privilege_withdrawn: CRLReason.privilegeWithdrawn,
-    x509.ReasonFlags.aa_compromise: CRLReason.aACompromise,
-}

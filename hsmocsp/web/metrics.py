@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hsmocsp.health import Health, State
+from hsmocsp.sources.state import SourceState
 
 if TYPE_CHECKING:
     from hsmocsp.responder import Handle
@@ -87,6 +88,13 @@ class Metrics:
             ["handle"],
             registry=self.registry,
         )
+        source_errors = Gauge(
+            "hsmocsp_source_errors",
+            "Problems the source met (failed Vault requests, probes and CRL refreshes,"
+            " unreadable files), counted since start",
+            ["handle"],
+            registry=self.registry,
+        )
         for h in handles:
             for gauge, read in (
                 (cache_hits, _cache_hits),
@@ -98,6 +106,7 @@ class Metrics:
                 (generation, _generation),
                 (age, _source_age),
                 (ready, _ready),
+                (source_errors, _source_errors),
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
 
@@ -182,3 +191,8 @@ def _source_age(h: Handle) -> float:
 
 def _ready(h: Handle) -> float:
     return 1.0 if h.source.ready() else 0.0
+
+
+def _source_errors(h: Handle) -> float:
+    state = getattr(h.source, "state", None)
+    return float(state.errors) if isinstance(state, SourceState) else 0.0

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from twisted.internet.defer import Deferred, succeed
 
+from hsmocsp.health import READY, Health, State
 from hsmocsp.signing.filekey import FileSigner
 from hsmocsp.status import CertStatus
 
@@ -108,6 +109,9 @@ class DictSource:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    def health(self) -> Health:
+        return READY if self.is_ready else Health(State.DEGRADED, "fake source down")
 
     def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
         self.listeners.append(listener)

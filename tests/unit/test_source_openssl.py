@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger, formatEvent
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.health import Health, State
 from hsmocsp.sources.indexproc import read_index
 from hsmocsp.sources.openssl import IndexReader, OpenSSLSource
 from hsmocsp.status import CertStatus, CRLReason, Status
@@ -240,6 +241,29 @@ def test_broken_new_file_keeps_old_data_and_logs_once(env: Env) -> None:
     env.poll()
     assert status(src, env.ca, 1) == CertStatus.revoked(CRL_TIME)
     assert env.changes == [frozenset({1})]
+
+
+def test_health_degraded_while_a_file_is_bad_or_missing(env: Env) -> None:
+    src = env.source()
+    assert src.health().state is State.FAILED  # not loaded yet
+    _result(src.start())
+    assert src.health() == Health(State.READY)
+    env.write_index("garbage\n")
+    env.poll()
+    health = src.health()
+    assert health.state is State.DEGRADED
+    assert "index.txt:1" in health.reason and "keeping last good data" in health.reason
+    assert src.ready()  # still answers from the last good data
+    env.write_index(BASE)
+    env.poll()
+    assert src.health() == Health(State.READY)
+    env.crl.unlink()
+    env.poll()
+    assert src.health().state is State.DEGRADED and "crl" in src.health().reason.lower()
+    env.write_crl([])
+    env.poll()
+    assert src.health() == Health(State.READY)
+    assert src.state.errors == 2
 
 
 def test_failed_file_retried_once_then_only_after_a_change(env: Env) -> None:

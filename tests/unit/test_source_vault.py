@@ -20,9 +20,11 @@ from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.health import Health, State
 from hsmocsp.sources.vault import VaultSource, vault_serial
 from hsmocsp.sources.vaultauth import AppRoleAuth, KubernetesAuth, TokenAuth, VaultTransport
 from hsmocsp.status import CRLReason, Status
@@ -103,6 +105,7 @@ class FakeVault:
             REVOKED: x509.ReasonFlags.key_compromise
         }
         self.crl_key: Any = None
+        self.crl_der: bytes | None = None  # served as is when set
         self.issued = {GOOD, REVOKED, REVOKED_LATER}
         self.mode = "ok"
         self.pending: list[Deferred[bytes]] = []
@@ -112,6 +115,7 @@ class FakeVault:
         self.seen_tokens: list[str | None] = []
         self.lookup_self: dict[str, Any] = {"ttl": 0, "renewable": False}
         self.cert_calls = 0
+        self.health_calls = 0
 
     def _token_ok(self, request: Any) -> bool:
         token = request.getHeader("X-Vault-Token")
@@ -149,6 +153,13 @@ class FakeVault:
             {"auth": {"client_token": token, "lease_duration": self.lease, "renewable": True}},
         )
 
+    @app.route("/v1/sys/health", methods=["GET"])
+    def sys_health(self, request: Any) -> bytes:
+        self.health_calls += 1
+        if self.mode in ("down", "sealed"):
+            return self._json(request, 503, {"sealed": True})
+        return self._json(request, 200, {"sealed": False})
+
     @app.route("/v1/pki/issuers", methods=["GET"])
     def issuers(self, request: Any) -> bytes:
         return self._json(request, 200, {"data": {"keys": ["id-1"]}})
@@ -162,6 +173,8 @@ class FakeVault:
         if self.mode == "down":
             request.setResponseCode(503)
             return b""
+        if self.crl_der is not None:
+            return self.crl_der
         return self.ca.crl(self.crl_entries, self.crl_key)
 
     @app.route("/v1/pki/cert/<serial>", methods=["GET"])
@@ -171,6 +184,8 @@ class FakeVault:
             return self._json(request, 403, {"errors": ["permission denied"]})
         if self.mode == "500":
             return self._json(request, 500, {"errors": ["internal error"]})
+        if self.mode == "down":
+            return self._json(request, 503, {"errors": ["Vault is sealed"]})
         if self.mode == "garbage":
             request.setResponseCode(200)
             return b"<html>not json"
@@ -540,3 +555,139 @@ def test_concurrent_lookups_share_one_request_and_survive_a_cancelled_waiter() -
     pending.callback(json.dumps(body).encode())
     assert env.run(second).status is Status.good
     assert env.fake.cert_calls == calls + 1
+
+
+def _crl_with_unreadable_entry(ca: FakeCA, serial: int) -> bytes:
+    """A CRL whose entry for ``serial`` has an invalidity date with fractional seconds
+    (RFC 5280 forbids them; OpenSSL writes them if told to; cryptography refuses them)."""
+    bad_date = x509.UnrecognizedExtension(
+        x509.oid.CRLEntryExtensionOID.INVALIDITY_DATE, b"\x18\x11" + b"20240102030405.5Z"
+    )
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(NOW)
+        .add_extension(bad_date, critical=False)
+        .build()
+    )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(NOW)
+        .next_update(NOW + timedelta(days=3))
+        .add_revoked_certificate(entry)
+    )
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_remove_from_crl_entry_is_not_a_revocation() -> None:
+    """Like the OpenSSL source (one CRL reader): a removeFromCRL entry lifts a hold."""
+    env = Env(cache_ttl=3600, crl_refresh=30)
+    env.fake.crl_entries[GOOD] = x509.ReasonFlags.remove_from_crl
+    env.start()
+    assert env.source.last_known(GOOD) is None  # not "revoked (removeFromCRL)"
+    env.fake.crl_entries.pop(GOOD)
+    env.clock.advance(30)
+    env.stub.flush()
+    assert env.status(REVOKED_LATER).status is Status.good  # cached for an hour
+    env.fake.crl_entries[REVOKED_LATER] = x509.ReasonFlags.remove_from_crl
+    env.clock.advance(30)  # the refresh sees the entry: still good, not revoked
+    env.stub.flush()
+    assert env.status(REVOKED_LATER).status is Status.good
+
+
+def test_unreadable_crl_entry_revokes_and_the_background_refresh_goes_on() -> None:
+    env = Env(cache_ttl=3600, crl_refresh=30)
+    env.start()
+    assert env.status(REVOKED_LATER).status is Status.good
+    env.fake.revoked[REVOKED_LATER] = int(NOW.timestamp())
+    env.fake.crl_der = _crl_with_unreadable_entry(env.fake.ca, REVOKED_LATER)
+    env.clock.advance(30)
+    env.stub.flush()
+    # The signed CRL says revoked: believed, without the reason it cannot read.
+    status = env.status(REVOKED_LATER)
+    assert status.status is Status.revoked and status.reason is None
+    # And the timer still runs: a later CRL is picked up.
+    env.fake.crl_der = None
+    env.fake.crl_entries[GOOD] = x509.ReasonFlags.superseded
+    env.fake.revoked[GOOD] = int(NOW.timestamp())
+    env.clock.advance(30)
+    env.stub.flush()
+    good_now = env.status(GOOD)
+    assert good_now.status is Status.revoked and good_now.reason is CRLReason.superseded
+
+
+class LogLines:
+    """Collects the source's log lines (text) while a test runs."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_namespace", "").startswith("hsmocsp.sources"):
+            self.lines.append(formatEvent(event))
+
+    def __enter__(self) -> LogLines:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+
+def test_idle_source_sees_vault_go_and_come_back_logged_once_each() -> None:
+    env = Env(cache_ttl=3600, crl_refresh=300, probe_interval=10)
+    env.start()
+    env.status(GOOD)
+    assert env.source.health() == Health(State.READY)
+    with LogLines() as logged:
+        env.fake.mode = "down"
+        env.clock.advance(10)  # nobody asks anything: the probe notices
+        env.stub.flush()
+        health = env.source.health()
+        assert health.state is State.DEGRADED and "sys/health: HTTP 503" in health.reason
+        assert not env.source.ready()
+        # Cached statuses are still answered; new serials are tryLater.
+        assert env.status(GOOD).status is Status.good
+        for _ in range(5):
+            with pytest.raises(SourceUnavailable):
+                env.status(0x4242)
+        for _ in range(6):  # a minute of probes and CRL retries while down
+            env.clock.advance(10)
+            env.stub.flush()
+        assert env.source.state.errors >= 10
+        env.fake.mode = "ok"
+        env.clock.advance(10)  # the probe sees it back and refreshes the CRLs at once
+        env.stub.flush()
+        assert env.source.health() == Health(State.READY)
+        assert env.source.ready()
+    down = [line for line in logged.lines if "degraded" in line]
+    back = [line for line in logged.lines if "ready again" in line]
+    assert len(down) == 1 and "mount 'pki'" in down[0], logged.lines
+    assert len(back) == 1, logged.lines
+    assert TOKEN not in "\n".join(logged.lines)
+    env.run(env.source.stop())
+    assert env.clock.getDelayedCalls() == []
+
+
+def test_bad_crl_degrades_but_keeps_serving_the_last_good_one() -> None:
+    env = Env(crl_refresh=30)
+    env.start()
+    good_crl = env.source.crl_der(env.issuer())
+    env.fake.crl_key = ec.generate_private_key(ec.SECP256R1())
+    env.clock.advance(30)
+    env.stub.flush()
+    health = env.source.health()
+    assert health.state is State.DEGRADED and "bad signature" in health.reason
+    assert env.source.ready()  # Vault itself answers
+    assert env.source.crl_der(env.issuer()) == good_crl
+    assert env.status(REVOKED).status is Status.revoked
+    env.fake.crl_key = None
+    env.clock.advance(15)  # CRL_RETRY
+    env.stub.flush()
+    assert env.source.health() == Health(State.READY)
+
+
+def test_health_before_start_is_failed() -> None:
+    env = Env()
+    assert env.source.health().state is State.FAILED

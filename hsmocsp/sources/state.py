@@ -1,0 +1,134 @@
+"""The bookkeeping every status source shares: generation, freshness, listeners, health.
+
+Each source (OpenSSL index, Vault, cfssl, ...) owns one :class:`SourceState` and
+answers ``generation``, ``checked_at``, ``on_change`` and ``health`` from it, so
+that what "the data changed", "the data was confirmed current" and "the source
+is out of order" mean, how listeners are called and how a state change is logged,
+exist once. A source reports what it sees (:meth:`SourceState.changed`,
+:meth:`~SourceState.confirmed`, :meth:`~SourceState.problem`,
+:meth:`~SourceState.solved`); this class decides what is logged: one line when the
+source's health gets worse, one when it is ready again, never one per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from hsmocsp.health import READY, Health, State, worst
+
+__all__ = ["ChangeListener", "SourceState"]
+
+ChangeListener = Callable[[frozenset[int] | None], None]
+
+log = Logger()
+
+
+class SourceState:
+    """Generation, ``checked_at``, change listeners and health of one source.
+
+    ``name`` says which source in log lines (``index /ca/index.txt``, ``vault
+    https://... mount 'pki'``). Health starts FAILED ("not loaded yet") until
+    :meth:`loaded`. Problems are kept by *area* (``"vault"``, ``"crl"``,
+    ``"index"``...), each with its own state, so one area coming back does not
+    hide another still broken; health is the worst of them. ``log_changes=False``
+    for a source that logs each problem itself (more precisely than "degraded").
+    """
+
+    def __init__(self, name: str, clock: IReactorTime, *, log_changes: bool = True) -> None:
+        self.name = name
+        self._log_changes = log_changes
+        self._clock = clock
+        self._generation = 0
+        self._checked_at: float | None = None
+        self._listeners: list[ChangeListener] = []
+        self._loaded = False
+        self._problems: dict[str, Health] = {}
+        self._logged = Health(State.FAILED, "not loaded yet")
+        self.errors = 0
+        """Problems reported since start (each failed request, poll or refresh): the
+        ``hsmocsp_source_errors`` metric."""
+
+    # --- data ----------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def checked_at(self) -> float | None:
+        return self._checked_at
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def changed(self, serials: frozenset[int] | None, *, notify: bool = True) -> None:
+        """The data changed: bump the generation and tell listeners which serials
+        (``None``: any). ``notify=False`` for the first load, which nobody waits on."""
+        self._generation += 1
+        if not notify:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(serials)
+            except Exception:
+                log.failure(
+                    "{name}: change listener {listener!r} failed",
+                    name=self.name,
+                    listener=listener,
+                )
+
+    def confirmed(self) -> None:
+        """The data was confirmed current now (a poll found the files as loaded, a
+        CRL was fetched): ``now - checked_at`` is the age answers are made from."""
+        self._checked_at = self._clock.seconds()
+
+    # --- health --------------------------------------------------------------------
+
+    def loaded(self) -> None:
+        """The first load succeeded: from now on the source answers."""
+        self._loaded = True
+        self._changed_health()
+
+    def problem(self, area: str, reason: str, state: State = State.DEGRADED) -> None:
+        """Something in ``area`` failed (counted); logged only if health got worse."""
+        self.errors += 1
+        reason = reason.removeprefix(self.name + ": ")  # the log line names us already
+        self._problems[area] = Health(state, reason)
+        self._changed_health()
+
+    def solved(self, area: str) -> None:
+        """``area`` works again; logged once if that makes the source ready."""
+        if self._problems.pop(area, None) is not None:
+            self._changed_health()
+
+    def failing(self, area: str) -> bool:
+        return area in self._problems
+
+    def health(self) -> Health:
+        if not self._loaded:
+            return Health(State.FAILED, "not loaded yet")
+        if not self._problems:
+            return READY
+        return worst(*self._problems.values())
+
+    def _changed_health(self) -> None:
+        now, before = self.health(), self._logged
+        if now.state is before.state:
+            self._logged = now  # same state, newer reason: said once already
+            return
+        self._logged = now
+        if not self._log_changes:
+            return
+        if now.state is State.READY:
+            if self._loaded and before.reason != "not loaded yet":
+                log.info("{name}: ready again", name=self.name)
+        else:
+            log.warn(
+                "{name}: {state}: {reason}",
+                name=self.name,
+                state=now.state.label,
+                reason=now.reason,
+            )
