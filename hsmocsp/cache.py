@@ -91,6 +91,13 @@ class ResponseCache(Generic[V]):
         self.on_store = on_store
         self.observers: list[CacheObserver[V]] = []
         self.stats = CacheStats()
+        # Demand, for pre-signing (hsmocsp.presign): told once per key a client asks for
+        # (``on_first_request``), and asked to take over the refresh of an entry served
+        # past its refresh point (``refresher`` returns True when it does), so that a
+        # slow token's time goes where clients need it, in the pre-signer's order.
+        self.on_first_request: Callable[[bytes, int], None] | None = None
+        self.refresher: Callable[[bytes, int], bool] | None = None
+        self._requested: set[bytes] = set()
 
     def current(self, key: bytes) -> V | None:
         """The value stored for ``key`` (even if expired), or None."""
@@ -114,6 +121,8 @@ class ResponseCache(Generic[V]):
     def get(self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]) -> Deferred[V] | V:
         """Return the value for ``key`` (the bare value on a hit, so the hot path
         allocates no Deferred), or a Deferred that fires when ``produce`` has made one."""
+        if key not in self._requested:
+            self._first_request(key, serial)
         hit = self._entries.get(key)
         if hit is not None:
             value = hit[1]
@@ -123,7 +132,9 @@ class ResponseCache(Generic[V]):
                 return value
             if now < value.expires_at:
                 self.stats.stale_served += 1
-                if key not in self._flights:
+                if key not in self._flights and (
+                    self.refresher is None or not self.refresher(key, serial)
+                ):
                     self.stats.refreshes += 1
                     self._start(key, serial, produce)
                 return value
@@ -156,6 +167,18 @@ class ResponseCache(Generic[V]):
 
     def in_flight(self) -> int:
         return len(self._flights)
+
+    def requested(self, key: bytes) -> bool:
+        """Whether a client asked for ``key`` (through :meth:`get`) since the set was last
+        trimmed (it is bounded: cleared when twice ``max_entries``)."""
+        return key in self._requested
+
+    def _first_request(self, key: bytes, serial: int) -> None:
+        if len(self._requested) >= 2 * self._max:
+            self._requested.clear()
+        self._requested.add(key)
+        if self.on_first_request is not None:
+            self.on_first_request(key, serial)
 
     def invalidate(self, serials: Iterable[int] | None) -> None:
         """Forget everything about ``serials`` (None: about every serial)."""
