@@ -23,6 +23,9 @@
  *                        "<pid> <function index> <start ns> <end ns>" (CLOCK_MONOTONIC,
  *                        taken inside the lock): tests check from it that no two
  *                        calls ever overlapped.
+ *   SLOWTOKEN_TRACE_DATA if "1", a signature's line also carries the signed data in
+ *                        hex (with an RSA key that is the tbsResponseData itself), so a
+ *                        test can tell which responses the token signed, in which order.
  *
  * How the calls are forwarded: every PKCS#11 v2.40 function takes at most eight
  * arguments, each an integer (CK_ULONG, a handle, a flag word) or a pointer, and
@@ -75,6 +78,7 @@ static pid_t lock_pid;
 static char lock_path[4096];
 static char trace_path[4096];
 static long sign_ms, login_ms, call_ms;
+static int trace_data;
 
 static long env_ms(const char *name) {
     const char *v = getenv(name);
@@ -103,14 +107,27 @@ static int lock_file(void) {
     return lock_fd;
 }
 
-static void trace(int index, uint64_t start, uint64_t end) {
+static void trace(int index, uint64_t start, uint64_t end, const unsigned char *data,
+                  size_t len) {
     if (!trace_path[0]) return;
     int fd = open(trace_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd < 0) return;
-    char line[96];
-    int n = snprintf(line, sizeof line, "%d %d %llu %llu\n", (int)getpid(), index,
-                     (unsigned long long)start, (unsigned long long)end);
-    if (n > 0) { ssize_t w = write(fd, line, (size_t)n); (void)w; }
+    size_t size = 96 + (data ? 2 * len + 1 : 0);
+    char *line = malloc(size);
+    if (line) {
+        int n = snprintf(line, size, "%d %d %llu %llu", (int)getpid(), index,
+                         (unsigned long long)start, (unsigned long long)end);
+        if (n > 0 && data) {
+            line[n++] = ' ';
+            for (size_t i = 0; i < len; i++) n += snprintf(line + n, size - (size_t)n, "%02x", data[i]);
+        }
+        if (n > 0) {
+            line[n++] = '\n';
+            ssize_t w = write(fd, line, (size_t)n);
+            (void)w;
+        }
+        free(line);
+    }
     close(fd);
 }
 
@@ -132,7 +149,9 @@ static U call(int index, U a, U b, U c, U d, U e, U f, U g, U h) {
     else if (index == IDX_SIGN && d != 0 && rv == CKR_OK) ms = sign_ms;
     else if (index == IDX_SIGNFINAL && b != 0 && rv == CKR_OK) ms = sign_ms;
     sleep_ms(ms);
-    trace(index, start, now_ns());
+    int signed_data = trace_data && index == IDX_SIGN && d != 0 && rv == CKR_OK && b != 0;
+    trace(index, start, now_ns(), signed_data ? (const unsigned char *)b : NULL,
+          signed_data ? (size_t)c : 0);
     flock(fd, LOCK_UN);
     pthread_mutex_unlock(&mutex);
     return rv;
@@ -195,6 +214,8 @@ U C_GetFunctionList(struct function_list **out) {
         sign_ms = env_ms("SLOWTOKEN_SIGN_MS");
         login_ms = env_ms("SLOWTOKEN_LOGIN_MS");
         call_ms = env_ms("SLOWTOKEN_CALL_MS");
+        const char *td = getenv("SLOWTOKEN_TRACE_DATA");
+        trace_data = td && strcmp(td, "1") == 0;
         ours.version = list->version;
         for (int i = 0; i < NFUNCS; i++) ours.fn[i] = wrappers[i];
         ours.fn[IDX_GETFUNCTIONLIST] = (void *)C_GetFunctionList;

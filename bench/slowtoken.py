@@ -70,6 +70,7 @@ def env(
     call_ms: float = 0,
     lock: Path | None = None,
     trace: Path | None = None,
+    trace_data: bool = False,
     module: str | None = None,
 ) -> dict[str, str]:
     """The variables the module reads when it is loaded (give them to the workers)."""
@@ -82,6 +83,7 @@ def env(
         out["SLOWTOKEN_LOCK"] = str(lock)
     if trace is not None:
         out["SLOWTOKEN_TRACE"] = str(trace)
+        out["SLOWTOKEN_TRACE_DATA"] = "1" if trace_data else "0"
     if module is not None:
         out["SLOWTOKEN_MODULE"] = module
     return out
@@ -91,9 +93,19 @@ def read_trace(path: Path) -> list[tuple[int, int, int, int]]:
     """``(pid, function index, start ns, end ns)`` per call, from ``SLOWTOKEN_TRACE``."""
     rows = []
     for line in path.read_text().splitlines():
-        pid, index, start, end = (int(x) for x in line.split())
+        pid, index, start, end = (int(x) for x in line.split()[:4])
         rows.append((pid, index, start, end))
     return rows
+
+
+def signed_data(path: Path) -> list[bytes]:
+    """What was signed, in order (``SLOWTOKEN_TRACE_DATA=1``): one entry per C_Sign."""
+    out = []
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 5 and int(fields[1]) == C_SIGN:
+            out.append(bytes.fromhex(fields[4]))
+    return out
 
 
 #: Function indexes in CK_FUNCTION_LIST (PKCS#11 v2.40), as written in the trace.

@@ -11,9 +11,10 @@ goes where it matters, in this order:
 2. entries put first by :meth:`Presigner.refresh_first` (e.g. responses made with a
    renewed responder certificate) and serials whose status just changed;
 3. responses clients asked for, then those nobody asked for;
-4. within each class, the entry whose refresh point came first. When the token
-   cannot keep up, the oldest response is renewed first, so what is served stays
-   valid as long as possible; the cache never serves an expired one.
+4. within each class, the entry whose refresh point came first (a serial with no
+   response counts as one that expired when it was found: clients miss on it now).
+   When the token cannot keep up, the oldest response is renewed first, so what is
+   served stays valid as long as possible; the cache never serves an expired one.
 
 The schedule is one heap per class keyed by each entry's refresh point: an entry is
 signed again when its refresh point comes, not by periodic sweeps over everything,
@@ -275,6 +276,11 @@ class Presigner:
         self._check_expiry(now)
         return self._expiry[0][0] - now if self._expiry else None
 
+    def expired_now(self) -> int:
+        """Responses of known serials now expired and not yet re-signed (never served)."""
+        self._check_expiry(self._clock.seconds())
+        return len(self._expired)
+
     def due(self) -> int:
         """Responses past their refresh point waiting for the token (and in flight)."""
         return self._count_due(self._clock.seconds()) + self._in_flight
@@ -415,6 +421,9 @@ class Presigner:
         cache = self.handle.cache
         entries = self._entries
         scan_id = self._scan_id
+        # A serial without a response counts as one that expired when it was found:
+        # clients miss on it now, while a response past its refresh point still serves.
+        unsigned_due = now - self.handle.validity * (1.0 - self.handle.refresh_fraction)
         deadline = time.perf_counter() + SCAN_BUDGET
         while True:
             for _ in range(256):
@@ -432,7 +441,7 @@ class Presigner:
                     self._scan_count += 1
                     entry = entries.get(key)
                     current = cache.current(key)
-                    due = now if current is None else current.refresh_at
+                    due = unsigned_due if current is None else current.refresh_at
                     if entry is None:
                         entry = entries[key] = _Entry(serial, issuer, alg)
                         if current is not None:

@@ -381,6 +381,8 @@ class Handle:
         tbs = build_response_data(self._key_hash, this_update, singles, nonce)
         started = self._now()
 
+        expires = now + self.validity
+
         def assemble(signature: bytes) -> SignedResponse:
             self.signatures += 1
             if self._on_signed is not None:
@@ -392,8 +394,10 @@ class Handle:
                 der=der,
                 produced_at=now,
                 this_update=now,
-                next_update=now + self.validity,
-                refresh_at=now + self.validity * self.refresh_fraction,
+                next_update=expires,
+                # From the untruncated clock: thisUpdate drops the fraction of a second,
+                # the pre-signing schedule need not (a refresh point up to 1 s early).
+                refresh_at=min(started + self.validity * self.refresh_fraction, expires),
                 etag='"' + hashlib.sha256(der).hexdigest()[:32] + '"',
                 cacheable=nonce is None,
                 status_key=status_key(statuses[0]) if len(statuses) == 1 else "",

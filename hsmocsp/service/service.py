@@ -46,6 +46,7 @@ from hsmocsp.web.fronts import FrontPool
 
 if TYPE_CHECKING:
     from hsmocsp.signing.pool import TokenPool
+    from hsmocsp.web.metrics import Metrics
 
 log = Logger()
 
@@ -57,8 +58,16 @@ class PresignService(service.Service):
     changes, which only mean something once the source has loaded.
     """
 
-    def __init__(self, handle: Handle, reactor: Any, rate: float, concurrency: int) -> None:
+    def __init__(
+        self,
+        handle: Handle,
+        reactor: Any,
+        rate: float,
+        concurrency: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.setName(f"presigner {handle.name}")
+        self.metrics = metrics
         self.handle = handle
         self.reactor = reactor
         self.rate = rate
@@ -75,6 +84,8 @@ class PresignService(service.Service):
                 concurrency=self.concurrency,
                 signer_backlog=self.handle.queue_depth,
             )
+            if self.metrics is not None:
+                self.metrics.watch_presigner(self.handle.name, self.presigner)
         self.presigner.start()
 
     def stopService(self) -> None:
@@ -162,6 +173,7 @@ class ResponderService(Sequence):
                 self.reactor,
                 rate=self.cfg.presign_rate,
                 concurrency=handle_pool.workers if handle_pool is not None else 1,
+                metrics=self.app.metrics,
             ).setServiceParent(presigners)
         presigners.setServiceParent(self)
 

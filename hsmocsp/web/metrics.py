@@ -17,6 +17,7 @@ from hsmocsp.health import Health, State
 from hsmocsp.sources.state import SourceState
 
 if TYPE_CHECKING:
+    from hsmocsp.presign import Presigner
     from hsmocsp.responder import Handle
 
 
@@ -37,6 +38,7 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._presign_gauges: list[Gauge] | None = None
         self._front_answers = Counter(
             "hsmocsp_front_answers",
             "Cached OCSP answers sent by each extra HTTP process (--workers)",
@@ -148,6 +150,34 @@ class Metrics:
     def signed(self, handle: str, seconds: float) -> None:
         self._sign_latency.labels(handle).observe(seconds)
 
+    def watch_presigner(self, handle: str, presigner: Presigner) -> None:
+        """Token-capacity gauges of one handle's pre-signer (hsmocsp.presign)."""
+        if self._presign_gauges is None:
+            self._presign_gauges = [
+                Gauge(name, text, ["handle"], registry=self.registry)
+                for name, text in (
+                    ("hsmocsp_token_signatures_per_second",
+                     "Signatures/s the token delivered to pre-signing, measured (NaN: not yet)"),
+                    ("hsmocsp_presign_needed_signatures_per_second",
+                     "Signatures/s needed to re-sign every known response at its refresh point"),
+                    ("hsmocsp_freshness_margin_seconds",
+                     "Seconds until the first stored response of a known serial expires"),
+                    ("hsmocsp_presign_due",
+                     "Responses past their refresh point waiting for the token"),
+                    ("hsmocsp_presign_expired",
+                     "Responses of known serials that expired before being re-signed"),
+                )
+            ]  # fmt: skip
+        reads = (
+            presigner.measured_rate,
+            presigner.needed_rate,
+            presigner.min_margin,
+            presigner.due,
+            presigner.expired_now,
+        )
+        for gauge, read in zip(self._presign_gauges, reads, strict=True):
+            gauge.labels(handle).set_function(partial(_or_nan, read))
+
     def render(self) -> tuple[str, bytes]:
         return CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
@@ -196,3 +226,8 @@ def _ready(h: Handle) -> float:
 def _source_errors(h: Handle) -> float:
     state = getattr(h.source, "state", None)
     return float(state.errors) if isinstance(state, SourceState) else 0.0
+
+
+def _or_nan(read: Any) -> float:
+    value = read()
+    return float("nan") if value is None else float(value)

@@ -123,8 +123,9 @@ def test_entries_past_their_refresh_point_are_signed_oldest_first() -> None:
     presigner = Presigner(handle, clock=clock, rate=1, concurrency=1)
     presigner.start()
     run(clock, 15)
-    # Oldest first, then the serials never signed (1 and 2), not the source's order.
-    assert stored.serials == [*reversed(range(10, 20)), 1, 2]
+    # Serials never signed (1 and 2: clients miss on them now) first, then the oldest
+    # response first: not the source's order.
+    assert stored.serials == [1, 2, *reversed(range(10, 20))]
     presigner.stop()
 
 
@@ -158,8 +159,9 @@ def test_each_entry_is_re_signed_at_its_own_refresh_point_not_in_bursts() -> Non
         assert old is not None
         new = handle.cache.current(key_of(handle, serial))
         assert new is not None and new is not old
-        # Signed again within a tick or two of its refresh point (the token is free).
-        assert old.refresh_at <= new.produced_at <= old.refresh_at + 1
+        # Signed again within a tick or two of its refresh point (the token is free;
+        # produced_at is thisUpdate, in whole seconds).
+        assert int(old.refresh_at) <= new.produced_at <= old.refresh_at + 1
     presigner.stop()
 
 
