@@ -72,3 +72,9 @@ class SourceUnavailable(HsmOcspError):
 
 class SourceError(HsmOcspError):
     """The status source's data is broken (bad index line, bad CRL)."""
+
+
+class ResponderCertExpired(HsmOcspError):
+    """The handle's responder certificate has expired (or is not valid yet): nothing it
+    would sign could be verified, so new answers get ``tryLater`` until a renewed
+    certificate is loaded (SIGHUP or restart)."""

@@ -8,8 +8,10 @@ goes where it matters, in this order:
    request waits for the signer (``signer_backlog``), and keeps at most
    ``concurrency`` of its own in flight, so a live request waits behind at most that
    many;
-2. entries put first by :meth:`Presigner.refresh_first` (e.g. responses made with a
-   renewed responder certificate) and serials whose status just changed;
+2. entries put first by :meth:`Presigner.refresh_first` (responses made with a
+   renewed responder certificate: on the handle's :meth:`~Handle.on_certificate_change`
+   after a SIGHUP, and at start for rows restored from the store) and serials whose
+   status just changed;
 3. responses clients asked for, then those nobody asked for;
 4. within each class, the entry whose refresh point came first (a serial with no
    response counts as one that expired when it was found: clients miss on it now).
@@ -198,6 +200,7 @@ class Presigner:
         self.failed = 0
         self.expired = 0  # responses that reached their nextUpdate before being re-signed
         handle.source.on_change(self._changed)
+        handle.on_certificate_change(self._certificate_changed)
 
     # --- life ---------------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class Presigner:
         cache.on_first_request = self._first_request
         cache.refresher = self._claim_refresh
         self._begin_scan("start-up")
+        self._certificate_changed()  # rows restored from the store may carry an old one
         self._next_behind_check = self._clock.seconds() + self.progress_interval
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self._clock
@@ -305,6 +309,16 @@ class Presigner:
         if queued and self._started:
             self._pump()
         return queued
+
+    def _certificate_changed(self) -> None:
+        """Responses made with another responder certificate than the handle's: first."""
+        if not self._started:
+            return
+        for key, serial in self.handle.stale_by_certificate():
+            if key not in self._entries:
+                self._adopt(key, serial)  # not scanned yet (start-up), or asked with another hash
+        current = self.handle.cert_fp
+        self.refresh_first(lambda key, value: value.cert_fp != current)
 
     # --- the cache tells us (CacheObserver and demand hooks) ------------------------------
 

@@ -8,7 +8,9 @@ in exactly one place, :func:`ocsp_status_for`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,10 +33,13 @@ from hsmocsp.errors import (
     HsmOcspError,
     MalformedRequest,
     ResponderCertError,
+    ResponderCertExpired,
     SignerUnavailable,
     SourceUnavailable,
     UnknownIssuer,
 )
+from hsmocsp.health import READY, Health, State, worst
+from hsmocsp.ocsp import der as _der
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, parse_request
 from hsmocsp.ocsp.response import (
     ResponseStatus,
@@ -59,7 +64,7 @@ def ocsp_status_for(failure: Failure) -> ResponseStatus:
         return ResponseStatus.malformedRequest
     if failure.check(UnknownIssuer):
         return ResponseStatus.unauthorized
-    if failure.check(SignerUnavailable, SourceUnavailable):
+    if failure.check(SignerUnavailable, SourceUnavailable, ResponderCertExpired):
         return ResponseStatus.tryLater
     return ResponseStatus.internalError
 
@@ -76,10 +81,17 @@ class SignedResponse:
     etag: str
     cacheable: bool
     status_key: str = ""
+    cert_fp: bytes = b""
+    """SHA-256 of the responder certificate it was made with (b"": not known yet, as
+    read back from the store before :meth:`Handle.restore` has looked)."""
+    cert_not_after: float = math.inf
+    """When that certificate expires: the response is worthless from then on."""
 
     @property
     def expires_at(self) -> float:
-        return self.next_update
+        """Served until its nextUpdate, and never past its certificate's notAfter
+        (a client rejects a response whose signer certificate has expired)."""
+        return min(self.next_update, self.cert_not_after)
 
 
 def status_key(status: CertStatus) -> str:
@@ -92,6 +104,34 @@ def status_key(status: CertStatus) -> str:
 
 def _ts(seconds: float) -> datetime:
     return datetime.fromtimestamp(int(seconds), tz=UTC)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ResponderCert:
+    """The responder certificate a handle embeds, with what is compared on the hot path."""
+
+    cert: x509.Certificate
+    der: bytes
+    fp: bytes
+    not_before: float
+    not_after: float
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> ResponderCert:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        return cls(
+            cert=cert,
+            der=der,
+            fp=hashlib.sha256(der).digest(),
+            not_before=cert.not_valid_before_utc.timestamp(),
+            not_after=cert.not_valid_after_utc.timestamp(),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.cert.subject.rfc4514_string()!r} (serial {self.cert.serial_number:X}, "
+            f"notAfter {self.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)"
+        )
 
 
 def check_responder_cert(
@@ -161,7 +201,7 @@ class Handle:
         self.path = path
         self.source = source
         self.signer = signer
-        self.responder_cert = responder_cert
+        self._cert = ResponderCert.of(responder_cert)
         self.validity = validity
         self.refresh_fraction = refresh_fraction
         self.max_age = max_age
@@ -181,7 +221,24 @@ class Handle:
         # without a nonce: a repeated request then costs two dict lookups, no pyasn1.
         self._parsed: dict[bytes, tuple[CertID, x509.Certificate]] = {}
         self.max_memo = 100_000
+        self._cert_listeners: list[Callable[[], None]] = []
+        self._crl_memo: tuple[bytes, float | None] | None = None
+        self._health: Health | None = None
         source.on_change(self.cache.invalidate)
+
+    @property
+    def responder_cert(self) -> x509.Certificate:
+        return self._cert.cert
+
+    @property
+    def cert_fp(self) -> bytes:
+        """SHA-256 of the current responder certificate (compare ``SignedResponse.cert_fp``)."""
+        return self._cert.fp
+
+    @property
+    def cert_not_after(self) -> float:
+        """The responder certificate's notAfter (seconds since the epoch)."""
+        return self._cert.not_after
 
     # --- start-up ------------------------------------------------------------------
 
@@ -190,25 +247,17 @@ class Handle:
         key = self.signer.public_key()
         self._key_hash = responder_key_hash(key)
         self._reindex(check_with=key)
-        is_ca = self.responder_cert in self._indexed_issuers
-        self._certs_der = (
-            () if is_ca else (self.responder_cert.public_bytes(serialization.Encoding.DER),)
-        )
+        self._certs_der = self._embedded(self._cert)
 
-    def _reindex(self, check_with: object | None = None) -> None:
+    def _embedded(self, cert: ResponderCert) -> tuple[bytes, ...]:
+        """The ``certs`` of a response: none when the CA signs itself (RFC 6960 4.2.2.2)."""
+        return () if cert.cert in self._indexed_issuers else (cert.der,)
+
+    def _reindex(
+        self, check_with: object | None = None, cert: ResponderCert | None = None
+    ) -> None:
         issuers = tuple(self.source.issuers())
-        now = _ts(self._now())
-        served: list[x509.Certificate] = []
-        problems: list[str] = []
-        for issuer in issuers:
-            try:
-                check_responder_cert(
-                    self.responder_cert, issuer, check_with or self.signer.public_key(), now
-                )
-            except ResponderCertError as err:
-                problems.append(str(err))
-                continue
-            served.append(issuer)
+        served, problems = self._served_by(cert or self._cert, issuers, check_with)
         if not served:
             raise ResponderCertError(
                 f"handle {self.name}: " + ("; ".join(problems) or "the source has no issuer")
@@ -227,6 +276,92 @@ class Handle:
         self._issuer_index = index
         self._parsed.clear()
         self._indexed_issuers = issuers
+
+    def _served_by(
+        self,
+        cert: ResponderCert,
+        issuers: Sequence[x509.Certificate],
+        check_with: object | None = None,
+    ) -> tuple[list[x509.Certificate], list[str]]:
+        """The issuers ``cert`` may answer for (start-up's checks), and why not the others."""
+        now = _ts(self._now())
+        served: list[x509.Certificate] = []
+        problems: list[str] = []
+        for issuer in issuers:
+            try:
+                check_responder_cert(
+                    cert.cert, issuer, check_with or self.signer.public_key(), now
+                )
+            except ResponderCertError as err:
+                problems.append(str(err))
+                continue
+            served.append(issuer)
+        return served, problems
+
+    # --- the responder certificate over time ------------------------------------------
+
+    def replace_responder_cert(self, cert: x509.Certificate) -> bool:
+        """Use a renewed responder certificate from now on (SIGHUP); False if unchanged.
+
+        The new certificate passes the start-up checks (issued by the CA with
+        id-kp-OCSPSigning, valid now, the signer's key) or :class:`ResponderCertError`
+        says why and the current one stays. Responses made with the previous
+        certificate are served only while it is valid, and listeners
+        (:meth:`on_certificate_change`; the pre-signer) re-sign them first.
+        """
+        new = ResponderCert.of(cert)
+        if new.fp == self._cert.fp:
+            return False
+        served, problems = self._served_by(new, tuple(self.source.issuers()))
+        if not served:
+            raise ResponderCertError("; ".join(problems) or "the source has no issuer")
+        self._cert = new
+        self._reindex()
+        self._certs_der = self._embedded(new)
+        stale = self._mark_stale()
+        log.info(
+            "handle {handle}: responder certificate is now {cert}; {n} response(s) made with "
+            "the previous one are re-signed first",
+            handle=self.name,
+            cert=new.describe(),
+            n=stale,
+        )
+        for listener in list(self._cert_listeners):
+            listener()
+        return True
+
+    def on_certificate_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after the responder certificate changed (then ask
+        :meth:`stale_by_certificate` what to re-sign)."""
+        self._cert_listeners.append(listener)
+
+    def stale_by_certificate(self) -> list[tuple[bytes, int]]:
+        """``(cache key, serial)`` of every cached response made with another responder
+        certificate than the current one: re-sign these before anything else."""
+        fp = self._cert.fp
+        return [(key, serial) for key, serial, value in self.cache.items() if value.cert_fp != fp]
+
+    def _mark_stale(self) -> int:
+        """Make responses of another certificate due for refresh now: still served (until
+        that certificate or the response expires), but a request for one re-signs it, and
+        the HTTP fronts, which never serve past the refresh point, leave it to us."""
+        now = self._now()
+        stale = 0
+        for key, serial, value in self.cache.items():
+            if value.cert_fp != self._cert.fp:
+                stale += 1
+                if value.refresh_at > now:
+                    self.cache.put(key, serial, dataclasses.replace(value, refresh_at=now))
+        return stale
+
+    def cert_id_for_key(self, key: bytes) -> tuple[CertID, x509.Certificate] | None:
+        """The CertID and issuer behind a cache key (the CertID's DER), to re-sign it."""
+        wrapped = _der.sequence(_der.sequence(_der.sequence(_der.sequence(key))))
+        try:
+            cid = parse_request(wrapped).cert_ids[0]
+            return cid, self.issuer_for(cid)
+        except HsmOcspError:
+            return None
 
     def issuer_for(self, cert_id: CertID) -> x509.Certificate:
         issuers = self.source.issuers()
@@ -325,8 +460,11 @@ class Handle:
 
         Each row's serial is looked up in the source; only rows whose status is
         unchanged are kept (a revocation that happened while we were down wins).
+        A row whose embedded responder certificate has expired is dropped; one made
+        with an earlier (renewed) certificate that is still valid comes back due for
+        re-signing, first in line (:meth:`stale_by_certificate`).
         """
-        rows = list(rows)
+        rows = self._with_certificates(rows)
         issuers = self.source.issuers()
         if not rows or not issuers:
             return succeed(0)
@@ -350,6 +488,48 @@ class Handle:
             lookups.append(d)
         return gatherResults(lookups).addCallback(lambda _: kept)
 
+    def _with_certificates(
+        self, rows: Iterable[tuple[bytes, int, str, SignedResponse]]
+    ) -> list[tuple[bytes, int, str, SignedResponse]]:
+        """Stored rows labelled with the responder certificate embedded in each.
+
+        The certificate's DER is inside the response bytes, so a substring test
+        against the few certificates seen (the current one, a renewed one) labels a
+        row; only a row carrying a certificate not seen yet is parsed. Rows whose
+        certificate has expired, or that expire themselves, are left out.
+        """
+        now = self._now()
+        current = self._cert
+        seen: list[ResponderCert] = []
+        out: list[tuple[bytes, int, str, SignedResponse]] = []
+        dropped = 0
+        for key, serial, stored, response in rows:
+            cert: ResponderCert | None
+            if not self._certs_der or current.der in response.der:
+                cert = current  # the CA signs itself (no certs), or the current certificate
+            else:
+                cert = next((c for c in seen if c.der in response.der), None)
+                if cert is None:
+                    cert = _embedded_cert(response.der)
+                    if cert is not None:
+                        seen.append(cert)
+            if cert is None or now >= min(response.next_update, cert.not_after):
+                dropped += 1
+                continue
+            refresh_at = response.refresh_at if cert is current else min(response.refresh_at, now)
+            response = dataclasses.replace(
+                response, cert_fp=cert.fp, cert_not_after=cert.not_after, refresh_at=refresh_at
+            )
+            out.append((key, serial, stored, response))
+        if dropped:
+            log.info(
+                "handle {handle}: {n} stored response(s) not restored: their responder "
+                "certificate has expired",
+                handle=self.name,
+                n=dropped,
+            )
+        return out
+
     def _produce(
         self, cert_ids: Sequence[CertID], issuers: Sequence[x509.Certificate], nonce: bytes | None
     ) -> Deferred[SignedResponse]:
@@ -370,8 +550,18 @@ class Handle:
         self, cert_ids: Sequence[CertID], statuses: Sequence[CertStatus], nonce: bytes | None
     ) -> Deferred[SignedResponse]:
         now = float(int(self._now()))
+        cert = self._cert
+        if not cert.not_before <= now < cert.not_after:
+            # Nothing signed now could be verified; say so to the client (tryLater) until
+            # a renewed certificate is loaded.
+            raise ResponderCertExpired(
+                f"handle {self.name}: responder certificate {cert.describe()} is not valid now"
+            )
+        # nextUpdate never later than the certificate's notAfter: past it the response
+        # could not be verified anyway, and a cache must not keep it that long.
+        next_ts = float(min(now + self.validity, math.floor(cert.not_after)))
         this_update = _ts(now)
-        next_update = _ts(now + self.validity)
+        next_update = _ts(next_ts)
         singles = [
             SingleResponseData(
                 cert_id=cid, status=st, this_update=this_update, next_update=next_update
@@ -380,27 +570,30 @@ class Handle:
         ]
         tbs = build_response_data(self._key_hash, this_update, singles, nonce)
         started = self._now()
-
-        expires = now + self.validity
+        # From the untruncated clock: thisUpdate drops the fraction of a second, the
+        # pre-signing schedule need not (a refresh point up to 1 s early).
+        refresh_ts = min(started + self.validity * self.refresh_fraction, next_ts)
 
         def assemble(signature: bytes) -> SignedResponse:
             self.signatures += 1
             if self._on_signed is not None:
                 self._on_signed(self.name, self._now() - started)
-            der = build_ocsp_response(
-                tbs, self.signer.signature_algorithm_der, signature, self._certs_der
-            )
+            # The certificate may have been renewed while the HSM signed (same key, so the
+            # signature holds): embed the current one unless it would end before nextUpdate.
+            embedded = self._cert if self._cert.not_after >= next_ts else cert
+            certs = self._certs_der if embedded is self._cert else self._embedded(cert)
+            der = build_ocsp_response(tbs, self.signer.signature_algorithm_der, signature, certs)
             return SignedResponse(
                 der=der,
                 produced_at=now,
                 this_update=now,
-                next_update=expires,
-                # From the untruncated clock: thisUpdate drops the fraction of a second,
-                # the pre-signing schedule need not (a refresh point up to 1 s early).
-                refresh_at=min(started + self.validity * self.refresh_fraction, expires),
+                next_update=next_ts,
+                refresh_at=refresh_ts,
                 etag='"' + hashlib.sha256(der).hexdigest()[:32] + '"',
                 cacheable=nonce is None,
                 status_key=status_key(statuses[0]) if len(statuses) == 1 else "",
+                cert_fp=embedded.fp,
+                cert_not_after=embedded.not_after,
             )
 
         return self.signer.sign(tbs).addCallback(assemble)
@@ -416,7 +609,106 @@ class Handle:
         return max(0, int(remaining))
 
     def ready(self) -> bool:
-        return self.source.ready() and bool(self._issuer_index)
+        return self.health().ready
+
+    # --- health ----------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """The worst of what this handle depends on, each reason prefixed with its part.
+
+        * the signer (its token pool's ``health()``; a signer without one counts as ready),
+        * the status source (``health()``, else ``ready()``: not ready = degraded),
+        * the responder certificate: expired or not yet valid = failed,
+        * each issuer's CRL: past its nextUpdate = degraded.
+
+        A change of state (not of reason) is logged once, whoever asked.
+        """
+        now = self._now()
+        parts = [_component_health(self.signer, "signer"), _source_health(self.source)]
+        cert = self._cert
+        if now >= cert.not_after:
+            parts.append(Health(State.FAILED, f"responder certificate expired: {cert.describe()}"))
+        elif now < cert.not_before:
+            parts.append(Health(State.FAILED, f"responder certificate not valid yet: "
+                                              f"{cert.describe()}"))  # fmt: skip
+        next_update = self.crl_next_update()
+        if next_update is not None and now > next_update:
+            parts.append(
+                Health(
+                    State.DEGRADED,
+                    f"CRL past its nextUpdate ({_ts(next_update):%Y-%m-%d %H:%M:%S} UTC)",
+                )
+            )
+        health = worst(*parts)
+        previous = self._health
+        self._health = health
+        if previous is not None and previous.state is not health.state:
+            emit = log.info if health.state is State.READY else log.warn
+            emit(
+                "handle {handle}: {old} -> {new}{why}",
+                handle=self.name,
+                old=previous.state.label,
+                new=health.state.label,
+                why=f" ({health.reason})" if health.reason else "",
+            )
+        return health
+
+    def crl_next_update(self) -> float | None:
+        """The earliest nextUpdate of the CRLs the source publishes (None: no CRL, or
+        one without nextUpdate). Parsed once per CRL (the source hands out the same bytes)."""
+        earliest: float | None = None
+        for issuer in self.source.issuers():
+            der = self.source.crl_der(issuer)
+            if der is None:
+                continue
+            memo = self._crl_memo
+            if memo is not None and (memo[0] is der or memo[0] == der):
+                value = memo[1]
+            else:
+                value = _crl_next_update(der)
+                self._crl_memo = (der, value)
+            if value is not None and (earliest is None or value < earliest):
+                earliest = value
+        return earliest
+
+
+def _component_health(component: object, what: str) -> Health:
+    """``component.health()`` with ``what`` before its reason; READY if it has none."""
+    probe = getattr(component, "health", None)
+    if probe is None:
+        return READY
+    health: Health = probe()
+    if health.reason:
+        return Health(health.state, f"{what}: {health.reason}")
+    return health
+
+
+def _source_health(source: StatusSource) -> Health:
+    if getattr(source, "health", None) is not None:
+        return _component_health(source, "source")
+    if source.ready():
+        return READY
+    return Health(State.DEGRADED, "source: not loaded or not reachable")
+
+
+def _crl_next_update(der: bytes) -> float | None:
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError:
+        return None
+    next_update = crl.next_update_utc
+    return None if next_update is None else next_update.timestamp()
+
+
+def _embedded_cert(response_der: bytes) -> ResponderCert | None:
+    """The certificate carried in a response's ``certs`` (None if none or unreadable)."""
+    from cryptography.x509 import ocsp
+
+    try:
+        certs = ocsp.load_der_ocsp_response(response_der).certificates
+    except ValueError:
+        return None
+    return ResponderCert.of(certs[0]) if certs else None
 
 
 def _first_error(failure: Failure) -> Failure:

@@ -17,6 +17,7 @@ import re
 import secrets
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -276,12 +277,21 @@ def _check_matches_token(dev: DevPki, cert: Path, label: str) -> None:
         )
 
 
-def _sign_csr(dev: DevPki, csr: Path, out: Path, extensions: str, days: int) -> None:
-    """``openssl ca`` with the HSM root key: issues ``csr`` into ``out`` and index.txt."""
+def _sign_csr(
+    dev: DevPki, csr: Path, out: Path, extensions: str, days: int,
+    not_after: datetime | None = None,
+) -> None:
+    """``openssl ca`` with the HSM root key: issues ``csr`` into ``out`` and index.txt.
+
+    ``not_after`` (UTC, whole seconds) replaces ``days`` with an exact end date.
+    """
+    validity = ["-days", str(days)]
+    if not_after is not None:
+        validity = ["-enddate", not_after.astimezone(UTC).strftime("%Y%m%d%H%M%SZ")]
     _openssl(
         dev, "ca", "-config", str(dev.openssl_cnf), *_engine_args(dev),
         "-keyform", "engine", "-keyfile", dev.key_uri(dev.ca_key_label),
-        "-batch", "-notext", "-extensions", extensions, "-days", str(days),
+        "-batch", "-notext", "-extensions", extensions, *validity,
         "-in", str(csr), "-out", str(out),
     )  # fmt: skip
 
@@ -291,6 +301,19 @@ def _ensure_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:
     if out.exists():
         _check_matches_token(dev, out, label)
         return False
+    issue_ocsp_signer(dev, label, cn, out)
+    return True
+
+
+def issue_ocsp_signer(
+    dev: DevPki, label: str, cn: str, out: Path, *, not_after: datetime | None = None
+) -> Path:
+    """Issue a delegated OCSP signer certificate for the token key ``label`` into ``out``,
+    replacing ``out`` atomically if it exists: a renewal for the same HSM key, as an
+    operator does it (``openssl req`` with the engine key, then ``openssl ca``).
+
+    Valid :data:`SIGNER_DAYS` days, or until ``not_after`` (tests of expiry and renewal).
+    """
     with tempfile.TemporaryDirectory(prefix="hsmocsp-csr-") as tmp:
         csr = Path(tmp) / "req.csr"
         _openssl(
@@ -299,9 +322,9 @@ def _ensure_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:
             "-subj", f"/CN={cn}", "-out", str(csr),
         )  # fmt: skip
         tmp_out = out.with_suffix(".pem.tmp")
-        _sign_csr(dev, csr, tmp_out, "ocsp_ext", SIGNER_DAYS)
+        _sign_csr(dev, csr, tmp_out, "ocsp_ext", SIGNER_DAYS, not_after)
         tmp_out.rename(out)
-    return True
+    return out
 
 
 def ensure_ocsp_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:

@@ -1,0 +1,157 @@
+"""Responder-certificate lifecycle with real parts: ``openssl ca`` renews the delegated OCSP
+signer certificate for the same SoftHSM key, a real ``twistd hsmocsp`` restarts or gets a
+real SIGHUP, and ``openssl ocsp`` verifies what it answers afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+from hsmocsp.devpki.opensslca import DevPki, issue_ocsp_signer
+from tests.integration.conftest import dev_env, level1_config
+from tests.integration.harness import Responder, http, openssl_ocsp
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _config(dev: DevPki, work: Path, cert: Path, presign: bool = False) -> Path:
+    cfg = level1_config(dev, work)
+    text = cfg.read_text().replace(f"responder_cert: {dev.ocsp_pem}", f"responder_cert: {cert}")
+    cfg.write_text(("" if presign else "presign_rate: 0\n") + text)
+    return cfg
+
+
+def _request(dev: DevPki) -> bytes:
+    leaf = x509.load_pem_x509_certificate(dev.good_pem.read_bytes())
+    ca = x509.load_pem_x509_certificate(dev.ca_pem.read_bytes())
+    req = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA1()).build()
+    return req.public_bytes(serialization.Encoding.DER)
+
+
+def _answer(r: Responder, dev: DevPki) -> ocsp.OCSPResponse:
+    status, _, body = http(
+        r.url + "/ocsp", _request(dev), {"Content-Type": "application/ocsp-request"}
+    )
+    assert status == 200
+    return ocsp.load_der_ocsp_response(body)
+
+
+def _embedded(r: Responder, dev: DevPki) -> x509.Certificate:
+    resp = _answer(r, dev)
+    assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert len(resp.certificates) == 1
+    return resp.certificates[0]
+
+
+def _verify(r: Responder, dev: DevPki, cert: Path) -> str:
+    result = openssl_ocsp(
+        "-url", r.url + "/ocsp", "-issuer", str(dev.ca_pem), "-cert", str(dev.good_pem),
+        "-no_nonce", "-VAfile", str(cert), "-CAfile", str(dev.ca_pem),
+    )  # fmt: skip
+    assert result.verified, result.output
+    assert f"{dev.good_pem}: good" in result.output
+    return result.output
+
+
+def _stored_rows(work: Path) -> int:
+    db = work / "data" / "responses.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        try:
+            (n,) = conn.execute("SELECT count(*) FROM responses WHERE handle = 'root'").fetchone()
+        except sqlite3.OperationalError:
+            return 0
+    return int(n)
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_restart_after_renewal_never_serves_the_expired_certificate(
+    devpki: DevPki, tmp_path: Path
+) -> None:
+    """The issue's report: responses stored with the old certificate came back after a
+    restart and were served with it, expired ("certificate has expired" in openssl)."""
+    cert = tmp_path / "ocsp-signer.pem"
+    ends = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=20)
+    issue_ocsp_signer(devpki, devpki.ocsp_key_label, "lifecycle signer", cert, not_after=ends)
+    old = _load(cert)
+    cfg = _config(devpki, tmp_path, cert)
+    r = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
+    try:
+        _verify(r, devpki, cert)
+        assert _embedded(r, devpki) == old
+        _wait(lambda: _stored_rows(tmp_path) >= 1, "the response to be stored")
+    finally:
+        r.stop()
+    # Renewal for the same HSM key while the responder is down; the old one then expires.
+    issue_ocsp_signer(devpki, devpki.ocsp_key_label, "lifecycle signer", cert)
+    new = _load(cert)
+    assert new != old and new.public_key() == old.public_key()
+    _wait(lambda: datetime.now(UTC) > ends + timedelta(seconds=1), "the old certificate to expire")
+    r2 = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
+    try:
+        # The very first answer already carries the renewed certificate, and verifies.
+        assert _embedded(r2, devpki) == new
+        _verify(r2, devpki, cert)
+    finally:
+        r2.stop()
+
+
+def test_sighup_renewal_resigns_and_a_bad_file_is_refused(devpki: DevPki, tmp_path: Path) -> None:
+    cert = tmp_path / "ocsp-signer.pem"
+    issue_ocsp_signer(devpki, devpki.ocsp_key_label, "lifecycle signer", cert)
+    first = _load(cert)
+    r = Responder(
+        config=_config(devpki, tmp_path, cert, presign=True), env=dev_env(devpki),
+        workdir=tmp_path,
+    ).start()  # fmt: skip
+    assert r.proc is not None
+    try:
+        _verify(r, devpki, cert)
+        assert _embedded(r, devpki) == first
+        issue_ocsp_signer(devpki, devpki.ocsp_key_label, "lifecycle signer", cert)
+        second = _load(cert)
+        r.proc.send_signal(signal.SIGHUP)
+        # Re-signed with the renewed certificate ahead of everything else.
+        _wait(lambda: _embedded(r, devpki) == second, "a response with the renewed certificate")
+        _verify(r, devpki, cert)
+        # A bad file (not a certificate) and a certificate for another key are refused:
+        # the current one stays, and one line says why.
+        good_pem = cert.read_bytes()
+        cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n")
+        r.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "not reloaded" in r.output(), "the refusal to be logged")
+        assert _embedded(r, devpki) == second
+        other = tmp_path / "other-key.pem"
+        issue_ocsp_signer(devpki, devpki.ocsp_ec_key_label, "lifecycle other key", other)
+        cert.write_bytes(other.read_bytes())
+        r.proc.send_signal(signal.SIGHUP)
+        _wait(
+            lambda: "does not match the signer's public key" in r.output(),
+            "the key mismatch to be logged",
+        )
+        assert _embedded(r, devpki) == second
+        cert.write_bytes(good_pem)
+        _verify(r, devpki, cert)
+        assert r.alive()
+    finally:
+        r.stop()
