@@ -154,6 +154,7 @@ class Config:
     presign_rate: float = 50.0
     http_workers: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
+    cert_expiry_warning_days: tuple[float, ...] = (30.0, 7.0, 1.0)
 
 
 #: Upper bound for ``http_workers`` / ``--workers``: more processes than that is a typo.
@@ -478,11 +479,24 @@ def parse_config(file: Path, data: Any) -> Config:
         max_request_size=r.integer("max_request_size", 10_000, minimum=256),
         presign_rate=r.number("presign_rate", 50.0),
         http_workers=r.integer("http_workers", 1, minimum=1),
+        cert_expiry_warning_days=_warning_days(r, "cert_expiry_warning_days"),
     )
     if cfg.http_workers > MAX_HTTP_WORKERS:
         raise r.error("http_workers", f"must be at most {MAX_HTTP_WORKERS}")
     r.finish()
     return cfg
+
+
+def _warning_days(r: _Reader, name: str) -> tuple[float, ...]:
+    """Lead times (days before a responder certificate expires) at which to warn."""
+    raw = r.raw(name)
+    if raw is None:
+        return (30.0, 7.0, 1.0)
+    if not isinstance(raw, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in raw
+    ):
+        raise r.error(name, "must be a list of positive numbers of days, e.g. [30, 7, 1]")
+    return tuple(sorted((float(v) for v in raw), reverse=True))
 
 
 def load_config(file: Path) -> Config:

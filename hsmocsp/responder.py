@@ -300,24 +300,29 @@ class Handle:
 
     # --- the responder certificate over time ------------------------------------------
 
-    def replace_responder_cert(self, cert: x509.Certificate) -> bool:
+    def replace_responder_cert(self, cert: x509.Certificate, recheck: bool = False) -> bool:
         """Use a renewed responder certificate from now on (SIGHUP); False if unchanged.
 
-        The new certificate passes the start-up checks (issued by the CA with
-        id-kp-OCSPSigning, valid now, the signer's key) or :class:`ResponderCertError`
-        says why and the current one stays. Responses made with the previous
-        certificate are served only while it is valid, and listeners
-        (:meth:`on_certificate_change`; the pre-signer) re-sign them first.
+        The new certificate passes the start-up checks against the source's issuers
+        as they are now (issued by the CA with id-kp-OCSPSigning, valid now, the
+        signer's key) or :class:`ResponderCertError` says why and the current one
+        stays. ``recheck``: check an unchanged certificate too (the issuer changed).
+        Responses made with the previous certificate are served only while it is
+        valid, and listeners (:meth:`on_certificate_change`; the pre-signer) re-sign
+        them first.
         """
         new = ResponderCert.of(cert)
-        if new.fp == self._cert.fp:
+        if new.fp == self._cert.fp and not recheck:
             return False
         served, problems = self._served_by(new, tuple(self.source.issuers()))
         if not served:
             raise ResponderCertError("; ".join(problems) or "the source has no issuer")
-        self._cert = new
+        changed = new.fp != self._cert.fp
+        self._cert = new if changed else self._cert
         self._reindex()
-        self._certs_der = self._embedded(new)
+        self._certs_der = self._embedded(self._cert)
+        if not changed:
+            return False
         stale = self._mark_stale()
         log.info(
             "handle {handle}: responder certificate is now {cert}; {n} response(s) made with "

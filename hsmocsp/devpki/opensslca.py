@@ -422,6 +422,20 @@ def regen_crl(dev: DevPki) -> None:
     der_tmp.rename(dev.crl_der)
 
 
+def self_sign_root(dev: DevPki, out: Path, days: int = ROOT_DAYS) -> Path:
+    """The self-signed root CA certificate for the HSM key ``root-ca`` into ``out``
+    (atomically): at build, and again for a renewal of the same CA (same name and key)."""
+    tmp = out.with_suffix(".pem.tmp")
+    _openssl(
+        dev, "req", "-config", str(dev.openssl_cnf), "-new", "-x509", *_engine_args(dev),
+        "-keyform", "engine", "-key", dev.key_uri(dev.ca_key_label),
+        "-subj", ROOT_SUBJECT, "-days", str(days), "-sha256",
+        "-extensions", "root_ca_ext", "-out", str(tmp),
+    )  # fmt: skip
+    tmp.rename(out)
+    return out
+
+
 def build_level1(directory: Path) -> DevPki:
     """Build (or complete) the level-1 dev PKI under ``directory``; return its paths.
 
@@ -453,14 +467,7 @@ def build_level1(directory: Path) -> DevPki:
 
     changed = False
     if not dev.ca_pem.exists():
-        tmp = dev.ca_pem.with_suffix(".pem.tmp")
-        _openssl(
-            dev, "req", "-config", str(dev.openssl_cnf), "-new", "-x509", *_engine_args(dev),
-            "-keyform", "engine", "-key", dev.key_uri(dev.ca_key_label),
-            "-subj", ROOT_SUBJECT, "-days", str(ROOT_DAYS), "-sha256",
-            "-extensions", "root_ca_ext", "-out", str(tmp),
-        )  # fmt: skip
-        tmp.rename(dev.ca_pem)
+        self_sign_root(dev, dev.ca_pem)
         changed = True
     else:
         _check_matches_token(dev, dev.ca_pem, dev.ca_key_label)

@@ -7,6 +7,7 @@
     ├── signers      Group: one Component per handle (public key read from the token)
     ├── sources      Group: one Component per handle (index/CRL loaded, Vault reached)
     ├── handles      Component: responder certificates checked against keys and issuers
+    ├── expiry       Component: certificate / CRL expiry warnings, handle state changes
     ├── store        Component (with data_dir): stored responses restored, flushing
     ├── listener     Listener, or SharedListener with the HTTP fronts as its child
     ├── announce     Component: the "serving"/"listening" log lines
@@ -34,6 +35,7 @@ from twisted.logger import Logger
 from hsmocsp.config import Config, FileKeyConfig, VaultSourceConfig
 from hsmocsp.coredump import forbid_core_dumps
 from hsmocsp.errors import ConfigError, HsmOcspError, PinRefused
+from hsmocsp.lifecycle import ExpiryWatch, reload_certificates
 from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle
 from hsmocsp.service.builder import Parts, build
@@ -119,6 +121,9 @@ class ResponderService(Sequence):
         self.sources = list(parts.sources.values())
         self.handles: list[Handle] = parts.handles
         self._handle_pools: dict[str, TokenPool] = parts.handle_pools
+        self._sources_by_handle = parts.sources
+        self._handles_prepared = False
+        self.expiry = ExpiryWatch(self.handles, reactor, cfg.cert_expiry_warning_days)
         self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
         for handle in self.handles:
             handle._on_signed = self.app.metrics.signed
@@ -145,6 +150,7 @@ class ResponderService(Sequence):
             Component(f"source {name}", source.start, source.stop).setServiceParent(sources)
         sources.setServiceParent(self)
         Component("handles", self._prepare_handles).setServiceParent(self)
+        Component("expiry", self.expiry.start, self.expiry.stop).setServiceParent(self)
         if self.cfg.data_dir is not None:
             Component("store", self._open_store, self._close_store).setServiceParent(self)
         site = FastSite(self.app, self.reactor.seconds)
@@ -180,6 +186,7 @@ class ResponderService(Sequence):
     def _prepare_handles(self) -> None:
         for handle in self.handles:
             handle.prepare()
+        self._handles_prepared = True
 
     async def _open_store(self) -> None:
         assert self.cfg.data_dir is not None
@@ -246,6 +253,7 @@ class ResponderService(Sequence):
     def reload(self) -> Deferred[None]:
         """What SIGHUP (``systemctl reload``) does: extend here, one awaited step each."""
         self.reload_pins()
+        self.reload_certificates()
         return self.refresh_sources()
 
     def reload_pins(self) -> None:
@@ -259,6 +267,13 @@ class ResponderService(Sequence):
                 log.error("SIGHUP: PIN of token {name} not re-read: {err}", name=name, err=err)
                 continue
             pool.reload_pin(pin)
+
+    def reload_certificates(self) -> int:
+        """Responder and CA certificate files read again, with start-up's checks; a file
+        that fails keeps the one in use (one log line each). Returns how many failed."""
+        if not self._handles_prepared:
+            return 0  # still starting: start-up reads them anyway
+        return reload_certificates(self.cfg, self.handles, self._sources_by_handle)
 
     def refresh_sources(self) -> Deferred[None]:
         """Ask every source (once each) to look for new data now."""

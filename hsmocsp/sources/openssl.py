@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -258,6 +259,24 @@ class OpenSSLSource:
 
     # --- extras ---------------------------------------------------------------------
 
+    def replace_issuer(self, issuer: x509.Certificate) -> bool:
+        """Serve and publish a renewed certificate of the same CA from now on (SIGHUP).
+
+        Same subject and same key, or :class:`SourceError`: the loaded index and
+        the CRL (verified with that key) stay valid; another CA needs a restart.
+        False if ``issuer`` is the one already served.
+        """
+        if issuer == self._issuer:
+            return False
+        if issuer.subject != self._issuer.subject or _spki(issuer) != _spki(self._issuer):
+            raise SourceError(
+                f"{issuer.subject.rfc4514_string()!r} is not a renewal of the served CA "
+                f"{self._issuer.subject.rfc4514_string()!r} (name or key differs); "
+                "serving another CA needs a restart"
+            )
+        self._issuer = issuer
+        return True
+
     def refresh(self) -> Deferred[None]:
         return self.check_now()
 
@@ -462,6 +481,10 @@ class OpenSSLSource:
             return
         for warning in crl.warnings:
             self._log.warn("{path}: {warning}", path=str(self._crl.path), warning=warning)
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def _describe_crl(crl: CRLInfo | None) -> str:

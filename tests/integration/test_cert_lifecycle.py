@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from hsmocsp.devpki.opensslca import DevPki, issue_ocsp_signer
+from hsmocsp.devpki.opensslca import DevPki, issue_ocsp_signer, regen_crl, self_sign_root
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import Responder, http, openssl_ocsp
 
@@ -152,6 +152,46 @@ def test_sighup_renewal_resigns_and_a_bad_file_is_refused(devpki: DevPki, tmp_pa
         assert _embedded(r, devpki) == second
         cert.write_bytes(good_pem)
         _verify(r, devpki, cert)
+        assert r.alive()
+    finally:
+        r.stop()
+
+
+def test_sighup_reloads_the_ca_certificate_and_crl_with_start_up_checks(
+    devpki: DevPki, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(devpki.ca_pem.read_bytes())
+    cfg = level1_config(devpki, tmp_path, poll=3600)  # only SIGHUP makes it look
+    cfg.write_text(cfg.read_text().replace(f"issuer: {devpki.ca_pem}", f"issuer: {ca}"))
+    r = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
+    assert r.proc is not None
+    try:
+        assert http(r.url + "/ca/root.der")[2] == devpki.ca_der.read_bytes()
+        # A renewed CA certificate (same name, same HSM key) and a new CRL.
+        self_sign_root(devpki, ca, days=4000)
+        renewed = _load(ca)
+        assert renewed != _load(devpki.ca_pem)
+        regen_crl(devpki)
+        r.proc.send_signal(signal.SIGHUP)
+        der = renewed.public_bytes(serialization.Encoding.DER)
+        _wait(lambda: http(r.url + "/ca/root.der")[2] == der, "the renewed CA certificate")
+        _wait(
+            lambda: http(r.url + "/crl/root.crl")[2] == devpki.crl_der.read_bytes(),
+            "the new CRL",
+        )
+        # The responder certificate chains to the renewed CA certificate just as well.
+        result = openssl_ocsp(
+            "-url", r.url + "/ocsp", "-issuer", str(ca), "-cert", str(devpki.good_pem),
+            "-no_nonce", "-VAfile", str(devpki.ocsp_pem), "-CAfile", str(ca),
+        )  # fmt: skip
+        assert result.verified and "good" in result.output, result.output
+        # Another CA's certificate in the file is refused: the served one stays.
+        ca.write_bytes(devpki.ocsp_pem.read_bytes())
+        r.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "handles.root.issuer" in r.output(), "the refusal to be logged")
+        assert "not a renewal of the served CA" in r.output()
+        assert http(r.url + "/ca/root.der")[2] == der
         assert r.alive()
     finally:
         r.stop()

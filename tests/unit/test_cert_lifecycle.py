@@ -160,7 +160,7 @@ def test_renewal_serves_old_while_valid_resigns_it_first_then_new() -> None:
 
 def test_stale_entries_are_resigned_before_the_sweep() -> None:
     clock = clock_at()
-    handle, source, signer = make(clock, responder_cert(NOW + 86400 * 10))
+    handle, _, signer = make(clock, responder_cert(NOW + 86400 * 10))
     # The sweep walks serials 1..5 in order; the stale entries are the last two.
     for serial, alg in ((4, "sha256"), (5, "sha1")):
         resolve(handle.respond_der(request_for(serial, alg)))
@@ -219,7 +219,7 @@ def test_restore_drops_expired_certificates_and_resigns_renewed_ones() -> None:
     ]
     later = clock_at(NOW + 700)  # the short certificate has expired, the other has not
     renewed = responder_cert(NOW + 86400 * 365)
-    handle, _, signer = make(later, renewed)
+    handle, _, _ = make(later, renewed)
     kept: list[int] = []
     handle.restore(rows).addCallback(kept.append)
     assert kept == [1]
