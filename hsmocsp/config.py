@@ -265,7 +265,7 @@ def _url_path(r: _Reader, name: str, required: bool = False) -> str | None:
     if not _URL_PATH.match(value) or "//" in value:
         raise r.error(name, f"{value!r} is not a URL path like /ocsp")
     value = value.rstrip("/") or "/"
-    if value in _RESERVED_PATHS:
+    if value in _RESERVED_PATHS or value.startswith("/readyz/"):
         raise r.error(name, f"{value} is reserved for the service itself")
     return value
 

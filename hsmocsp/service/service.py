@@ -213,6 +213,10 @@ class ResponderService(Sequence):
             backend=backend,
             max_request_size=self.cfg.max_request_size,
         )
+        # Not ready before every front has bound the port (the kernel hands them
+        # connections from then on); later, a front being restarted only degrades.
+        self.app.probes.waiting.append(self.fronts.starting)
+        self.app.probes.parts["fronts"] = self.fronts.health
         return self.fronts
 
     def _announce(self) -> None:

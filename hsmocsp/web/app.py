@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from klein import Klein
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -27,6 +27,7 @@ from hsmocsp.ocsp.request import decode_get_path
 from hsmocsp.ocsp.response import ResponseStatus, error_response
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.web.metrics import Metrics
+from hsmocsp.web.probes import Probes
 
 log = Logger()
 
@@ -59,12 +60,14 @@ class OCSPApp:
         self._now = now
         self.max_request_size = max_request_size
         self.metrics = metrics or Metrics(self.handles)
+        self.probes = Probes(self.handles)
         self.router = Klein()
         self.router.url_map.merge_slashes = False
         self.router.url_map.strict_slashes = False
         route = self.router.route
         route("/healthz", methods=["GET", "HEAD"])(self.healthz)
         route("/readyz", methods=["GET", "HEAD"])(self.readyz)
+        route("/readyz/<name>", methods=["GET", "HEAD"])(self.readyz_handle)
         route("/metrics", methods=["GET"])(self.metrics_page)
         for handle in self.handles:
             self._add_handle(handle)
@@ -246,34 +249,30 @@ class OCSPApp:
         request.setHeader(b"Content-Type", b"text/plain")
         return b"ok\n"
 
-    def readyz(self, request: IRequest) -> Deferred[bytes]:
-        def one(handle: Handle) -> Deferred[tuple[str, bool, str]]:
-            if not handle.ready():
-                return succeed((handle.name, False, "source not ready"))
-            d: Deferred[Any] = handle.signer.check()
-            d.addCallbacks(
-                lambda _: (handle.name, True, "ok"),
-                lambda f: (handle.name, False, f"signer: {f.getErrorMessage()}"),
-            )
-            return d
+    def readyz(self, request: IRequest) -> bytes:
+        """503 only while starting or when every handle is failed (see web/probes.py)."""
+        code, body = self.probes.readyz()
+        return _json(request, code, body)
 
-        def render(results: list[tuple[str, bool, str]]) -> bytes:
-            ok = all(r[1] for r in results)
-            request.setResponseCode(200 if ok else 503)
-            request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Cache-Control", NO_CACHE)
-            body = {
-                "ready": ok,
-                "handles": {n: {"ready": r, "detail": why} for n, r, why in results},
-            }
-            return json.dumps(body, indent=1).encode() + b"\n"
-
-        return gatherResults([one(h) for h in self.handles]).addCallback(render)
+    def readyz_handle(self, request: IRequest, name: str) -> bytes:
+        """One handle, strict: 200 only when it is ready."""
+        found = self.probes.readyz_handle(name)
+        if found is None:
+            request.setResponseCode(404)
+            return b"no such handle\n"
+        return _json(request, *found)
 
     def metrics_page(self, request: IRequest) -> bytes:
         content_type, body = self.metrics.render()
         request.setHeader(b"Content-Type", content_type.encode())
         return body
+
+
+def _json(request: IRequest, code: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", NO_CACHE)
+    return json.dumps(body, indent=1).encode() + b"\n"
 
 
 def handle_ca_der(handle: Handle) -> bytes | None:

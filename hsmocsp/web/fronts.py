@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.childenv import minimal_env
+from hsmocsp.health import READY, Health, State
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.web.front import FrameDecoder, FrameError, encode_frame
 from hsmocsp.web.metrics import Metrics
@@ -84,6 +85,7 @@ class _Front(ProcessProtocol):
                     self.pool.count(self.number, message[1])
                 elif message[0] == "ready":
                     log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
+                    self.pool.listening_now(self)
         except (FrameError, ValueError, TypeError, AttributeError) as err:
             log.error("HTTP front {n}: unreadable message ({err}); stopping it",
                       n=self.number, err=err)  # fmt: skip
@@ -137,6 +139,37 @@ class FrontPool(service.Service):
         self._delays: dict[int, float] = {}
         self._stopping = False
         self._feeds = [_Feed(self, i) for i in range(len(self.handles))]
+        self.listening: set[int] = set()  # fronts that have bound the port and said so
+        self._all_listened = False
+
+    # --- readiness ---------------------------------------------------------------------
+
+    def listening_now(self, front: _Front) -> None:
+        if self.fronts.get(front.number) is front:
+            self.listening.add(front.number)
+            if len(self.listening) >= self.count_wanted:
+                self._all_listened = True
+
+    def starting(self) -> str | None:
+        """Why the service is not ready yet (None once every front has listened).
+
+        Readiness waits for this at start: until then part of the connections the
+        kernel hands out would find no front, or go only to the main process.
+        """
+        if self._all_listened:
+            return None
+        missing = [n for n in range(1, self.count_wanted + 1) if n not in self.listening]
+        return "HTTP front(s) " + ", ".join(map(str, missing)) + " not listening yet"
+
+    def health(self) -> Health:
+        """Degraded while a front is being restarted (the others and the main process
+        serve its share meanwhile)."""
+        missing = [n for n in range(1, self.count_wanted + 1) if n not in self.listening]
+        if not missing:
+            return READY
+        return Health(
+            State.DEGRADED, "HTTP front(s) " + ", ".join(map(str, missing)) + " not listening"
+        )
 
     def init_message(self) -> dict[str, Any]:
         return {
@@ -217,6 +250,7 @@ class FrontPool(service.Service):
     def ended(self, front: _Front, reason: Failure) -> None:
         if self.fronts.get(front.number) is front:
             del self.fronts[front.number]
+            self.listening.discard(front.number)
         if self._stopping:
             return
         # A front that keeps failing at start (say, its address is gone) is retried

@@ -111,6 +111,7 @@ class Metrics:
                 (source_errors, _source_errors),
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
+        _lifecycle_gauges(self.registry, handles)
 
     def watch_token(self, name: str, health: Callable[[], Health]) -> None:
         """``hsmocsp_token_up{token}`` (1 while the token can sign: ready or degraded)
@@ -231,3 +232,45 @@ def _source_errors(h: Handle) -> float:
 def _or_nan(read: Any) -> float:
     value = read()
     return float("nan") if value is None else float(value)
+
+
+def _lifecycle_gauges(registry: CollectorRegistry, handles: Sequence[Handle]) -> None:
+    """Certificate and CRL expiry, and each handle's state (see :meth:`Handle.health`)."""
+    from hsmocsp.health import State
+
+    expiry = Gauge(
+        "hsmocsp_responder_cert_expiry_timestamp_seconds",
+        "notAfter of the handle's responder certificate (Unix time)",
+        ["handle"],
+        registry=registry,
+    )
+    crl = Gauge(
+        "hsmocsp_crl_next_update_timestamp_seconds",
+        "Earliest nextUpdate of the CRLs the handle's source publishes (Unix time; NaN: none)",
+        ["handle"],
+        registry=registry,
+    )
+    state = Gauge(
+        "hsmocsp_handle_state",
+        "1 for the handle's current state (ready, degraded, failed), 0 for the others",
+        ["handle", "state"],
+        registry=registry,
+    )
+    for h in handles:
+        expiry.labels(h.name).set_function(partial(_cert_expiry, h))
+        crl.labels(h.name).set_function(partial(_crl_next_update, h))
+        for s in State:
+            state.labels(h.name, s.label).set_function(partial(_in_state, h, s))
+
+
+def _cert_expiry(h: Handle) -> float:
+    return h.cert_not_after
+
+
+def _crl_next_update(h: Handle) -> float:
+    value = h.crl_next_update()
+    return float("nan") if value is None else value
+
+
+def _in_state(h: Handle, state: object) -> float:
+    return 1.0 if h.health().state is state else 0.0

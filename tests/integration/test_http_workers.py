@@ -7,6 +7,7 @@ many new connections; ``hsmocsp_front_answers_total`` shows the fronts answered.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,11 @@ def _front_pids(r: Responder) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "hsmocsp.web.front" in line]
 
 
+def _readyz_fronts(r: Responder) -> dict[str, str]:
+    fronts: dict[str, str] = json.loads(http(r.url + "/readyz")[2])["fronts"]
+    return fronts
+
+
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,11 +109,17 @@ def test_fronts_answer_and_openssl_verifies(workers: Responder, devpki: DevPki) 
         assert b"HSMOCSP_TEST_SECRET" not in Path(f"/proc/{pid}/environ").read_bytes()
     assert workers.proc is not None
     assert b"HSMOCSP_TEST_SECRET" in Path(f"/proc/{workers.proc.pid}/environ").read_bytes()
+    # Ready means every front has bound the port (the start fixture waited for /readyz).
+    assert _readyz_fronts(workers) == {"state": "ready", "reason": ""}
     der = _request(devpki.good_pem, devpki.ca_pem)
     _post_new_connection(workers.port, der)  # signed once, pushed to the fronts
-    time.sleep(0.5)
-    assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
-    _wait(lambda: len(_front_answers(workers)) == 2, "both fronts to report answers")
+    # Whichever process takes a connection answers good; once the push has reached the
+    # fronts they answer from their copy (they report counts once a second).
+    _wait(
+        lambda: _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+        and len(_front_answers(workers)) == 2,
+        "both fronts to report answers",
+    )
     assert all(n > 0 for n in _front_answers(workers).values())
     # Whatever process answers, openssl verifies it: good, revoked and unknown.
     for _ in range(6):
@@ -177,7 +189,7 @@ def test_a_front_that_dies_is_replaced(workers: Responder, devpki: DevPki) -> No
         lambda: len(_front_pids(workers)) == 2 and before[0] not in _front_pids(workers),
         "a new front",
     )
-    time.sleep(1)  # the new front listening, its snapshot sent
+    _wait(lambda: _readyz_fronts(workers)["state"] == "ready", "the new front to listen")
     answered = _front_answers(workers)
     der = _request(devpki.good_pem, devpki.ca_pem)  # cached long ago: only the snapshot has it
     assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}

@@ -7,6 +7,7 @@ streams), and restoring it keeps the dev server's in-memory PKI intact.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -147,7 +148,20 @@ def test_outage_serves_cached_and_trylater_then_recovers(
     out = _ask(r, world, "-serial", "0x0D0E0A0D")
     assert "trylater" in out.lower(), out
     assert http(r.url + "/healthz")[0] == 200
-    assert http(r.url + "/readyz")[0] == 503
+    # One Vault outage must not pull the pod out of a Service: the OpenSSL handles
+    # answer as ever, the Vault handle is degraded, and only its strict probe says 503.
+    mount = world.vault.level2.mount
+    code, _, body = http(r.url + "/readyz")
+    state = json.loads(body)
+    assert code == 200, body
+    assert state["handles"][mount]["state"] == "degraded", body
+    assert state["handles"]["root"] == {"state": "ready", "reason": ""}
+    assert http(r.url + f"/readyz/{mount}")[0] == 503
+    assert http(r.url + "/readyz/root")[0] == 200
+    assert f"{mount}: ready -> degraded" in r.output()  # logged when it happened...
+    for _ in range(5):
+        http(r.url + "/readyz")
+    assert r.output().count(f"{mount}: ready -> degraded") == 1  # ...once, not per probe
     assert r.alive()
 
     proxy.restore()
@@ -160,6 +174,7 @@ def test_outage_serves_cached_and_trylater_then_recovers(
         time.sleep(0.5)
     assert "0x0D0E0A0D: unknown" in out, out
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and http(r.url + "/readyz")[0] != 200:
+    while time.monotonic() < deadline and http(r.url + f"/readyz/{mount}")[0] != 200:
         time.sleep(0.5)
-    assert http(r.url + "/readyz")[0] == 200
+    assert http(r.url + f"/readyz/{mount}")[0] == 200
+    assert f"{mount}: degraded -> ready" in r.output()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from urllib.parse import quote
 
 import pytest
@@ -81,8 +82,13 @@ def test_probes_and_metrics() -> None:
     assert fetch(client, "GET", "/healthz")[0] == 200
     assert fetch(client, "GET", "/readyz")[0] == 200
     source.is_ready = False  # type: ignore[attr-defined]
+    # Degraded (answers from cache, tryLater for new serials) still takes traffic;
+    # the strict per-handle probe says it is not ready.
     code, _, body = fetch(client, "GET", "/readyz")
-    assert code == 503 and b"source not ready" in body
+    assert code == 200 and json.loads(body)["handles"]["t"]["state"] == "degraded"
+    code, _, body = fetch(client, "GET", "/readyz/t")
+    assert code == 503 and b"not loaded or not reachable" in body
+    source.is_ready = True  # type: ignore[attr-defined]
     fetch(
         client,
         "POST",
