@@ -521,7 +521,11 @@ class Handle:
             if cert is None or now >= min(response.next_update, cert.not_after):
                 dropped += 1
                 continue
-            refresh_at = response.refresh_at if cert is current else min(response.refresh_at, now)
+            # A cache hit before refresh_at is served without looking at expiry: keep it
+            # within the certificate's life (rows written before nextUpdate was capped).
+            refresh_at = min(response.refresh_at, cert.not_after)
+            if cert is not current:
+                refresh_at = min(refresh_at, now)
             response = dataclasses.replace(
                 response, cert_fp=cert.fp, cert_not_after=cert.not_after, refresh_at=refresh_at
             )

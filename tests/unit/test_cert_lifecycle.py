@@ -237,6 +237,24 @@ def test_restore_drops_expired_certificates_and_resigns_renewed_ones() -> None:
     assert handle2.cache.current(b"k3") == current
 
 
+def test_restored_row_of_the_current_certificate_ends_with_it() -> None:
+    """A row written before nextUpdate was capped, by the certificate still in use."""
+    clock = clock_at()
+    cert = responder_cert(NOW + 600)
+    handle, _, _ = make(clock, cert, validity=3600)
+    req = request_for(1)
+    made = resolve(handle.respond_der(req))
+    cid_key = next(k for k, _, _ in handle.cache.items())
+    row = _stored(made, next_update=NOW + 3600, refresh_at=NOW + 1800)
+    fresh, _, fresh_signer = make(clock, cert, validity=3600)
+    fresh.restore([(cid_key, 1, "good", row)])
+    assert fresh.cached_response(req) is not None
+    assert fresh_signer.calls == 0
+    clock.advance(601)
+    assert fresh.cached_response(req) is None
+    assert ocsp_status_for(failure_of(fresh.respond_der(req))) == ResponseStatus.tryLater
+
+
 class _Part:
     def __init__(self, health: Health) -> None:
         self.value = health
