@@ -155,7 +155,8 @@ def test_the_tree_is_in_start_order(tmp_path: Path) -> None:
     svc = ResponderService(load_config(_config(tmp_path)), reactor)
     names = [child.name for child in svc]
     assert names == [
-        "pools", "signers", "sources", "handles", "store", "listener", "announce", "presigners",
+        "pools", "signers", "sources", "handles", "expiry", "store", "listener", "announce",
+        "presigners",
     ]  # fmt: skip
     assert [c.name for c in svc.getServiceNamed("sources")] == ["source root"]
     assert [c.name for c in svc.getServiceNamed("presigners")] == ["presigner root"]
