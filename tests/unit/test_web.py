@@ -87,7 +87,7 @@ def test_probes_and_metrics() -> None:
     code, _, body = fetch(client, "GET", "/readyz")
     assert code == 200 and json.loads(body)["handles"]["t"]["state"] == "degraded"
     code, _, body = fetch(client, "GET", "/readyz/t")
-    assert code == 503 and b"not loaded or not reachable" in body
+    assert code == 503 and json.loads(body)["reason"].startswith("source: ")
     source.is_ready = True  # type: ignore[attr-defined]
     fetch(
         client,
