@@ -78,3 +78,10 @@ class ResponderCertExpired(HsmOcspError):
     """The handle's responder certificate has expired (or is not valid yet): nothing it
     would sign could be verified, so new answers get ``tryLater`` until a renewed
     certificate is loaded (SIGHUP or restart)."""
+
+
+# --- installation (build time; never while serving) -----------------------------------
+
+
+class PluginCacheError(HsmOcspError):
+    """Twisted's plugin cache could not be written valid, or does not list hsmocsp."""
