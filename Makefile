@@ -15,7 +15,8 @@ BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test reliability deps venv devpki lint bench bench-slow clean distclean
+.PHONY: run test reliability deps venv devpki lint bench bench-slow clean distclean \
+	deploy-check deploy-lock
 
 deps: .deps.stamp
 .deps.stamp: Makefile
@@ -50,8 +51,8 @@ reliability: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability tests
 
 lint: venv
-	$(BIN)/ruff check hsmocsp twisted tests bench
-	$(BIN)/mypy hsmocsp twisted/plugins
+	$(BIN)/ruff check hsmocsp twisted tests bench deploy/check
+	$(BIN)/mypy hsmocsp twisted/plugins deploy/check
 
 bench: venv
 	@missing=""; for p in $(BENCH_PACKAGES); do \
@@ -63,6 +64,23 @@ bench: venv
 # The slow-signer pass (RSA-4096 key, 100k-serial index, pre-signing, restart): ~8 minutes.
 bench-slow: bench
 	$(BIN)/python -m bench.compare --only slow
+
+# Builds and runs the images (buildah), renders and validates the Helm chart and kustomize
+# trees for Kubernetes 1.29 and 1.33, checks skaffold.yaml and the systemd unit: 10-20 minutes,
+# root, not part of `make test`. What it checks: docs/deploy.md. Tools are cached under
+# $${XDG_CACHE_HOME:-~/.cache}/hsmocsp-deploy; `deploy/check/run.sh STEP...` runs single steps.
+deploy-check:
+	deploy/check/run.sh
+
+# Re-pin the image's Python packages (deploy/container/constraints.txt) to the newest wheels.
+deploy-lock:
+	rm -rf var/deploy-lock && $(PYTHON) -m venv var/deploy-lock
+	PIP_CONSTRAINT= var/deploy-lock/bin/pip install -q --only-binary=:all: --no-binary=hsmocsp \
+	  '.[devpki,debug]' 'setuptools>=77' wheel
+	{ sed -n '/^#/p' deploy/container/constraints.txt; \
+	  var/deploy-lock/bin/pip freeze --all --exclude hsmocsp --exclude pip; } > var/deploy-lock/c.txt
+	mv var/deploy-lock/c.txt deploy/container/constraints.txt && rm -rf var/deploy-lock
+	git diff --stat deploy/container/constraints.txt
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

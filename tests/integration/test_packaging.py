@@ -17,7 +17,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (REPO / "etc" / "hsmocsp.service").read_text()
     # Point ExecStart at a binary that exists here; everything else is checked as shipped.
     twistd = Path(sys.executable).with_name("twistd")
-    unit = unit.replace("/opt/hsmocsp/.venv/bin/twistd", str(twistd))
+    unit = unit.replace("/opt/hsmocsp/bin/twistd", str(twistd))
     path = tmp_path / "hsmocsp.service"
     path.write_text(unit)
     proc = subprocess.run(

