@@ -425,7 +425,12 @@ def main() -> int:
             print(f"   {'ok' if not found else 'FAIL'}: [{kube}] {render.name}: "
                   f"{len(objects)} objects", file=sys.stderr)
     cfg = yaml.safe_load(SKAFFOLD.read_text())
-    found = skaffold_schema_problems(cfg) + skaffold_path_problems(cfg)
+    try:
+        found = skaffold_schema_problems(cfg)
+    except OSError as err:
+        found = [f"no skaffold schema for {cfg['apiVersion']} (set SKAFFOLD_SCHEMAS to a "
+                 f"directory of skaffold's docs-v2/content/en/schemas/*.json): {err}"]
+    found += skaffold_path_problems(cfg)
     problems += found
     print(f"   {'ok' if not found else 'FAIL'}: skaffold.yaml ({cfg['apiVersion']}, profiles "
           f"{', '.join(p['name'] for p in cfg['profiles'])}) from {REPO}", file=sys.stderr)
