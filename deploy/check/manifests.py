@@ -137,7 +137,9 @@ def pdb_problems(objects: list[dict[str, Any]]) -> list[str]:
             if allowed < 1:
                 problems.append(
                     f"PodDisruptionBudget {pdb['metadata']['name']}: {replicas} replica(s) of "
-                    f"{dep['metadata']['name']} and {spec} allow no eviction: node drains hang"
+                    f"{dep['metadata']['name']} and "
+                    f"{ {k: v for k, v in spec.items() if k != 'selector'} } allow no eviction: "
+                    "node drains hang"
                 )
     return problems
 
