@@ -18,22 +18,22 @@ say "plugin cache and pinned versions in each image"
 for target in $TARGETS; do
   c=$(bh from --pull-never -q "$(img "$target")")
   root=$(bh mount "$c")
-  python3 - "$root" "$target" "$REPO/deploy/container/constraints.txt" <<'PY' || die "image $target"
+  python3 - "$root" "$target" "$REPO/deploy/container/constraints.txt" <<'PY' || fail "image $target"
 import math, re, sys
 from pathlib import Path
 root, target, constraints = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 for d in root.glob("opt/hsmocsp/lib/python3*/site-packages/twisted/plugins"):
     cache = d / "dropin.cache"
     if not cache.is_file():
-        sys.exit(f"FAIL: {target}: no {cache.relative_to(root)}")
+        sys.exit(f"{target}: no {cache.relative_to(root)}")
     cached = math.floor(cache.stat().st_mtime)
     stale = [p.name for p in d.glob("*.py") if p.name != "__init__.py"
              and math.floor(p.stat().st_mtime) >= cached]
     if stale:
-        sys.exit(f"FAIL: {target}: dropin.cache is not newer than {stale} (whole seconds): "
+        sys.exit(f"{target}: dropin.cache is not newer than {stale} (whole seconds): "
                  "twistd rewrites it at every start")
 pins = {}
-for line in constraints.read_text().splitlines():
+for line in (constraints.read_text() if constraints.is_file() else "").splitlines():
     if line and not line.startswith("#"):
         name, version = line.split("==")
         pins[re.sub(r"[-_.]+", "-", name).lower()] = version
@@ -46,7 +46,7 @@ for meta in root.glob("opt/hsmocsp/lib/python3*/site-packages/*.dist-info/METADA
     if key not in ("hsmocsp", "pip", "setuptools") and pins.get(key) != version:
         unpinned.append(f"{name}=={version} (pinned: {pins.get(key)})")
 if unpinned:
-    sys.exit(f"FAIL: {target}: not as pinned in constraints.txt: {', '.join(unpinned)}")
+    sys.exit(f"{target}: not as pinned in constraints.txt: {', '.join(unpinned)}")
 print(f"   ok: {target}: plugin cache valid, every package as pinned", file=sys.stderr)
 PY
   bh rm "$c" >/dev/null
@@ -62,7 +62,7 @@ if [[ " $TARGETS " == *" runtime "* ]]; then
   out=$("$HERE/run-image.sh" "$(img runtime)" -- /bin/sh -c \
     'ls /usr/lib/softhsm /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so 2>/dev/null; id -u; \
      touch /x 2>&1 | sed "s/.*Read-only.*/read-only/"')
-  [ "$out" = $'10001\nread-only' ] || die "runtime image: expected no PKCS#11 module, uid 10001 and a read-only root, got: $out"
+  [ "$out" = $'10001\nread-only' ] || fail "runtime image: expected no PKCS#11 module, uid 10001 and a read-only root, got: $out"
   prod=$WORK/prod
   rm -rf "$prod" && mkdir -p "$prod/data"
   "$PYVENV/bin/python" "$HERE/filepki.py" "$prod" 8080
@@ -73,18 +73,21 @@ if [[ " $TARGETS " == *" runtime "* ]]; then
   pid=$!
   for _ in $(seq 120); do
     ip netns exec "$netns" curl -fsS -o /dev/null http://127.0.0.1:8080/readyz 2>/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { cat "$prod/log" >&2; die "the runtime image exited"; }
+    kill -0 "$pid" 2>/dev/null || { cat "$prod/log" >&2; fail "the runtime image exited"; break; }
     sleep 1
   done
   out=$(cd "$prod" && ip netns exec "$netns" openssl ocsp -url http://127.0.0.1:8080/ocsp \
     -issuer pki/ca.pem -cert good.pem -cert revoked.pem -CAfile pki/ca.pem 2>&1) || true
   rss=$(ps -o rss= -s "$pid" | awk '{ s += $1 } END { printf "%.0f", s / 1024 }')
-  kill -TERM -- -"$pid"; wait "$pid" || true
-  grep -q "Response verify OK" <<<"$out" && grep -q "good.pem: good" <<<"$out" \
-    && grep -q "revoked.pem: revoked" <<<"$out" || die "runtime: openssl ocsp: $out"
-  ! grep -Eq "Unable to write to plugin cache|Traceback" "$prod/log" \
-    || { cat "$prod/log" >&2; die "runtime: the log shows a plugin-cache write or a traceback"; }
-  ok "runtime answers good and revoked, verified by openssl ocsp; ${rss} MiB RSS; clean log"
+  kill -TERM -- -"$pid" 2>/dev/null; wait "$pid" || true
+  if ! { grep -q "Response verify OK" <<<"$out" && grep -q "good.pem: good" <<<"$out" \
+         && grep -q "revoked.pem: revoked" <<<"$out"; }; then
+    fail "runtime: openssl ocsp: $out"
+  elif grep -Eq "Unable to write to plugin cache|Traceback" "$prod/log"; then
+    cat "$prod/log" >&2; fail "runtime: the log shows a plugin-cache write or a traceback"
+  else
+    ok "runtime answers good and revoked, verified by openssl ocsp; ${rss} MiB RSS; clean log"
+  fi
 fi
 
 for target in opensc dev; do
@@ -95,8 +98,8 @@ import PyKCS11
 lib = PyKCS11.PyKCS11Lib()
 lib.load("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")
 print(lib.getInfo().libraryDescription.strip(), lib.getSlotList())' 2>&1) \
-    || die "$target: OpenSC's module does not load: $out"
-  ok "$target: $out (no pcscd here, so no slots)"
+    && ok "$target: $out (no pcscd here, so no slots)" \
+    || fail "$target: OpenSC's module does not load: ${out##*$'\n'}"
 done
 
 for target in dev debug; do
@@ -106,6 +109,7 @@ for target in dev debug; do
   check=("$HERE/dev-levels.sh")
   [ "$target" = debug ] && check=(sh -c '"$0" && curl -s -o /dev/null --max-time 2 telnet://127.0.0.1:5678 </dev/null; rc=$?; [ $rc = 0 ] || [ $rc = 28 ] || { echo "FAIL: debugpy port 5678 closed ($rc)" >&2; exit 1; }; echo "   ok: debugpy listens on 127.0.0.1:5678" >&2' "$HERE/dev-levels.sh")
   "$PYVENV/bin/python" "$HERE/pod.py" "$WORK/$target.yaml" "$WORK/pod-$target" \
-    "hsmocsp:$target=$(img "$target")" -- "${check[@]}" || die "$target pod"
+    "hsmocsp:$target=$(img "$target")" -- "${check[@]}" || fail "$target pod"
 done
 bh rm --all >/dev/null 2>&1 || true
+finish

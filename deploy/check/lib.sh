@@ -19,6 +19,10 @@ BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 ok() { printf '   ok: %s\n' "$*" >&2; }
 die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+# A failed check that does not stop the others; `finish` exits 1 if there was any.
+failures=0
+fail() { printf 'FAIL: %s\n' "$*" >&2; failures=$((failures + 1)); }
+finish() { [ "$failures" = 0 ] || die "$failures check(s) failed"; }
 
 bh() { buildah --storage-driver vfs --root "$STORE/root" --runroot "$STORE/run" "$@"; }
 
