@@ -25,5 +25,6 @@ for target in $TARGETS; do
   ok "target $target built in $(( $(date +%s) - start )) s"
 done
 # Old images of earlier runs only take space (vfs copies every layer).
+bh rm --all >/dev/null 2>&1 || true
 bh rmi --prune >/dev/null 2>&1 || true
 bh images >&2
