@@ -1,20 +1,25 @@
 """``twistd hsmocsp``: the entry point the plugin names (``makeService`` and ``Options``).
 
 The real code lives in :mod:`hsmocsp.service`: options, the builder that turns
-the configuration into components, and the ordered service tree.
+the configuration into components, the ordered service tree, and the start-up
+report (twistd's daemon parent, systemd notify, exit statuses).
 
-A configuration error stops ``makeService`` with a one-line message; a
-start-up failure is logged as one line and the process exits non-zero.
+A configuration error stops ``makeService`` with a one-line message and status
+78; a start-up failure is logged as one line and the process exits non-zero.
 """
 
 from __future__ import annotations
+
+import os
 
 from twisted.application import service
 
 from hsmocsp.config import Config
 from hsmocsp.errors import ConfigError, HsmOcspError
-from hsmocsp.service.options import Options
-from hsmocsp.service.service import ResponderService, exit_when_start_fails
+from hsmocsp.service.notify import SystemdNotifier
+from hsmocsp.service.options import Options, config_error_exit
+from hsmocsp.service.service import ResponderService
+from hsmocsp.service.startup import StartupReport
 
 
 def makeService(options: Options) -> service.IService:
@@ -22,13 +27,22 @@ def makeService(options: Options) -> service.IService:
 
     cfg: Config = options["parsed"]
     try:
-        svc = ResponderService(cfg, reactor, options["listen"], options["workers"])
+        responder = ResponderService(cfg, reactor, options["listen"], options["workers"])
     except ConfigError as err:
-        raise SystemExit(f"hsmocsp: configuration error: {err}") from err
+        config_error_exit(err)
     except HsmOcspError as err:
         raise SystemExit(f"hsmocsp: {err}") from err
-    exit_when_start_fails(svc, reactor)
-    return svc
+    top = service.MultiService()
+    responder.setServiceParent(top)
+    report = StartupReport(
+        responder,
+        reactor,
+        SystemdNotifier.from_environ(os.environ),
+        runner=options.parent,  # twistd's own options: its daemon status pipe, pidfile
+        describe=f"{len(responder.handles)} handle(s) on {responder.listen}",
+    )
+    report.setServiceParent(top)  # after the responder: stopped first (STOPPING=1)
+    return top
 
 
 __all__ = ["Options", "ResponderService", "makeService"]

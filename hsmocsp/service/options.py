@@ -1,13 +1,30 @@
-"""``twistd hsmocsp`` command-line options; the configuration is loaded and checked here."""
+"""``twistd hsmocsp`` command-line options; the configuration is loaded and checked here.
+
+A configuration error prints one line (file, key, problem) and exits 78
+(``EX_CONFIG``), not twistd's usage text followed by the error: the operator
+needs the message, and systemd's ``RestartPreventExitStatus=78`` must see it.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from twisted.python import usage
 
+from hsmocsp import __version__
 from hsmocsp.config import MAX_HTTP_WORKERS, load_config
 from hsmocsp.errors import ConfigError
+
+#: Exit status for a configuration error (sysexits' EX_CONFIG); shared contract.
+EXIT_CONFIG = 78
+
+
+def config_error_exit(err: ConfigError) -> NoReturn:
+    """One line on stderr, exit 78."""
+    print(f"hsmocsp: configuration error: {err}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
 
 
 class Options(usage.Options):
@@ -25,12 +42,20 @@ class Options(usage.Options):
         ],
     ]
 
+    def opt_version(self) -> NoReturn:
+        """Display hsmocsp's version and exit."""
+        import twisted
+
+        python = sys.version.split()[0]
+        print(f"hsmocsp {__version__} (Twisted {twisted.__version__}, Python {python})")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         path = Path(self["config"])
         try:
             self["parsed"] = load_config(path)
         except ConfigError as err:
-            raise usage.UsageError(f"configuration error: {err}") from err
+            config_error_exit(err)
         if self["workers"] is not None:
             try:
                 workers = int(self["workers"])
@@ -43,4 +68,4 @@ class Options(usage.Options):
             self["workers"] = workers
 
 
-__all__ = ["Options"]
+__all__ = ["EXIT_CONFIG", "Options", "config_error_exit"]

@@ -10,31 +10,27 @@
     ├── expiry       Component: certificate / CRL expiry warnings, handle state changes
     ├── store        Component (with data_dir): stored responses restored, flushing
     ├── listener     Listener, or SharedListener with the HTTP fronts as its child
-    ├── announce     Component: the "serving"/"listening" log lines
+    ├── serving      Component: the "serving"/"listening" log lines
     └── presigners   Group: one PresignService per handle
 
 So nothing listens before every handle can answer, and a stop closes the port
 first and ends the HSM workers last. A start-up failure (wrong PIN, unreadable
-index, Vault refusing the token, port in use) is logged as one line and the
-process exits with status 1, so systemd's ``Restart=on-failure`` and a
-container runtime see it.
+index, Vault refusing the token, port in use) is logged here as one line;
+:mod:`hsmocsp.service.startup` reports it and makes the process exit non-zero.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from hsmocsp.config import Config, FileKeyConfig, VaultSourceConfig
 from hsmocsp.coredump import forbid_core_dumps
-from hsmocsp.errors import ConfigError, HsmOcspError, PinRefused
+from hsmocsp.errors import ConfigError, HsmOcspError
 from hsmocsp.lifecycle import ExpiryWatch, reload_certificates
 from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle
@@ -170,7 +166,7 @@ class ResponderService(Sequence):
                 self.listen_key,
             )
         self.listener.setServiceParent(self)
-        Component("announce", self._announce).setServiceParent(self)
+        Component("serving", self._announce).setServiceParent(self)
         presigners = Group("presigners")
         for handle in self.handles:
             handle_pool = self._handle_pools.get(handle.name)
@@ -292,34 +288,6 @@ class ResponderService(Sequence):
             log.failure("hsmocsp cannot start", failure)
 
 
-#: Exit status when a token refused the PIN at start-up (shared contract with the
-#: systemd unit's ``RestartPreventExitStatus=77``: a restart would spend another try).
-EXIT_PIN_REFUSED = 77
-
-
-def exit_when_start_fails(svc: Sequence, reactor: Any) -> None:
-    """Once ``svc`` failed to start, stop the reactor and exit with status 1 (77 when a
-    token refused the PIN).
-
-    The tree has already stopped short of the listener; stopping the reactor
-    stops what did start (HSM workers last), then the process exits non-zero.
-    """
-
-    def fail(failure: Any) -> None:
-        code = EXIT_PIN_REFUSED if failure.check(PinRefused) else 1
-        if IReactorCore.providedBy(reactor) and reactor.running:
-            reactor.addSystemEventTrigger("after", "shutdown", _exit_failed, code)
-            reactor.stop()
-
-    svc.whenStarted().addErrback(fail)
-
-
-def _exit_failed(code: int = 1) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def holds_secrets(cfg: Config) -> bool:
     """Does this process hold a PIN, a Vault credential or a key password?"""
     return bool(cfg.tokens) or any(
@@ -329,4 +297,4 @@ def holds_secrets(cfg: Config) -> bool:
     )
 
 
-__all__ = ["PresignService", "ResponderService", "exit_when_start_fails"]
+__all__ = ["PresignService", "ResponderService", "holds_secrets"]

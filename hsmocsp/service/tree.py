@@ -167,6 +167,8 @@ class Sequence(service.MultiService):
     def __init__(self) -> None:
         super().__init__()
         self._tracker = _StartTracker()
+        #: Called with each child's name as it begins to start (progress reports).
+        self.stage_observers: list[Callable[[str], None]] = []
 
     def privilegedStartService(self) -> None:
         # The listener must not bind before the components it serves are up.
@@ -180,6 +182,8 @@ class Sequence(service.MultiService):
         for child in list(self):
             if not self.running:
                 return
+            for observe in self.stage_observers:
+                observe(str(child.name))
             child.startService()
             await started(child)
 

@@ -155,7 +155,7 @@ def test_the_tree_is_in_start_order(tmp_path: Path) -> None:
     svc = ResponderService(load_config(_config(tmp_path)), reactor)
     names = [child.name for child in svc]
     assert names == [
-        "pools", "signers", "sources", "handles", "expiry", "store", "listener", "announce",
+        "pools", "signers", "sources", "handles", "expiry", "store", "listener", "serving",
         "presigners",
     ]  # fmt: skip
     assert [c.name for c in svc.getServiceNamed("sources")] == ["source root"]
