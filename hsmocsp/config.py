@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from hsmocsp.errors import ConfigError
+from hsmocsp.sources.certdb import DbConfig, read_db_config
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 _HANDLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -123,7 +124,30 @@ class VaultSourceConfig:
     kind: Literal["vault"] = "vault"
 
 
-SourceConfig = OpenSSLSourceConfig | VaultSourceConfig
+@dataclass(frozen=True, slots=True)
+class CfsslSourceConfig:
+    """cfssl's certdb, named by cfssl's own db-config JSON (read and checked here)."""
+
+    db_config: Path
+    db: DbConfig
+    poll_interval: float
+    full_reload: float
+    lookup_timeout: float
+    kind: Literal["cfssl"] = "cfssl"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFileSourceConfig:
+    """A file of pre-signed responses as ``cfssl ocspdump`` writes it, served as is."""
+
+    path: Path
+    poll_interval: float
+    kind: Literal["response-file"] = "response-file"
+
+
+SourceConfig = (
+    OpenSSLSourceConfig | VaultSourceConfig | CfsslSourceConfig | ResponseFileSourceConfig
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +155,8 @@ class HandleConfig:
     name: str
     path: str
     issuer: Path | None
-    responder_cert: Path
-    signer: SignerConfig
+    responder_cert: Path | None
+    signer: SignerConfig | None  # None: `signer: none`, pre-signed responses served as they are
     source: SourceConfig
     validity: float
     max_age: float | None
@@ -390,8 +414,24 @@ def _source(r: _Reader) -> SourceConfig:
             crl_refresh=r.number("crl_refresh", 300.0, minimum=1.0),
             request_timeout=r.number("request_timeout", 5.0, minimum=0.1),
         )
+    elif kind == "cfssl":
+        db_config = r.path("db_config", required=True)
+        assert db_config is not None
+        cfg = CfsslSourceConfig(
+            db_config=db_config,
+            db=read_db_config(db_config),
+            poll_interval=r.number("poll_interval", 2.0, minimum=0.1),
+            full_reload=r.number("full_reload", 3600.0),
+            lookup_timeout=r.number("lookup_timeout", 5.0, minimum=0.1),
+        )
+    elif kind == "response-file":
+        path = r.path("path", required=True)
+        assert path is not None
+        cfg = ResponseFileSourceConfig(
+            path=path, poll_interval=r.number("poll_interval", 2.0, minimum=0.1)
+        )
     else:
-        raise r.error("kind", f"{kind!r} is not one of openssl, vault")
+        raise r.error("kind", f"{kind!r} is not one of openssl, vault, cfssl, response-file")
     r.finish()
     return cfg
 
@@ -403,10 +443,24 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
     path = _url_path(r, "path", required=True)
     assert path is not None
     source = _source(r.sub("source"))
-    issuer = r.path("issuer", required=isinstance(source, OpenSSLSourceConfig))
-    responder_cert = r.path("responder_cert", required=True)
-    assert responder_cert is not None
-    signer = _signer(r.sub("signer"), tokens)
+    signer_none = r.raw("signer") == "none"
+    issuer = r.path(
+        "issuer",
+        required=isinstance(source, OpenSSLSourceConfig)
+        or (isinstance(source, CfsslSourceConfig) and not signer_none),
+    )
+    signer: SignerConfig | None
+    if signer_none:
+        # Pre-signed responses (cfssl's ocsp_responses table, an ocspdump file), as they are.
+        signer = None
+        if not isinstance(source, CfsslSourceConfig | ResponseFileSourceConfig):
+            raise r.error("signer", "none is only for sources kind cfssl or response-file")
+        responder_cert = r.path("responder_cert")
+    else:
+        if isinstance(source, ResponseFileSourceConfig):
+            raise r.error("signer", "a response-file source is served as it is: signer: none")
+        responder_cert = r.path("responder_cert", required=True)
+        signer = _signer(r.sub("signer"), tokens)
     validity = r.number("validity", 3600.0, minimum=60.0)
     max_age = r.raw("max_age")
     if max_age is not None:

@@ -719,6 +719,11 @@ def _embedded_cert(response_der: bytes) -> ResponderCert | None:
         return None
     return ResponderCert.of(certs[0]) if certs else None
 
+    @property
+    def signer_less(self) -> bool:
+        """True for a handle that serves pre-signed responses (``signer: none``)."""
+        return False
+
 
 def _first_error(failure: Failure) -> Failure:
     """gatherResults wraps errors in FirstError; unwrap so the status mapping sees the cause."""

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
 from hsmocsp.cache import ResponseCache
 from hsmocsp.config import (
+    CfsslSourceConfig,
     Config,
     FileKeyConfig,
     HandleConfig,
     OpenSSLSourceConfig,
+    ResponseFileSourceConfig,
     TokenConfig,
     VaultSourceConfig,
 )
@@ -79,6 +81,10 @@ def build_pool(token: TokenConfig, reactor: Any) -> TokenPool:
 
 def build_signer(h: HandleConfig, pool: TokenPool | None) -> Signer:
     """A file signer, or a PKCS#11 signer on ``pool`` (its token's shared pool)."""
+    if h.signer is None:
+        from hsmocsp.presigned import NoSigner
+
+        return NoSigner()
     if isinstance(h.signer, FileKeyConfig):
         from hsmocsp.signing.filekey import FileSigner
 
@@ -97,6 +103,8 @@ def build_signer(h: HandleConfig, pool: TokenPool | None) -> Signer:
 
 def build_source(h: HandleConfig, issuer: x509.Certificate | None, reactor: Any) -> StatusSource:
     src = h.source
+    if isinstance(src, CfsslSourceConfig | ResponseFileSourceConfig):
+        return build_cfssl_source(h, src, issuer, reactor)
     if isinstance(src, OpenSSLSourceConfig):
         from hsmocsp.sources.openssl import OpenSSLSource
 
@@ -110,6 +118,32 @@ def build_source(h: HandleConfig, issuer: x509.Certificate | None, reactor: Any)
         )
     assert isinstance(src, VaultSourceConfig)
     return build_vault_source(src, reactor)
+
+
+def build_cfssl_source(
+    h: HandleConfig,
+    src: CfsslSourceConfig | ResponseFileSourceConfig,
+    issuer: x509.Certificate | None,
+    reactor: Any,
+) -> StatusSource:
+    """cfssl's certdb (statuses; with ``signer: none`` its ocsp_responses) or a response file."""
+    if isinstance(src, ResponseFileSourceConfig):
+        from hsmocsp.sources.responsefile import ResponseFileSource
+
+        return ResponseFileSource(path=src.path, poll_interval=src.poll_interval, reactor=reactor)
+    from hsmocsp.sources.cfssl import CfsslResponseSource, CfsslSource
+
+    if h.signer is None:
+        return CfsslResponseSource(db=src.db, poll_interval=src.poll_interval, reactor=reactor)
+    assert issuer is not None
+    return CfsslSource(
+        db=src.db,
+        issuer=issuer,
+        poll_interval=src.poll_interval,
+        full_reload=src.full_reload,
+        lookup_timeout=src.lookup_timeout,
+        reactor=reactor,
+    )
 
 
 def build_vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
@@ -148,12 +182,26 @@ def build_vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
 
 def build_handle(
     h: HandleConfig,
-    responder: x509.Certificate,
+    responder: x509.Certificate | None,
     signer: Signer,
     source: StatusSource,
     pool: TokenPool | None,
     reactor: Any,
 ) -> Handle:
+    if h.signer is None:
+        from hsmocsp.presigned import PresignedHandle, PresignedSource
+
+        return PresignedHandle(
+            name=h.name,
+            path=h.path,
+            source=cast(PresignedSource, source),
+            now=reactor.seconds,
+            max_age=h.max_age,
+            publish_ca=h.publish_ca,
+            publish_crl=h.publish_crl,
+            max_cached=h.max_cached,
+        )
+    assert responder is not None
     return Handle(
         queue_depth=pool.queue_depth if pool is not None else None,
         name=h.name,
@@ -177,9 +225,13 @@ def build(cfg: Config, reactor: Any) -> Parts:
     parts = Parts()
     for h in cfg.handles:
         issuer = load_cert(h.issuer, f"handles.{h.name}.issuer", cfg) if h.issuer else None
-        responder = load_cert(h.responder_cert, f"handles.{h.name}.responder_cert", cfg)
+        responder = (
+            load_cert(h.responder_cert, f"handles.{h.name}.responder_cert", cfg)
+            if h.responder_cert
+            else None
+        )
         pool = None
-        if not isinstance(h.signer, FileKeyConfig):
+        if h.signer is not None and not isinstance(h.signer, FileKeyConfig):
             token = cfg.tokens[h.signer.token]
             pool = parts.pools.get(token.name)
             if pool is None:
@@ -194,6 +246,7 @@ def build(cfg: Config, reactor: Any) -> Parts:
 __all__ = [
     "Parts",
     "build",
+    "build_cfssl_source",
     "build_handle",
     "build_pool",
     "build_signer",

@@ -169,6 +169,8 @@ class ResponderService(Sequence):
         Component("serving", self._announce).setServiceParent(self)
         presigners = Group("presigners")
         for handle in self.handles:
+            if handle.signer_less:
+                continue  # pre-signed elsewhere (signer: none): nothing for us to sign
             handle_pool = self._handle_pools.get(handle.name)
             PresignService(
                 handle,

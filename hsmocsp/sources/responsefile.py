@@ -1,0 +1,198 @@
+"""Pre-signed responses from a file as ``cfssl ocspdump`` writes it, served as they are.
+
+The file holds one standard-base64 DER OCSPResponse per line (``cfssl ocspserve
+-responses FILE`` reads the same). It is read in a thread, checked completely (a bad line
+is named by its number), and replaces what is served only when every line is good; it is
+polled every ``poll_interval`` by ``(mtime, size, inode)``, so both an in-place rewrite
+and a rename over it are seen. A problem is logged once until the file changes again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hsmocsp.errors import SourceError
+from hsmocsp.health import READY, Health, State
+from hsmocsp.presigned import PresignedResponse, parse_presigned
+from hsmocsp.status import CertStatus
+
+__all__ = ["ResponseFileSource", "read_response_file"]
+
+log = Logger()
+
+_Sig = tuple[int, int, int]
+
+
+def read_response_file(path: Path) -> tuple[list[PresignedResponse], _Sig]:
+    """Parse the whole file; :class:`SourceError` naming the file and line on any problem."""
+    try:
+        with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read: {err.strerror or err}") from err
+    out: list[PresignedResponse] = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            der = base64.b64decode(line, validate=True)
+            out.extend(parse_presigned(der))
+        except (binascii.Error, ValueError) as err:
+            raise SourceError(f"{path}: line {number}: {err}") from err
+    return out, (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class ResponseFileSource:
+    """A :class:`~hsmocsp.presigned.PresignedSource` over one ocspdump file."""
+
+    def __init__(self, *, path: Path, poll_interval: float = 2.0, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.path = path
+        self._poll_interval = poll_interval
+        self._responses: list[PresignedResponse] = []
+        self._sig: _Sig | None = None
+        self._failed_sig: _Sig | None = None
+        self._listeners: list[Callable[[frozenset[int] | None], None]] = []
+        self._generation = 0
+        self._checked_at: float | None = None
+        self._started = False
+        self._problem = ""
+        self._timer: IDelayedCall | None = None
+        self._loading: Deferred[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"ResponseFileSource({str(self.path)!r})"
+
+    # --- PresignedSource ------------------------------------------------------------------
+
+    def responses(self) -> Sequence[PresignedResponse]:
+        return self._responses
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def checked_at(self) -> float | None:
+        return self._checked_at
+
+    def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
+        self._listeners.append(listener)
+
+    def issuers(self) -> Sequence[x509.Certificate]:
+        return ()
+
+    def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
+        return fail(SourceError(f"{self.path}: holds pre-signed responses, not statuses"))
+
+    def crl_der(self, issuer: x509.Certificate) -> bytes | None:
+        return None
+
+    def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
+        return ()
+
+    def ready(self) -> bool:
+        return self._started
+
+    def health(self) -> Health:
+        if not self._started:
+            return Health(State.FAILED, f"{self.path}: not loaded")
+        if self._problem:
+            return Health(State.DEGRADED, self._problem)
+        return READY
+
+    def start(self) -> Deferred[None]:
+        def loaded(result: tuple[list[PresignedResponse], _Sig]) -> None:
+            self._install(*result)
+            self._started = True
+            log.info(
+                "{path}: {n} pre-signed responses", path=str(self.path), n=len(self._responses)
+            )
+            self._schedule()
+
+        return deferToThread(read_response_file, self.path).addCallback(loaded)
+
+    def stop(self) -> Deferred[None]:
+        self._started = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return succeed(None)
+
+    def refresh(self) -> Deferred[None]:
+        return self._check()
+
+    # --- polling --------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._started:
+            self._timer = self._reactor.callLater(self._poll_interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._check().addBoth(lambda _: self._schedule())
+
+    def _check(self) -> Deferred[None]:
+        if not self._started or self._loading is not None:
+            return succeed(None)
+        try:
+            st = os.stat(self.path)
+            sig: _Sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError as err:
+            self._report(f"{self.path}: cannot read: {err.strerror or err}; serving the last one")
+            return succeed(None)
+        self._checked_at = self._reactor.seconds()
+        if sig == self._sig or sig == self._failed_sig:
+            return succeed(None)
+
+        def done(result: tuple[list[PresignedResponse], _Sig] | Failure) -> None:
+            self._loading = None
+            if isinstance(result, Failure):
+                self._failed_sig = sig
+                self._report(f"{result.getErrorMessage()}; serving the last good file")
+                if not isinstance(result.value, SourceError):
+                    log.failure("{path}: reload failed", result, path=str(self.path))
+                return
+            self._install(*result)
+            log.info("{path}: reloaded, {n} responses", path=str(self.path),
+                     n=len(self._responses))  # fmt: skip
+
+        d = deferToThread(read_response_file, self.path)
+        self._loading = d.addBoth(done)
+        return self._loading
+
+    def _install(self, responses: list[PresignedResponse], sig: _Sig) -> None:
+        self._responses = responses
+        self._sig = sig
+        self._failed_sig = None
+        self._problem = ""
+        self._checked_at = self._reactor.seconds()
+        self._generation += 1
+        for listener in list(self._listeners):
+            try:
+                listener(None)
+            except Exception:
+                log.failure("response file on_change listener failed")
+
+    def _report(self, problem: str) -> None:
+        if problem != self._problem:
+            self._problem = problem
+            log.warn("{problem}", problem=problem)
