@@ -19,6 +19,7 @@ from hsmocsp.errors import HsmOcspError
 
 #: Executable -> the Debian package that ships it.
 DEBIAN_PACKAGES: Mapping[str, str] = {
+    "cfssl": "golang-cfssl",
     "openssl": "openssl",
     "pkcs11-tool": "opensc",
     "softhsm2-util": "softhsm2",

@@ -404,3 +404,78 @@ class DbThread:
     def run(self, work: Callable[[Any], _T]) -> Deferred[_T]:
         """``work(connection)`` in the thread; errors as :meth:`CertDB.run` maps them."""
         return deferToThreadPool(self._reactor, self._pool, self.db.run, work)
+
+
+# --- the schema (cfssl's migration 001, which cfssl does not apply itself) ------------------
+
+#: ``certificates`` and ``ocsp_responses`` as cfssl's 001 migration makes them, plus an
+#: index on ``revoked_at`` so our revocation poll reads only new revocations. For tools
+#: that set up a certdb (the dev PKI, tests); hsmocsp itself only reads.
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "sqlite3": (
+        """CREATE TABLE IF NOT EXISTS certificates (
+  serial_number            blob NOT NULL,
+  authority_key_identifier blob NOT NULL,
+  ca_label                 blob,
+  status                   blob NOT NULL,
+  reason                   int,
+  expiry                   timestamp,
+  revoked_at               timestamp,
+  pem                      blob NOT NULL,
+  PRIMARY KEY (serial_number, authority_key_identifier)
+)""",
+        """CREATE TABLE IF NOT EXISTS ocsp_responses (
+  serial_number            blob NOT NULL,
+  authority_key_identifier blob NOT NULL,
+  body                     blob NOT NULL,
+  expiry                   timestamp,
+  PRIMARY KEY (serial_number, authority_key_identifier),
+  FOREIGN KEY (serial_number, authority_key_identifier)
+    REFERENCES certificates (serial_number, authority_key_identifier)
+)""",
+        "CREATE INDEX IF NOT EXISTS certificates_revoked_at ON certificates (revoked_at)",
+    ),
+    "postgres": (
+        """CREATE TABLE IF NOT EXISTS certificates (
+  serial_number            bytea NOT NULL,
+  authority_key_identifier bytea NOT NULL,
+  ca_label                 bytea,
+  status                   bytea NOT NULL,
+  reason                   int,
+  expiry                   timestamp,
+  revoked_at               timestamp,
+  pem                      bytea NOT NULL,
+  PRIMARY KEY (serial_number, authority_key_identifier)
+)""",
+        """CREATE TABLE IF NOT EXISTS ocsp_responses (
+  serial_number            bytea NOT NULL,
+  authority_key_identifier bytea NOT NULL,
+  body                     bytea NOT NULL,
+  expiry                   timestamp,
+  PRIMARY KEY (serial_number, authority_key_identifier),
+  FOREIGN KEY (serial_number, authority_key_identifier)
+    REFERENCES certificates (serial_number, authority_key_identifier)
+)""",
+        "CREATE INDEX IF NOT EXISTS certificates_revoked_at ON certificates (revoked_at)",
+    ),
+}
+
+
+def connect_writable(cfg: DbConfig) -> Any:
+    """A read-write DB-API connection (autocommit) for tools; hsmocsp never writes."""
+    if cfg.driver == "sqlite3":
+        assert cfg.sqlite_path is not None
+        return sqlite3.connect(cfg.sqlite_path, isolation_level=None)
+    import psycopg
+
+    return psycopg.connect(cfg.data_source, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT)
+
+
+def create_schema(conn: Any, driver: str) -> None:
+    """Apply :data:`SCHEMA` for ``driver`` (idempotent)."""
+    cur = conn.cursor()
+    try:
+        for statement in SCHEMA[driver]:
+            cur.execute(statement)
+    finally:
+        cur.close()
