@@ -225,14 +225,27 @@ class CfsslLevel:
     ocsp_path: str = OCSP_PATH
 
 
-def build_cfssl_level(dev: DevPki) -> CfsslLevel:
-    """``<dev>/cfssl/``: the CA, a SQLite certdb, a good and a revoked leaf, the HSM signer."""
-    ca = init_ca(dev.directory / "cfssl")
-    use_database(ca, "sqlite3", str(ca.directory / "certdb.sqlite"))
+def ensure_signer_key(dev: DevPki) -> None:
+    """The OCSP signing key pair ``cfssl-ocsp`` (P-256) in the dev token, made once."""
     softhsm.ensure_keypair(
         dev.softhsm_conf, dev.module, dev.pin(), SIGNER_LABEL, SIGNER_KEY_ID, "EC:prime256v1",
         token_label=dev.token_label,
     )  # fmt: skip
+
+
+def hsm_signer_cert(dev: DevPki, ca: CfsslCA, out: Path, cn: str) -> None:
+    """A delegated OCSP signer certificate from ``ca`` for the token key ``cfssl-ocsp``."""
+    from hsmocsp.devpki.vaultpki import _hsm_csr
+
+    ensure_signer_key(dev)
+    ca.sign_ocsp_csr(_hsm_csr(dev, SIGNER_LABEL, cn), out)
+
+
+def build_cfssl_level(dev: DevPki) -> CfsslLevel:
+    """``<dev>/cfssl/``: the CA, a SQLite certdb, a good and a revoked leaf, the HSM signer."""
+    ca = init_ca(dev.directory / "cfssl")
+    use_database(ca, "sqlite3", str(ca.directory / "certdb.sqlite"))
+    ensure_signer_key(dev)
     ocsp_pem = ca.directory / "ocsp.pem"
     if ocsp_pem.exists() and cert_spki(load_cert(ocsp_pem)) != token_spki(dev, SIGNER_LABEL):
         raise DevPkiError(
@@ -240,9 +253,7 @@ def build_cfssl_level(dev: DevPki) -> CfsslLevel:
             f"remove {dev.directory} and run again"
         )
     if not ocsp_pem.exists():
-        from hsmocsp.devpki.vaultpki import _hsm_csr
-
-        ca.sign_ocsp_csr(_hsm_csr(dev, SIGNER_LABEL, "hsmocsp dev cfssl OCSP signer"), ocsp_pem)
+        hsm_signer_cert(dev, ca, ocsp_pem, "hsmocsp dev cfssl OCSP signer")
     good = ca.issue("good")
     revoked = ca.issue("revoked")
     if not _is_revoked(ca, revoked):

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,11 @@ from hsmocsp.devpki.cfsslca import (
     CfsslCA,
     CfsslLevel,
     build_cfssl_level,
+    hsm_signer_cert,
     init_ca,
     use_database,
 )
 from hsmocsp.devpki.opensslca import DevPki
-from hsmocsp.devpki.vaultpki import _hsm_csr
 from tests.integration.conftest import dev_env
 from tests.integration.harness import Responder, http, openssl_ocsp
 from tests.integration.pgcluster import PgCluster, remove_cluster, start_cluster
@@ -262,7 +263,7 @@ def pg_world(
     ca = init_ca(work / "ca", cn="hsmocsp test cfssl CA on PostgreSQL")
     use_database(ca, "postgres", pg_cluster.create_database("certdb"))
     ocsp_pem = ca.directory / "ocsp.pem"
-    ca.sign_ocsp_csr(_hsm_csr(devpki, SIGNER_LABEL, "cfssl pg OCSP signer"), ocsp_pem)
+    hsm_signer_cert(devpki, ca, ocsp_pem, "cfssl pg OCSP signer")
     good = ca.issue("good")
     revoked = ca.issue("revoked")
     ca.revoke(revoked, "keyCompromise")
@@ -288,6 +289,26 @@ def test_postgres_good_revoked_unknown_and_revocation_while_running(pg_world: Pg
     w.ca.revoke(leaf, "keyCompromise")
     wait_for("the revocation reaches the answer",
              lambda: w.check.status("/pg/ocsp", leaf) == "revoked")  # fmt: skip
+
+
+def test_postgres_serial_answered_unknown_then_issued(pg_world: PgWorld) -> None:
+    """No rowid in PostgreSQL: serials answered "unknown" are asked again at every poll."""
+    import psycopg
+
+    w = pg_world
+    serial = random.randrange(1 << 60, 1 << 61)
+    assert f"{serial:#x}: unknown" in w.check.ocsp("/pg/ocsp", "-serial", f"{serial:#x}")
+    # The row as cfssl 1.2.0 writes it (we choose the serial so we can ask first).
+    with psycopg.connect(w.ca.db().data_source, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO certificates (serial_number, authority_key_identifier, ca_label, "
+            "status, reason, expiry, revoked_at, pem) VALUES (%s, %s, %s, %s, 0, %s, %s, %s)",
+            (str(serial).encode(), b"", b"", b"good", datetime(2030, 1, 1), datetime(1, 1, 1),
+             b"-----BEGIN CERTIFICATE-----"),
+        )  # fmt: skip
+    wanted = f"{serial:#x}: good"
+    wait_for("the cached unknown answer is replaced",
+             lambda: wanted in w.check.ocsp("/pg/ocsp", "-serial", f"{serial:#x}"))  # fmt: skip
 
 
 def _metric(r: Responder, name: str, handle: str) -> float:
