@@ -3,7 +3,8 @@
 ``python -m hsmocsp.devpki.run --dir var/devpki --config etc/hsmocsp-dev.yaml
 --listen tcp:8080:interface=127.0.0.1``
 
-1. builds level 1 (:func:`~hsmocsp.devpki.opensslca.build_level1`);
+1. builds level 1 (:func:`~hsmocsp.devpki.opensslca.build_level1`) and the cfssl CA
+   (:func:`~hsmocsp.devpki.cfsslca.build_cfssl_level`, a SQLite certdb);
 2. starts a *persistent* OpenBao on 127.0.0.1:8200 (raft storage in ``<dir>/bao/data``),
    initialises it once (one unseal key, ``<dir>/bao/unseal-key`` and ``root-token``, both
    0600) and unseals it at every start, so two runs keep the same Vault hierarchy;
@@ -33,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 from hsmocsp.devpki.bao import BaoError, find_bao
+from hsmocsp.devpki.cfsslca import CfsslLevel, build_cfssl_level
 from hsmocsp.devpki.opensslca import DevPki, build_level1
 from hsmocsp.devpki.tools import DevPkiError, MissingToolError, terminate, write_private
 from hsmocsp.devpki.vaultpki import VaultPki, build_vault_levels
@@ -245,8 +247,14 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def check_commands(dev: DevPki, vault: VaultPki, base_url: str = "http://127.0.0.1:8080") -> str:
-    """The ``openssl ocsp`` lines that check good/revoked/unknown at all three levels."""
+def check_commands(
+    dev: DevPki,
+    vault: VaultPki,
+    base_url: str = "http://127.0.0.1:8080",
+    cfssl: CfsslLevel | None = None,
+) -> str:
+    """The ``openssl ocsp`` lines that check good/revoked/unknown at all three levels
+    (and the cfssl CA, when given)."""
     lines: list[str] = []
 
     def three(label: str, url: str, issuer: Path, good: Path, revoked: Path, va: Path,
@@ -263,6 +271,10 @@ def check_commands(dev: DevPki, vault: VaultPki, base_url: str = "http://127.0.0
     for level, files in ((2, vault.level2), (3, vault.level3)):
         three(f"level {level}: Vault mount {files.mount}", files.ocsp_path, files.ca_pem,
               files.good_pem, files.revoked_pem, files.ocsp_pem, files.chain_pem)  # fmt: skip
+    if cfssl is not None:
+        ca = cfssl.ca
+        three("cfssl CA (SQLite certdb)", cfssl.ocsp_path, ca.ca_pem, cfssl.good_pem,
+              cfssl.revoked_pem, cfssl.ocsp_pem, ca.ca_pem)  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -320,10 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bao = PersistentBao(args.dir / "bao", port=args.bao_port)
     try:
         dev = build_level1(args.dir)
+        cfssl = build_cfssl_level(dev)
         bao.start()
         vault = build_vault_levels(dev, bao.address, bao.root_token)
         checks = dev.directory / "check-commands.txt"
-        checks.write_text(check_commands(dev, vault))
+        checks.write_text(check_commands(dev, vault, cfssl=cfssl))
     except MissingToolError as err:
         bao.stop()
         print(f"hsmocsp run: {err}", file=sys.stderr)

@@ -182,6 +182,8 @@ def parse_when(value: object) -> datetime | None:
 
 
 def _text(value: object) -> str:
+    if type(value) is str:
+        return value
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("ascii", "replace")
     return "" if value is None else str(value)
@@ -189,6 +191,8 @@ def _text(value: object) -> str:
 
 def normalize_aki(value: object) -> str:
     """An authority key identifier as cfssl writes it: lowercase hex, no colons."""
+    if not value:
+        return ""
     return _text(value).strip().replace(":", "").lower()
 
 
@@ -206,14 +210,19 @@ class CertRow:
 def decode_row(serial: object, aki: object, status: object, reason: object,
                revoked_at: object, rowid: object = 0) -> CertRow:  # fmt: skip
     """Decode one row; raises ValueError with what is wrong."""
-    serial_text = _text(serial).strip()
+    serial_text = _text(serial)
+    if not serial_text.isdigit():
+        serial_text = serial_text.strip()
     if not serial_text.isdigit():
         raise ValueError(f"serial_number {serial_text[:60]!r} is not a decimal number")
-    state = _text(status).strip().lower()
-    when = parse_when(revoked_at)
+    state = _text(status)
+    if state not in ("good", "revoked"):
+        state = state.strip().lower()
     if state == "good":
-        cs = CertStatus.good()
+        # revoked_at of a good row is Go's zero time: not parsed (a million rows load faster).
+        cs, when = CertStatus.good(), None
     elif state == "revoked":
+        when = parse_when(revoked_at)
         why = (
             CRLReason(reason)
             if isinstance(reason, int) and reason in CRLReason._value2member_map_
