@@ -39,7 +39,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from hsmocsp.errors import ConfigError, SourceError, SourceUnavailable
-from hsmocsp.status import CertStatus, CRLReason
+from hsmocsp.status import CertStatus, CRLReason, Status
 
 __all__ = [
     "CertDB",
@@ -236,6 +236,16 @@ def decode_row(serial: object, aki: object, status: object, reason: object,
                    rowid if isinstance(rowid, int) else 0)  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A whole ``certificates`` table, as statuses of one CA."""
+
+    good: set[int]
+    revoked: dict[int, CertStatus]
+    max_rowid: int
+    newest_revocation: datetime | None
+
+
 # --- blocking access ------------------------------------------------------------------------
 
 _COLS = "serial_number, authority_key_identifier, status, reason, revoked_at"
@@ -339,6 +349,54 @@ class CertDB:
 
     def all_rows(self, conn: Any, bad: list[str]) -> list[CertRow]:
         return self._decode(self._select(conn), bad)
+
+    def load_all(self, conn: Any, aki: str, bad: list[str]) -> Loaded:
+        """The whole table as statuses of the CA with key id ``aki`` (or an empty AKI).
+
+        The one path that sees every row, so it avoids :func:`decode_row` for the common
+        good row: a million rows take seconds, not tens of them.
+        """
+        good: set[int] = set()
+        revoked: dict[int, CertStatus] = {}
+        newest: datetime | None = None
+        rows = self._select(conn)
+        if self.is_sqlite:
+            rows = (row[1:] for row in rows)
+        for serial, row_aki, status, reason, revoked_at in rows:
+            if row_aki and normalize_aki(row_aki) != aki:
+                continue
+            if status == "good" or status == b"good":
+                try:
+                    number = int(serial)
+                except ValueError:
+                    number = -1
+                if number >= 0:
+                    if number not in revoked:
+                        good.add(number)
+                    continue
+            try:
+                row = decode_row(serial, row_aki, status, reason, revoked_at)
+            except ValueError as err:
+                if len(bad) < 5:
+                    bad.append(str(err))
+                continue
+            if row.status.status is Status.revoked:
+                revoked[row.serial] = row.status
+                good.discard(row.serial)
+                if row.revoked_at is not None and (newest is None or row.revoked_at > newest):
+                    newest = row.revoked_at
+            elif row.serial not in revoked:
+                good.add(row.serial)
+        max_rowid = 0
+        if self.is_sqlite:
+            cur = conn.cursor()
+            try:
+                cur.execute("SELECT max(rowid) FROM certificates")
+                found = cur.fetchone()
+                max_rowid = int(found[0]) if found and found[0] is not None else 0
+            finally:
+                cur.close()
+        return Loaded(good, revoked, max_rowid, newest)
 
     def rows_after(self, conn: Any, rowid: int, bad: list[str]) -> list[CertRow]:
         """SQLite: rows inserted since ``rowid`` (cfssl never rewrites a row's rowid)."""

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import READY, Health, State
 from hsmocsp.presigned import PresignedResponse, parse_presigned
-from hsmocsp.sources.certdb import CertDB, CertRow, DbConfig, DbThread
+from hsmocsp.sources.certdb import CertDB, CertRow, DbConfig, DbThread, Loaded
 from hsmocsp.status import CertStatus, Status
 
 __all__ = ["CfsslResponseSource", "CfsslSource", "issuer_aki"]
@@ -93,6 +93,10 @@ class CfsslSource:
         self.db_config = db
         self._db = CertDB(db)
         self._thread = DbThread(self._db, reactor)
+        # Point lookups get their own connection and thread: a full re-read of a big table
+        # (seconds) must not make a new serial wait into tryLater.
+        self._lookup_db = CertDB(db)
+        self._lookups = DbThread(self._lookup_db, reactor, name="hsmocsp-certdb-lookups")
         self._issuer = issuer
         self._aki = issuer_aki(issuer)
         self._poll_interval = poll_interval
@@ -158,6 +162,7 @@ class CfsslSource:
 
     def start(self) -> Deferred[None]:
         self._thread.start()
+        self._lookups.start()
 
         def loaded(_: None) -> None:
             self._started = True
@@ -172,6 +177,7 @@ class CfsslSource:
 
         def failed(failure: Failure) -> Failure:
             self._thread.stop()
+            self._lookups.stop()
             return failure
 
         return self._full_load(initial=True).addCallbacks(loaded, failed)
@@ -182,6 +188,7 @@ class CfsslSource:
             self._timer.cancel()
         self._timer = None
         self._thread.stop()
+        self._lookups.stop()
         return succeed(None)
 
     def refresh(self) -> Deferred[None]:
@@ -204,26 +211,12 @@ class CfsslSource:
         bad: list[str] = []
         db = self._db
 
-        def work(conn: Any) -> tuple[set[int], dict[int, CertStatus], int, datetime | None]:
-            good: set[int] = set()
-            revoked: dict[int, CertStatus] = {}
-            rowid = 0
-            newest: datetime | None = None
-            for row in db.all_rows(conn, bad):
-                rowid = max(rowid, row.rowid)
-                if row.revoked_at is not None and (newest is None or row.revoked_at > newest):
-                    newest = row.revoked_at
-                if not self._ours(row.aki):
-                    continue
-                if row.status.status is Status.revoked:
-                    revoked[row.serial] = row.status
-                    good.discard(row.serial)
-                elif row.serial not in revoked:
-                    good.add(row.serial)
-            return good, revoked, rowid, newest
+        def work(conn: Any) -> Loaded:
+            return db.load_all(conn, self._aki, bad)
 
-        def install(result: tuple[set[int], dict[int, CertStatus], int, datetime | None]) -> None:
-            good, revoked, rowid, newest = result
+        def install(result: Loaded) -> None:
+            good, revoked = result.good, result.revoked
+            rowid, newest = result.max_rowid, result.newest_revocation
             self._report_bad(bad)
             changed: set[int] | None = None
             if not initial:
@@ -355,9 +348,9 @@ class CfsslSource:
             waiters.append(waiter)
             return waiter
         self._inflight[serial] = [waiter]
-        db = self._db
+        db = self._lookup_db
         bad: list[str] = []
-        d = self._thread.run(lambda conn: db.rows_for(conn, [serial], bad))
+        d = self._lookups.run(lambda conn: db.rows_for(conn, [serial], bad))
         d.addTimeout(self._lookup_timeout, self._reactor)
 
         def found(rows: list[CertRow]) -> CertStatus:
