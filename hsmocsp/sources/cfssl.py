@@ -38,9 +38,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
-from hsmocsp.health import READY, Health, State
+from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
 from hsmocsp.sources.certdb import CertDB, CertRow, DbConfig, DbThread, Loaded
+from hsmocsp.sources.state import SourceState
 from hsmocsp.status import CertStatus, Status
 
 __all__ = ["CfsslResponseSource", "CfsslSource", "issuer_aki"]
@@ -108,12 +109,8 @@ class CfsslSource:
         self._revoked_wm: datetime | None = None
         self._unknown: OrderedDict[int, float] = OrderedDict()
         self._inflight: dict[int, list[Deferred[CertStatus]]] = {}
-        self._listeners: list[ChangeListener] = []
-        self._generation = 0
-        self._checked_at: float | None = None
+        self.state = SourceState(db.describe(), reactor)
         self._loaded_at = 0.0
-        self._ok = False
-        self._problem = ""
         self._started = False
         self._polling: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
@@ -130,14 +127,14 @@ class CfsslSource:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self.state.generation
 
     @property
     def checked_at(self) -> float | None:
-        return self._checked_at
+        return self.state.checked_at
 
     def on_change(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
+        self.state.on_change(listener)
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return (self._issuer,)
@@ -151,14 +148,10 @@ class CfsslSource:
         return list(self._good) + list(self._revoked)
 
     def ready(self) -> bool:
-        return self._started and self._ok
+        return self._started and self.state.health().ready
 
     def health(self) -> Health:
-        if not self._started:
-            return Health(State.FAILED, f"{self.where}: not loaded")
-        if not self._ok:
-            return Health(State.DEGRADED, self._problem)
-        return READY
+        return self.state.health()
 
     def start(self) -> Deferred[None]:
         self._thread.start()
@@ -166,6 +159,7 @@ class CfsslSource:
 
         def loaded(_: None) -> None:
             self._started = True
+            self.state.loaded()
             log.info(
                 "{where}: {good} good and {revoked} revoked certificates of issuer {aki}",
                 where=self.where,
@@ -231,9 +225,7 @@ class CfsslSource:
                 self._revoked_wm = newest
             self._loaded_at = self._reactor.seconds()
             self._seen_ok()
-            self._generation += 1
-            if changed:
-                self._changed(changed)
+            self.state.changed(frozenset(changed or ()), notify=bool(changed))
 
         return self._thread.run(work).addCallback(install)
 
@@ -301,8 +293,7 @@ class CfsslSource:
             self._seen_ok()
             changed = self._merge(rows)
             if changed:
-                self._generation += 1
-                self._changed(changed)
+                self.state.changed(frozenset(changed))
 
         return self._thread.run(work).addCallback(apply)
 
@@ -393,37 +384,21 @@ class CfsslSource:
     # --- state and logging ----------------------------------------------------------------
 
     def _seen_ok(self) -> None:
-        self._checked_at = self._reactor.seconds()
-        if not self._ok:
-            if self._started:
-                log.info("{where}: database reachable again", where=self.where)
-            self._ok = True
-            self._problem = ""
+        self.state.confirmed()
+        self.state.solved("database")
 
     def _unreachable(self, why: str) -> None:
-        if self._ok:
-            log.warn(
-                "{why}; serving the {n} certificates loaded, unknown serials get tryLater "
-                "until it is back",
-                why=why,
-                n=len(self._good) + len(self._revoked),
-            )
-        self._ok = False
-        self._problem = why
+        """Logged once (by SourceState) when health gets worse, once when it is back."""
+        n = len(self._good) + len(self._revoked)
+        self.state.problem(
+            "database", f"{why}; serving the {n} certificates loaded, new serials get tryLater"
+        )
 
     def _report_bad(self, bad: list[str]) -> None:
         for problem in bad:
             if problem not in self._bad_seen:
                 self._bad_seen.add(problem)
                 log.warn("{where}: row skipped: {problem}", where=self.where, problem=problem)
-
-    def _changed(self, serials: set[int]) -> None:
-        frozen = frozenset(serials)
-        for listener in list(self._listeners):
-            try:
-                listener(frozen)
-            except Exception:
-                log.failure("cfssl source on_change listener failed")
 
 
 class CfsslResponseSource:
@@ -447,11 +422,7 @@ class CfsslResponseSource:
         self._poll_interval = poll_interval
         self._responses: list[PresignedResponse] = []
         self._signature: tuple[object, ...] | None = None
-        self._listeners: list[ChangeListener] = []
-        self._generation = 0
-        self._checked_at: float | None = None
-        self._ok = False
-        self._problem = ""
+        self.state = SourceState(db.describe() + " ocsp_responses", reactor)
         self._started = False
         self._polling = False
         self._timer: IDelayedCall | None = None
@@ -466,14 +437,14 @@ class CfsslResponseSource:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self.state.generation
 
     @property
     def checked_at(self) -> float | None:
-        return self._checked_at
+        return self.state.checked_at
 
     def on_change(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
+        self.state.on_change(listener)
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return ()
@@ -488,20 +459,17 @@ class CfsslResponseSource:
         return ()
 
     def ready(self) -> bool:
-        return self._started and self._ok
+        return self._started and self.state.health().ready
 
     def health(self) -> Health:
-        if not self._started:
-            return Health(State.FAILED, f"{self.where}: not loaded")
-        if not self._ok:
-            return Health(State.DEGRADED, self._problem)
-        return READY
+        return self.state.health()
 
     def start(self) -> Deferred[None]:
         self._thread.start()
 
         def loaded(_: None) -> None:
             self._started = True
+            self.state.loaded()
             log.info("{where}: {n} pre-signed responses", where=self.where,
                      n=len(self._responses))  # fmt: skip
             self._schedule()
@@ -543,11 +511,8 @@ class CfsslResponseSource:
 
         def install(result: tuple[tuple[object, ...], list[PresignedResponse] | None]) -> None:
             signature, responses = result
-            self._checked_at = self._reactor.seconds()
-            if not self._ok:
-                if self._started:
-                    log.info("{where}: database reachable again", where=self.where)
-                self._ok, self._problem = True, ""
+            self.state.confirmed()
+            self.state.solved("database")
             for problem in bad:
                 if problem not in self._bad_seen:
                     self._bad_seen.add(problem)
@@ -556,14 +521,9 @@ class CfsslResponseSource:
                 return
             self._signature = signature
             self._responses = responses
-            self._generation += 1
             if self._started:
                 log.info("{where}: reloaded, {n} responses", where=self.where, n=len(responses))
-            for listener in list(self._listeners):
-                try:
-                    listener(None)
-                except Exception:
-                    log.failure("cfssl responses on_change listener failed")
+            self.state.changed(None, notify=self._started)
 
         return self._thread.run(work).addCallback(install)
 
@@ -586,8 +546,8 @@ class CfsslResponseSource:
                 why = result.getErrorMessage()
                 if not isinstance(result.value, SourceUnavailable | SourceError):
                     log.failure("{where}: poll failed", result, where=self.where)
-                if self._ok:
-                    log.warn("{why}; serving the responses loaded until they expire", why=why)
-                self._ok, self._problem = False, why
+                self.state.problem(
+                    "database", f"{why}; serving the responses loaded until they expire"
+                )
 
         return self._load().addBoth(done)

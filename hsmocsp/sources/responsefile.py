@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError
-from hsmocsp.health import READY, Health, State
+from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
+from hsmocsp.sources.state import SourceState
 from hsmocsp.status import CertStatus
 
 __all__ = ["ResponseFileSource", "read_response_file"]
@@ -70,9 +71,7 @@ class ResponseFileSource:
         self._responses: list[PresignedResponse] = []
         self._sig: _Sig | None = None
         self._failed_sig: _Sig | None = None
-        self._listeners: list[Callable[[frozenset[int] | None], None]] = []
-        self._generation = 0
-        self._checked_at: float | None = None
+        self.state = SourceState(f"response file {path}", reactor, log_changes=False)
         self._started = False
         self._problem = ""
         self._timer: IDelayedCall | None = None
@@ -88,14 +87,14 @@ class ResponseFileSource:
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self.state.generation
 
     @property
     def checked_at(self) -> float | None:
-        return self._checked_at
+        return self.state.checked_at
 
     def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
-        self._listeners.append(listener)
+        self.state.on_change(listener)
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return ()
@@ -113,16 +112,13 @@ class ResponseFileSource:
         return self._started
 
     def health(self) -> Health:
-        if not self._started:
-            return Health(State.FAILED, f"{self.path}: not loaded")
-        if self._problem:
-            return Health(State.DEGRADED, self._problem)
-        return READY
+        return self.state.health()
 
     def start(self) -> Deferred[None]:
         def loaded(result: tuple[list[PresignedResponse], _Sig]) -> None:
             self._install(*result)
             self._started = True
+            self.state.loaded()
             log.info(
                 "{path}: {n} pre-signed responses", path=str(self.path), n=len(self._responses)
             )
@@ -159,7 +155,7 @@ class ResponseFileSource:
         except OSError as err:
             self._report(f"{self.path}: cannot read: {err.strerror or err}; serving the last one")
             return succeed(None)
-        self._checked_at = self._reactor.seconds()
+        self.state.confirmed()
         if sig == self._sig or sig == self._failed_sig:
             return succeed(None)
 
@@ -184,15 +180,13 @@ class ResponseFileSource:
         self._sig = sig
         self._failed_sig = None
         self._problem = ""
-        self._checked_at = self._reactor.seconds()
-        self._generation += 1
-        for listener in list(self._listeners):
-            try:
-                listener(None)
-            except Exception:
-                log.failure("response file on_change listener failed")
+        self.state.solved("file")
+        self.state.confirmed()
+        self.state.changed(None, notify=self._started)
 
     def _report(self, problem: str) -> None:
+        """Logged once per distinct problem (more precisely than "degraded")."""
+        self.state.problem("file", problem)
         if problem != self._problem:
             self._problem = problem
             log.warn("{problem}", problem=problem)
