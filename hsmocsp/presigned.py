@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from hsmocsp.cache import ResponseCache
 from hsmocsp.errors import HsmOcspError, SignerError, UnknownIssuer, UnsupportedHashAlgorithm
+from hsmocsp.health import READY, Health
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, cert_id_der, parse_request
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.sources import StatusSource
@@ -108,6 +109,9 @@ class NoSigner:
 
     def check(self) -> Deferred[None]:
         return succeed(None)
+
+    def health(self) -> Health:
+        return READY  # nothing to sign with, nothing to go wrong
 
 
 class PresignedHandle(Handle):

@@ -150,6 +150,17 @@ def test_sqlite_good_revoked_unknown(sqlite_world: SqliteWorld) -> None:
     assert "0xC0FFEE0DDBA11: unknown" in out
 
 
+def test_cfssl_level_second_build_changes_nothing(
+    sqlite_world: SqliteWorld, devpki: DevPki
+) -> None:
+    """make run builds the level at every start: what exists is kept byte for byte."""
+    root = sqlite_world.level.ca.directory
+    before = {p: p.read_bytes() for p in [*sorted(root.rglob("*.pem")), root / "db.json"]}
+    again = build_cfssl_level(devpki)
+    assert again.good_pem == sqlite_world.level.good_pem
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_sqlite_issue_and_revoke_while_running(sqlite_world: SqliteWorld) -> None:
     w = sqlite_world
     leaf = w.level.ca.issue(f"while-running-{random.randrange(1 << 30)}")
