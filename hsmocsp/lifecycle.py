@@ -76,6 +76,8 @@ def _reload_handle(cfg: Config, hc: HandleConfig, handle: Handle, source: Status
     against the issuer as it is then; an issuer the responder certificate does not fit
     is put back."""
     refused = 0
+    if hc.responder_cert is None:
+        return refused  # signer: none: pre-signed responses, no certificate of ours
     rkey = f"handles.{hc.name}.responder_cert"
     responder = _read(cfg, hc.responder_cert, rkey)
     refused += responder is None

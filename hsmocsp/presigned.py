@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -134,8 +134,7 @@ class PresignedHandle(Handle):
             path=path,
             source=source,
             signer=NoSigner(),
-            # Never used: prepare() below checks no responder certificate.
-            responder_cert=cast(x509.Certificate, None),
+            responder_cert=None,  # signs nothing, embeds nothing, never expires
             validity=NO_NEXT_UPDATE_TTL,
             max_age=max_age,
             nonce_policy="ignore",
@@ -212,9 +211,6 @@ class PresignedHandle(Handle):
 
     def restore(self, rows: Iterable[tuple[bytes, int, str, SignedResponse]]) -> Deferred[int]:
         return succeed(0)
-
-    def ready(self) -> bool:
-        return self.source.ready()
 
     @property
     def signer_less(self) -> bool:

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -127,6 +128,18 @@ class ResponderCert:
             not_after=cert.not_valid_after_utc.timestamp(),
         )
 
+    @classmethod
+    def absent(cls) -> ResponderCert:
+        """For a handle that signs nothing (``signer: none``, pre-signed responses): it
+        embeds no certificate and never expires. Its ``cert`` must never be read."""
+        return cls(
+            cert=cast(x509.Certificate, None),
+            der=b"",
+            fp=b"",
+            not_before=float("-inf"),
+            not_after=float("inf"),
+        )
+
     def describe(self) -> str:
         return (
             f"{self.cert.subject.rfc4514_string()!r} (serial {self.cert.serial_number:X}, "
@@ -185,7 +198,7 @@ class Handle:
         path: str,
         source: StatusSource,
         signer: Signer,
-        responder_cert: x509.Certificate,
+        responder_cert: x509.Certificate | None,
         validity: float,
         refresh_fraction: float = 0.5,
         max_age: float | None = None,
@@ -201,7 +214,11 @@ class Handle:
         self.path = path
         self.source = source
         self.signer = signer
-        self._cert = ResponderCert.of(responder_cert)
+        self._cert = (
+            ResponderCert.of(responder_cert)
+            if responder_cert is not None
+            else ResponderCert.absent()
+        )
         self.validity = validity
         self.refresh_fraction = refresh_fraction
         self.max_age = max_age
@@ -620,6 +637,11 @@ class Handle:
     def ready(self) -> bool:
         return self.health().ready
 
+    @property
+    def signer_less(self) -> bool:
+        """True for a handle that serves pre-signed responses (``signer: none``)."""
+        return False
+
     # --- health ----------------------------------------------------------------------
 
     def health(self) -> Health:
@@ -718,11 +740,6 @@ def _embedded_cert(response_der: bytes) -> ResponderCert | None:
     except ValueError:
         return None
     return ResponderCert.of(certs[0]) if certs else None
-
-    @property
-    def signer_less(self) -> bool:
-        """True for a handle that serves pre-signed responses (``signer: none``)."""
-        return False
 
 
 def _first_error(failure: Failure) -> Failure:

@@ -353,8 +353,8 @@ def test_postgres_stopped_and_started_under_load(pg_world: PgWorld, tmp_path: Pa
         w.cluster.stop()
         wait_for("the outage is noticed",
                  lambda: _metric(w.responder, "hsmocsp_source_ready", "pg") == 0.0)  # fmt: skip
-        code, _, _ = http(w.responder.url + "/readyz")
-        assert code == 503
+        code, _, body = http(w.responder.url + "/readyz/pg")
+        assert code == 503 and b"degraded" in body, body  # this CA's strict probe
         before = len(outcomes)
         # A serial never seen needs the database: tryLater (never a guess).
         out = openssl_ocsp("-url", w.responder.url + "/pg/ocsp", "-issuer", str(w.ca.ca_pem),
