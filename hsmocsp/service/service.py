@@ -189,6 +189,7 @@ class ResponderService(Sequence):
     async def _open_store(self) -> None:
         assert self.cfg.data_dir is not None
         store = self.store = ResponseStore(self.cfg.data_dir / "responses.sqlite", self.reactor)
+        self.app.metrics.watch_store(store)
         for handle in self.handles:
             kept = await handle.restore(store.load(handle.name, handle.key_hash))
             handle.cache.on_store = store.recorder(handle.name, handle.key_hash)

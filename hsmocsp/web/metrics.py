@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,6 +19,21 @@ from hsmocsp.sources.state import SourceState
 if TYPE_CHECKING:
     from hsmocsp.presign import Presigner
     from hsmocsp.responder import Handle
+
+
+class StoreView(Protocol):
+    """What the metrics read from the response store."""
+
+    @property
+    def write_errors(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    def health(self) -> Health: ...
 
 
 class Metrics:
@@ -137,6 +152,21 @@ class Metrics:
             self._token_state.labels(name, state.label).set_function(
                 partial(_is_state, health, state)
             )
+
+    def watch_store(self, store: StoreView) -> None:
+        """The response store's write health, read at scrape time: failed write attempts,
+        rows waiting, rows dropped from a full queue, and 1/0 for writing works."""
+        for name, doc, read in (
+            ("hsmocsp_store_write_errors", "Failed attempts to write signed responses to"
+             " the store (disk full, read-only, locked)", lambda: float(store.write_errors)),
+            ("hsmocsp_store_pending_rows", "Signed responses waiting to be written to the"
+             " store", lambda: float(store.pending)),
+            ("hsmocsp_store_dropped_rows", "Signed responses dropped from a full write queue"
+             " while the store could not write", lambda: float(store.dropped)),
+            ("hsmocsp_store_ready", "1 while the store writes, 0 while writes fail",
+             lambda: float(store.health().state is State.READY)),
+        ):  # fmt: skip
+            Gauge(name, doc, registry=self.registry).set_function(read)
 
     def response(self, handle: str, status: str, method: str, n: int = 1) -> None:
         key = (handle, status, method)
