@@ -16,10 +16,17 @@ Three rules keep it correct:
 * :meth:`invalidate` drops entries for serials whose status changed *and* marks
   producers already in flight for them as stale, so a signature started before
   a revocation was loaded is thrown away and redone rather than cached or served.
+
+Values the ``transient`` predicate picks (answers for serials the source does not
+know: anyone can ask for any number of them) live apart, in a small LRU of
+``max_transient`` entries: never persisted (``on_store``), never sent to
+observers (the fronts' copies), so a flood of random serials leaves memory and
+disk flat while the answers of real certificates stay cached.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -68,6 +75,7 @@ class CacheStats:
     coalesced: int = 0
     invalidated: int = 0
     refreshes: int = 0
+    transient_evicted: int = 0
 
 
 class ResponseCache(Generic[V]):
@@ -82,10 +90,16 @@ class ResponseCache(Generic[V]):
         now: Callable[[], float],
         max_entries: int = 1_000_000,
         on_store: Callable[[bytes, int, V], None] | None = None,
+        *,
+        transient: Callable[[V], bool] | None = None,
+        max_transient: int = 10_000,
     ) -> None:
         self._now = now
         self._max = max_entries
         self._entries: dict[bytes, tuple[int, V]] = {}
+        self._is_transient = transient
+        self._max_transient = max(1, max_transient)
+        self._transient: OrderedDict[bytes, tuple[int, V]] = OrderedDict()
         self._by_serial: dict[int, set[bytes]] = {}
         self._flights: dict[bytes, _Flight[V]] = {}
         self.on_store = on_store
@@ -99,21 +113,37 @@ class ResponseCache(Generic[V]):
         self.refresher: Callable[[bytes, int], bool] | None = None
         self._requested: set[bytes] = set()
 
+    def _hit(self, key: bytes) -> tuple[int, V] | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            hit = self._transient.get(key)
+            if hit is not None:
+                self._transient.move_to_end(key)
+        return hit
+
     def current(self, key: bytes) -> V | None:
         """The value stored for ``key`` (even if expired), or None."""
-        hit = self._entries.get(key)
+        hit = self._hit(key)
         return None if hit is None else hit[1]
 
     def items(self) -> list[tuple[bytes, int, V]]:
-        """Every entry as ``(key, serial, value)`` (a copy; expired ones included)."""
+        """Every lasting entry as ``(key, serial, value)`` (a copy; expired ones included;
+        transient ones not: they are what observers never see)."""
         return [(key, serial, value) for key, (serial, value) in self._entries.items()]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._transient)
+
+    def holds(self, key: bytes) -> bool:
+        """True when ``key`` has a lasting (not transient) entry, even an expired one."""
+        return key in self._entries
+
+    def transient_entries(self) -> int:
+        return len(self._transient)
 
     def peek(self, key: bytes) -> V | None:
         """The stored value, if still valid now, without counting or refreshing."""
-        hit = self._entries.get(key)
+        hit = self._hit(key)
         if hit is None or self._now() >= hit[1].expires_at:
             return None
         return hit[1]
@@ -124,6 +154,8 @@ class ResponseCache(Generic[V]):
         if key not in self._requested:
             self._first_request(key, serial)
         hit = self._entries.get(key)
+        if hit is None and self._transient:
+            hit = self._hit(key)
         if hit is not None:
             value = hit[1]
             now = self._now()
@@ -186,9 +218,10 @@ class ResponseCache(Generic[V]):
         for observer in self.observers:
             observer.invalidated(wanted)
         if wanted is None:
-            self.stats.invalidated += len(self._entries)
+            self.stats.invalidated += len(self._entries) + len(self._transient)
             self._entries.clear()
             self._by_serial.clear()
+            self._transient.clear()
             for flight in self._flights.values():
                 flight.stale = True
             return
@@ -196,6 +229,11 @@ class ResponseCache(Generic[V]):
             for key in self._by_serial.pop(serial, ()):
                 if self._entries.pop(key, None) is not None:
                     self.stats.invalidated += 1
+        if self._transient:
+            gone = [k for k, (serial, _) in self._transient.items() if serial in wanted]
+            for key in gone:
+                del self._transient[key]
+            self.stats.invalidated += len(gone)
         for flight in self._flights.values():
             if flight.serial in wanted:
                 flight.stale = True
@@ -244,6 +282,16 @@ class ResponseCache(Generic[V]):
         return first
 
     def _store(self, key: bytes, serial: int, value: V, notify: bool) -> None:
+        if self._is_transient is not None and self._is_transient(value):
+            if key in self._entries:
+                self._drop(key)  # it was known, now it is not: observers forget it
+            self._transient[key] = (serial, value)
+            self._transient.move_to_end(key)
+            while len(self._transient) > self._max_transient:
+                self._transient.popitem(last=False)
+                self.stats.transient_evicted += 1
+            return
+        self._transient.pop(key, None)
         if key not in self._entries and len(self._entries) >= self._max:
             self._evict()
         self._entries[key] = (serial, value)
@@ -254,6 +302,8 @@ class ResponseCache(Generic[V]):
             observer.stored(key, serial, value)
 
     def _drop(self, key: bytes) -> None:
+        if self._transient.pop(key, None) is not None:
+            return
         hit = self._entries.pop(key, None)
         if hit is not None:
             for observer in self.observers:

@@ -165,6 +165,7 @@ class HandleConfig:
     publish_ca: str | None
     publish_crl: str | None
     max_cached: int = 1_000_000
+    max_unknown_cached: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +473,7 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
     if nonce not in ("echo", "ignore"):
         raise r.error("nonce", "must be echo or ignore")
     max_cached = r.integer("max_cached", 1_000_000, minimum=1)
+    max_unknown_cached = r.integer("max_unknown_cached", 10_000, minimum=1)
     publish_ca = publish_crl = None
     if r.has("publish"):
         p = r.sub("publish")
@@ -493,6 +495,7 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
         publish_ca=publish_ca,
         publish_crl=publish_crl,
         max_cached=max_cached,
+        max_unknown_cached=max_unknown_cached,
     )
 
 

@@ -94,6 +94,11 @@ class SignedResponse:
         (a client rejects a response whose signer certificate has expired)."""
         return min(self.next_update, self.cert_not_after)
 
+    def is_unknown(self) -> bool:
+        """Answers ``unknown``: kept apart by the cache, never stored (anyone can ask
+        for any number of serials nobody issued)."""
+        return self.status_key == "unknown"
+
 
 def status_key(status: CertStatus) -> str:
     """A short, comparable summary of a status (persisted next to stored responses)."""
@@ -224,7 +229,11 @@ class Handle:
         self.max_age = max_age
         self.nonce_policy = nonce_policy
         self._now = now
-        self.cache: ResponseCache[SignedResponse] = cache or ResponseCache(now)
+        # "is not None": an empty cache is falsy (it has a length), and ``cache or ...``
+        # silently replaced the configured one (max_cached, max_unknown_cached) by defaults.
+        self.cache: ResponseCache[SignedResponse] = (
+            cache if cache is not None else ResponseCache(now, transient=SignedResponse.is_unknown)
+        )
         self._issuer_index: dict[tuple[str, bytes, bytes], x509.Certificate] = {}
         self._indexed_issuers: tuple[x509.Certificate, ...] = ()
         self._key_hash = b""
@@ -414,9 +423,12 @@ class Handle:
         if len(request.cert_ids) == 1 and (request.nonce is None or self.nonce_policy == "ignore"):
             cid = request.cert_ids[0]
             memo = (cid, self.issuer_for(cid))
-            if len(self._parsed) >= self.max_memo:
-                self._parsed.clear()
-            self._parsed[der] = memo
+            if self.cache.holds(cid.der):
+                # Only bytes whose answer is cached for good (a second ask of a real
+                # certificate): a flood of random serials must not grow this map.
+                if len(self._parsed) >= self.max_memo:
+                    self._parsed.clear()
+                self._parsed[der] = memo
             return memo
         return request
 

@@ -82,6 +82,11 @@ class ResponseStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
+        try:
+            # Written by versions that stored unknown answers (a flood filled disks).
+            self._db.execute("DELETE FROM responses WHERE status = 'unknown'")
+        except sqlite3.Error as err:
+            log.warn("store {path}: cannot drop old unknown rows: {err}", path=str(path), err=err)
         self._pending: dict[tuple[str, bytes], _Row] = {}
         self._flush_interval = flush_interval
         self._max_pending = max_pending
@@ -145,7 +150,9 @@ class ResponseStore:
         """The cache's ``on_store`` hook for one handle."""
 
         def record(key: bytes, serial: int, response: SignedResponse) -> None:
-            if response.cacheable and response.status_key:
+            # An unknown serial's answer is never persisted: anyone can ask for any
+            # number of them (a flood would fill the disk), and it is cheap to redo.
+            if response.cacheable and response.status_key and not response.is_unknown():
                 self._queue((handle, key), (
                     handle, key, str(serial), signer_key_hash, response.status_key, response.der,
                     response.produced_at, response.next_update, response.refresh_at, response.etag,

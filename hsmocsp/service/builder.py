@@ -26,7 +26,7 @@ from hsmocsp.config import (
     VaultSourceConfig,
 )
 from hsmocsp.errors import ConfigError
-from hsmocsp.responder import Handle
+from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.signing import Signer
 from hsmocsp.sources import StatusSource
 
@@ -216,7 +216,12 @@ def build_handle(
         now=reactor.seconds,
         publish_ca=h.publish_ca,
         publish_crl=h.publish_crl,
-        cache=ResponseCache(reactor.seconds, max_entries=h.max_cached),
+        cache=ResponseCache(
+            reactor.seconds,
+            max_entries=h.max_cached,
+            transient=SignedResponse.is_unknown,
+            max_transient=h.max_unknown_cached,
+        ),
     )
 
 

@@ -163,9 +163,12 @@ class Replica:
         key = self._parsed.get(der, _MISSING)
         if key is _MISSING:
             key = self._cache_key(der)
-            if len(self._parsed) >= self.max_memo:
-                self._parsed.clear()
-            self._parsed[der] = key
+            if key is not None and key in self.entries:
+                # Only what we can answer: bytes nobody can (a flood of random serials
+                # or garbage) must not grow this map.
+                if len(self._parsed) >= self.max_memo:
+                    self._parsed.clear()
+                self._parsed[der] = key
         if key is None:
             return None
         assert isinstance(key, bytes)

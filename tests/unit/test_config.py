@@ -142,3 +142,12 @@ def test_max_cached(folder: Path) -> None:
     assert handle.max_cached == 5000
     err = error_of(folder, BASE + "    max_cached: 0\n")
     assert "handles.root.max_cached" in str(err) and "at least 1" in str(err)
+
+
+def test_max_unknown_cached(folder: Path) -> None:
+    (handle,) = load_config(write(folder, BASE)).handles
+    assert handle.max_unknown_cached == 10_000
+    (handle,) = load_config(write(folder, BASE + "    max_unknown_cached: 50\n")).handles
+    assert handle.max_unknown_cached == 50
+    err = error_of(folder, BASE + "    max_unknown_cached: 0\n")
+    assert "handles.root.max_unknown_cached" in str(err) and "at least 1" in str(err)
