@@ -65,9 +65,12 @@ def test_random_serial_flood_keeps_memory_and_disk_flat(devpki: DevPki, tmp_path
         ca = x509.load_pem_x509_certificate(devpki.ca_pem.read_bytes())
         name_hash, key_hash = issuer_hashes(ca, "sha1")
         rng = random.Random(7)
-        conn = HTTPConnection("127.0.0.1", r.port, timeout=30)
+        conns = [HTTPConnection("127.0.0.1", r.port, timeout=30) for _ in range(8)]
 
         def ask(serial: int) -> None:
+            # Several connections: SO_REUSEPORT spreads them over the main process and
+            # the front (which relays what it cannot answer).
+            conn = conns[serial % len(conns)]
             der = (
                 ocsp.OCSPRequestBuilder()
                 .add_certificate_by_hash(name_hash, key_hash, serial, hashes.SHA1())
