@@ -407,19 +407,28 @@ def revoke(dev: DevPki, cert: Path, reason: str = "unspecified") -> None:
     )  # fmt: skip
 
 
-def regen_crl(dev: DevPki) -> None:
-    """Sign a new CRL from index.txt into crl.pem and crl.der (HSM root key)."""
-    tmp = dev.crl_pem.with_suffix(".pem.tmp")
+def regen_crl(
+    dev: DevPki, *, pem: Path | None = None, der: Path | None = None,
+    valid_seconds: int | None = None,
+) -> None:
+    """Sign a new CRL from index.txt into crl.pem and crl.der (HSM root key).
+
+    ``pem``/``der`` write elsewhere; ``valid_seconds`` sets nextUpdate that many seconds
+    ahead instead of :data:`CRL_DAYS` (tests of an overdue CRL).
+    """
+    pem, der = pem or dev.crl_pem, der or dev.crl_der
+    validity = [] if valid_seconds is None else ["-crlsec", str(valid_seconds)]
+    tmp = pem.with_suffix(".pem.tmp")
     _openssl(
         dev, "ca", "-config", str(dev.openssl_cnf), *_engine_args(dev),
         "-keyform", "engine", "-keyfile", dev.key_uri(dev.ca_key_label),
-        "-gencrl", "-crlexts", "crl_ext", "-out", str(tmp),
+        "-gencrl", "-crlexts", "crl_ext", *validity, "-out", str(tmp),
     )  # fmt: skip
     crl = x509.load_pem_x509_crl(tmp.read_bytes())
-    der_tmp = dev.crl_der.with_suffix(".der.tmp")
+    der_tmp = der.with_suffix(".der.tmp")
     der_tmp.write_bytes(crl.public_bytes(serialization.Encoding.DER))
-    tmp.rename(dev.crl_pem)
-    der_tmp.rename(dev.crl_der)
+    tmp.rename(pem)
+    der_tmp.rename(der)
 
 
 def self_sign_root(dev: DevPki, out: Path, days: int = ROOT_DAYS) -> Path:

@@ -5,6 +5,7 @@ real SIGHUP, and ``openssl ocsp`` verifies what it answers afterwards.
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
@@ -99,6 +100,10 @@ def test_restart_after_renewal_never_serves_the_expired_certificate(
     try:
         _verify(r, devpki, cert)
         assert _embedded(r, devpki) == old
+        # nextUpdate capped at the certificate's notAfter; the expiry warned about.
+        next_update = _answer(r, devpki).next_update_utc
+        assert next_update is not None and next_update <= old.not_valid_after_utc
+        _wait(lambda: "(warning at 1 days)" in r.output(), "the expiry warning")
         _wait(lambda: _stored_rows(tmp_path) >= 1, "the response to be stored")
     finally:
         r.stop()
@@ -193,5 +198,50 @@ def test_sighup_reloads_the_ca_certificate_and_crl_with_start_up_checks(
         assert "not a renewal of the served CA" in r.output()
         assert http(r.url + "/ca/root.der")[2] == der
         assert r.alive()
+    finally:
+        r.stop()
+
+
+def _metric(r: Responder, name: str) -> float:
+    for line in http(r.url + "/metrics")[2].decode().splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_overdue_crl_degrades_the_handle_and_a_new_one_restores_it(
+    devpki: DevPki, tmp_path: Path
+) -> None:
+    """Seen in the issue: an expired CRL went unnoticed (ready, no warning)."""
+    pem, der = tmp_path / "crl.pem", tmp_path / "crl.der"
+    regen_crl(devpki, pem=pem, der=der, valid_seconds=12)
+    next_update = x509.load_der_x509_crl(der.read_bytes()).next_update_utc
+    assert next_update is not None
+    cfg = level1_config(devpki, tmp_path, poll=3600)
+    cfg.write_text(cfg.read_text().replace(f"crl: {devpki.crl_der}", f"crl: {der}"))
+    r = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
+    assert r.proc is not None
+    try:
+        assert _metric(r, 'hsmocsp_crl_next_update_timestamp_seconds{handle="root"}') == (
+            next_update.timestamp()
+        )
+        assert _metric(r, 'hsmocsp_responder_cert_expiry_timestamp_seconds{handle="root"}') == (
+            _load(devpki.ocsp_pem).not_valid_after_utc.timestamp()
+        )
+        _wait(lambda: http(r.url + "/readyz/root")[0] == 503, "the CRL to be overdue")
+        body = json.loads(http(r.url + "/readyz/root")[2])
+        assert body["state"] == "degraded" and "CRL past its nextUpdate" in body["reason"]
+        assert http(r.url + "/readyz")[0] == 200  # degraded still takes traffic
+        assert _metric(r, 'hsmocsp_handle_state{handle="root",state="degraded"}') == 1
+        _wait(lambda: "the CRL is past its nextUpdate" in r.output(), "the warning")
+        _verify(r, devpki, devpki.ocsp_pem)  # answers go on, from the index
+        # A new CRL, and SIGHUP (the poll is an hour): ready again, said once.
+        regen_crl(devpki, pem=pem, der=der)
+        r.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: http(r.url + "/readyz/root")[0] == 200, "the new CRL")
+        _wait(lambda: "handle root: degraded -> ready" in r.output(), "the state change line")
+        out = r.output()
+        assert out.count("handle root: the CRL is past its nextUpdate") == 1
+        assert out.count("handle root: ready -> degraded") == 1
     finally:
         r.stop()
