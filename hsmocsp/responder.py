@@ -153,7 +153,12 @@ class ResponderCert:
 
 
 def check_responder_cert(
-    responder: x509.Certificate, issuer: x509.Certificate, signer_key: object, now: datetime
+    responder: x509.Certificate,
+    issuer: x509.Certificate,
+    signer_key: object,
+    now: datetime,
+    *,
+    check_validity: bool = True,
 ) -> None:
     """Refuse a responder certificate a client would reject (RFC 6960 section 4.2.2.2).
 
@@ -177,7 +182,9 @@ def check_responder_cert(
             raise ResponderCertError(
                 f"responder certificate {subject!r} lacks extendedKeyUsage id-kp-OCSPSigning"
             )
-    if not responder.not_valid_before_utc <= now <= responder.not_valid_after_utc:
+    if check_validity and not (
+        responder.not_valid_before_utc <= now <= responder.not_valid_after_utc
+    ):
         raise ResponderCertError(
             f"responder certificate {subject!r} is not valid now "
             f"({responder.not_valid_before_utc:%Y-%m-%d} .. "
@@ -279,11 +286,9 @@ class Handle:
         """The ``certs`` of a response: none when the CA signs itself (RFC 6960 4.2.2.2)."""
         return () if cert.cert in self._indexed_issuers else (cert.der,)
 
-    def _reindex(
-        self, check_with: object | None = None, cert: ResponderCert | None = None
-    ) -> None:
+    def _reindex(self, check_with: object | None = None, check_validity: bool = True) -> None:
         issuers = tuple(self.source.issuers())
-        served, problems = self._served_by(cert or self._cert, issuers, check_with)
+        served, problems = self._served_by(self._cert, issuers, check_with, check_validity)
         if not served:
             raise ResponderCertError(
                 f"handle {self.name}: " + ("; ".join(problems) or "the source has no issuer")
@@ -308,15 +313,24 @@ class Handle:
         cert: ResponderCert,
         issuers: Sequence[x509.Certificate],
         check_with: object | None = None,
+        check_validity: bool = True,
     ) -> tuple[list[x509.Certificate], list[str]]:
-        """The issuers ``cert`` may answer for (start-up's checks), and why not the others."""
+        """The issuers ``cert`` may answer for (start-up's checks), and why not the others.
+
+        ``check_validity=False`` when the source's issuers change under a running handle:
+        an expired certificate is :meth:`health`'s and :meth:`_sign`'s business there.
+        """
         now = _ts(self._now())
         served: list[x509.Certificate] = []
         problems: list[str] = []
         for issuer in issuers:
             try:
                 check_responder_cert(
-                    cert.cert, issuer, check_with or self.signer.public_key(), now
+                    cert.cert,
+                    issuer,
+                    check_with or self.signer.public_key(),
+                    now,
+                    check_validity=check_validity,
                 )
             except ResponderCertError as err:
                 problems.append(str(err))
@@ -399,7 +413,7 @@ class Handle:
         if len(issuers) != len(self._indexed_issuers) or any(
             a is not b for a, b in zip(issuers, self._indexed_issuers, strict=False)
         ):
-            self._reindex()
+            self._reindex(check_validity=False)
         issuer = self._issuer_index.get(
             (cert_id.hash_algorithm, cert_id.issuer_name_hash, cert_id.issuer_key_hash)
         )

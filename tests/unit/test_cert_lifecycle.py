@@ -26,7 +26,7 @@ from hsmocsp.ocsp.response import ResponseStatus
 from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.status import CertStatus
-from tests.unit.fakes import VECTORS, CountingSigner, DictSource, load_cert
+from tests.unit.fakes import VECTORS, CountingSigner, DictSource, der, load_cert
 from tests.unit.test_responder import request_for, resolve
 
 NOW = float(int(time.time()))
@@ -108,7 +108,7 @@ def test_next_update_never_later_than_the_certificate() -> None:
 def test_expired_certificate_is_never_served_and_the_handle_fails() -> None:
     clock = clock_at()
     cert = responder_cert(NOW + 600)
-    handle, _, signer = make(clock, cert, validity=3600)
+    handle, source, signer = make(clock, cert, validity=3600)
     req = request_for(1)
     resolve(handle.respond_der(req))
     assert handle.cached_response(req) is not None
@@ -121,6 +121,12 @@ def test_expired_certificate_is_never_served_and_the_handle_fails() -> None:
     assert signer.calls == 1
     health = handle.health()
     assert health.state is State.FAILED and "expired" in health.reason
+    # The source's issuers change under it (a Vault refresh): still tryLater, not an
+    # internalError from re-checking the expired certificate against them.
+    clock.advance(1)
+    source.issuer = x509.load_der_x509_certificate(der(source.issuer))
+    failure = failure_of(handle.respond_der(request_for(2)))
+    assert ocsp_status_for(failure) == ResponseStatus.tryLater
 
 
 def test_renewal_serves_old_while_valid_resigns_it_first_then_new() -> None:
