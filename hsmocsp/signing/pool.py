@@ -41,14 +41,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.childenv import python_env
+from hsmocsp.childproc import Backoff, Child, Supervisor, stop_children
 from hsmocsp.errors import PinRefused, SignerError, SignerUnavailable
 from hsmocsp.health import READY, Health, State
 from hsmocsp.signing import wire
@@ -110,42 +110,6 @@ class _Request:
                 self.deferred.callback(result)
 
 
-class _WorkerProtocol(ProcessProtocol):
-    def __init__(self, worker: _Worker) -> None:
-        self.worker = worker
-        self.decoder = wire.Decoder()
-        self.stderr = bytearray()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 1:
-            try:
-                messages = self.decoder.feed(data)
-            except wire.FrameError as err:
-                log.error("signing worker {pid} sent garbage ({err}); killing it",
-                          pid=self.worker.pid, err=err)
-                self.worker.kill()
-                return
-            for message in messages:
-                self.worker.received(message)
-                if self.worker.state == "dead":
-                    return
-        else:
-            self.stderr += data
-            while b"\n" in self.stderr:
-                line, _, rest = self.stderr.partition(b"\n")
-                self.stderr = bytearray(rest)
-                log.warn("signing worker {pid}: {line}", pid=self.worker.pid,
-                         line=line.decode(errors="replace"))
-            if len(self.stderr) > 4096:
-                del self.stderr[:-4096]
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.stderr:
-            log.warn("signing worker {pid}: {line}", pid=self.worker.pid,
-                     line=self.stderr.decode(errors="replace"))
-        self.worker.ended(reason)
-
-
 class _Worker:
     """The parent's view of one worker process."""
 
@@ -153,39 +117,33 @@ class _Worker:
         self.pool = pool
         self.number = number
         self.state = "starting"  # -> ready -> (stopping) -> dead
-        self.transport: IProcessTransport | None = None
+        self.child: Child | None = None
         self.pid: int | None = None
         # Sent, unanswered requests in order; the first is the one running.
         self.requests: collections.deque[_Request] = collections.deque()
         self.busy_since = 0.0  # when requests[0] started
-        self.killing = False  # SIGKILL sent: send it nothing more, read nothing more
         self.retiring = False  # said it will exit (fatal error): send it nothing more
         self.hang_timer: IDelayedCall | None = None  # start-up only
-        # Twisted's writer for the worker's stdin, while direct writes are fine; its pipes.
-        self._stdin: Any = None
-        self._pipes: dict[int, Any] = {}
         self.ready: Deferred[None] = Deferred()
-        self.exited: Deferred[None] = Deferred()
         self.init_failure: str | None = None
         self.init_kind = ""  # the init reply's kind when it failed ("pin", "error", ...)
 
+    @property
+    def killing(self) -> bool:
+        """SIGKILL sent: send it nothing more, read nothing more."""
+        return self.child is not None and self.child.killed
+
     def spawn(self, init: dict[str, Any]) -> None:
+        """Start the process and send it ``init`` (raises OSError if it cannot start)."""
         # The vendor module may be configured by any variable: all of ours but the PIN's.
         env = python_env({k: v for k, v in os.environ.items() if k not in self.pool.env_drop})
-        protocol = _WorkerProtocol(self)
-        self.transport = self.pool._reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            [sys.executable, "-m", "hsmocsp.signing.worker"],
-            env=env,
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
-        self.pid = self.transport.pid
-        self.transport.write(wire.encode(init))
-        self._pipes = getattr(self.transport, "pipes", {})
-        writer = self._pipes.get(0)
-        if isinstance(getattr(writer, "fd", None), int):
-            self._stdin = writer
+        child = Child("signing worker", on_frame=self._frame, on_end=self.ended,
+                      max_frame=wire.MAX_FRAME)  # fmt: skip
+        child.spawn(self.pool._reactor, [sys.executable, "-m", "hsmocsp.signing.worker"], env)
+        self.child = child
+        self.pid = child.pid
+        child.name = f"signing worker {self.pid}"
+        child.write(wire.encode(init))
         self.hang_timer = self.pool._reactor.callLater(self.pool.start_timeout, self._init_hung)
 
     def _init_hung(self) -> None:
@@ -196,38 +154,12 @@ class _Worker:
         self.kill()
 
     def send(self, request: _Request, now: float) -> None:
-        assert self.transport is not None
+        assert self.child is not None
         if not self.requests:
             self.busy_since = now
         self.requests.append(request)
         request.worker = self
-        self._write(request.frame)
-
-    def _write(self, frame: bytes) -> None:
-        """Write at once when the pipe takes the whole frame, else through Twisted.
-
-        ``transport.write`` only buffers: the frame leaves one reactor iteration
-        later, after four epoll_ctl calls (the writer stops watching for the
-        child's EOF, starts watching for writability, and back). A sign request
-        is a few KiB and the pipe holds 64 KiB, so one ``os.write`` nearly always
-        takes it. The first short write hands this worker back to Twisted for
-        good, which keeps the byte order. The writer still being in
-        ``transport.pipes`` means Twisted has not closed (and the kernel not
-        reused) its fd.
-        """
-        assert self.transport is not None
-        writer: Any = self._stdin
-        if writer is not None and writer.connected and self._pipes.get(0) is writer:
-            fd: int = self._stdin.fd
-            try:
-                written = os.write(fd, frame)
-            except OSError:  # EAGAIN, or EPIPE (the worker is dying): Twisted copes
-                written = 0
-            if written == len(frame):
-                return
-            frame = frame[written:]
-            self._stdin = None
-        self.transport.write(frame)
+        self.child.write(request.frame)
 
     def hung(self) -> None:
         """Busy on one request for longer than the timeout (the pool's sweep decides)."""
@@ -238,23 +170,16 @@ class _Worker:
         self.kill()
 
     def kill(self) -> None:
-        self.killing = True
-        if self.transport is not None and self.state != "dead":
-            try:
-                self.transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
-
-    def close(self) -> None:
-        """Ask the worker to exit once its current request is answered (EOF on stdin)."""
-        self._stdin = None
-        if self.transport is not None and self.state != "dead":
-            self.transport.closeStdin()
+        if self.child is not None:
+            self.child.kill()
 
     def _cancel_timer(self) -> None:
         if self.hang_timer is not None and self.hang_timer.active():
             self.hang_timer.cancel()
         self.hang_timer = None
+
+    def _frame(self, body: bytes) -> None:
+        self.received(wire.decode_body(body))  # a FrameError gets the worker killed
 
     def received(self, message: wire.Frame) -> None:
         if self.killing:
@@ -344,7 +269,6 @@ class _Worker:
             )
         if running is not None:
             running.finish(SignerUnavailable(f"signing worker {self.pid} died ({how})"))
-        self.exited.callback(None)
 
 
 class TokenPool:
@@ -401,11 +325,16 @@ class TokenPool:
         self._live: list[_Worker] = []
         self._queue: collections.deque[_Request] = collections.deque()
         self._ids = itertools.count(1)
-        self._numbers = itertools.count(1)
         self._running = False
         self._starting = False
-        self._failures = 0  # consecutive failed (re)starts, for back-off
-        self._restarts: list[IDelayedCall] = []
+        # Which worker to (re)start when: the child-process layer's. A replacement
+        # for a worker that was up starts at once; one that fails to start is
+        # retried after 0.1 s doubling up to max_restart_delay; one at a time.
+        self._supervisor = Supervisor(
+            reactor, self._spawn_worker, count=workers,
+            backoff=Backoff(first=0.0, initial=0.1, cap=max_restart_delay), serial=True,
+        )  # fmt: skip
+        self._spawned: _Worker | None = None
         self._sweep: IDelayedCall | None = None  # the one timeout timer
         self._sweep_at = 0.0
         self._key_parts: dict[tuple[KeyRef, str], bytes] = {}
@@ -447,10 +376,11 @@ class TokenPool:
         self._running = True
         self._starting = True
         try:
-            for _ in range(self.workers):
-                worker = self._spawn()
+            for number in range(1, self.workers + 1):
                 try:
-                    await worker.ready
+                    self._supervisor.start_one(number)
+                    assert self._spawned is not None
+                    await self._spawned.ready
                 except Exception as err:
                     message = str(err) if isinstance(err, SignerError) else repr(err)
                     if self._where not in message:
@@ -467,7 +397,7 @@ class TokenPool:
         self._last_ok = self._reactor.seconds()
         self._health = READY
         self._logged = (State.READY, False)
-        self._fill()  # in case one died during start-up
+        self._supervisor.run()  # replaces any that died during start-up
         self._update_health()
         self._arm_probe()
 
@@ -478,36 +408,22 @@ class TokenPool:
         killed, so stop always completes.
         """
         self._running = False
-        for call in self._restarts:
-            if call.active():
-                call.cancel()
-        self._restarts.clear()
+        self._supervisor.stop()
         if self._probe is not None and self._probe.active():
             self._probe.cancel()
         self._probe = None
         self._health = Health(State.FAILED, f"signing pool for {self._where} is not running")
         while self._queue:
             self._queue.popleft().finish(SignerUnavailable("signing pool stopping"))
-        workers = list(self._live)
-        for worker in workers:
-            worker.close()
-        if not workers:
-            return defer.succeed(None)
-        def kill_all() -> None:
-            for w in workers:
-                w.kill()
-
-        killer = self._reactor.callLater(self.timeout, kill_all)
+        children = [w.child for w in self._live if w.child is not None]
 
         def done(_: object) -> None:
-            if killer.active():
-                killer.cancel()
             if self._sweep is not None and self._sweep.active() and not self._running:
                 self._sweep.cancel()
             self._sweep = None
 
-        d = defer.DeferredList([w.exited for w in workers], consumeErrors=True)
-        return d.addCallback(done)
+        # EOF on stdin: each worker exits once its current request is answered.
+        return stop_children(self._reactor, children, self.timeout).addCallback(done)
 
     # --- operations ---------------------------------------------------------------------
 
@@ -570,8 +486,7 @@ class TokenPool:
         if self._pin_refused is not None:
             log.info("signing on {where}: new PIN read; starting workers", where=self._where)
             self._pin_refused = None
-            self._failures = 0
-            self._fill()
+            self._supervisor.release()
             self._update_health()
 
     def queue_depth(self) -> int:
@@ -586,43 +501,21 @@ class TokenPool:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
-        worker = _Worker(self, next(self._numbers))
-        self._live.append(worker)
+    def _spawn_worker(self, number: int) -> None:
+        """The supervisor's: start worker ``number`` (raises if no process can start)."""
+        worker = _Worker(self, number)
         init = {"op": "init", "module": self.module, "token_label": self.token_label,
                 "slot": self.slot, "pin": self._pin}
         try:
             worker.spawn(init)
-        except Exception as err:  # e.g. fork failed: out of processes/memory
-            self._live.remove(worker)
-            worker.state = "dead"
-            log.error("cannot start a signing worker for {where}: {err}", where=self._where,
-                      err=err)
-            worker.ready.errback(SignerError(f"cannot start signing worker: {err}"))
-            if self._running and not self._starting:
-                self._failures += 1
-                self._schedule_restart(self._backoff())
-        return worker
-
-    def _backoff(self) -> float:
-        if self._failures == 0:
-            return 0.0
-        return float(min(self.max_restart_delay, 0.1 * 2 ** (self._failures - 1)))
-
-    def _fill(self) -> None:
-        """Start one replacement if a worker is missing, none is starting and no
-        back-off is pending; called again when that one is up or has failed.
-        Never while the token refuses the PIN (see :meth:`reload_pin`)."""
-        if not self._running or self._starting or self._pin_refused is not None:
-            return
-        if any(w.state == "starting" for w in self._live):
-            return
-        if any(call.active() for call in self._restarts):
-            return
-        self._restarts.clear()
-        if len(self._live) < self.workers:
-            # A replacement's start-up failure is logged by _worker_ended.
-            self._spawn().ready.addErrback(lambda _: None)
+        except Exception as err:  # e.g. fork failed: out of processes or memory
+            self._problem = f"cannot start a signing worker: {err}"
+            raise SignerError(f"{self._where}: {self._problem}") from err
+        self._live.append(worker)
+        self._spawned = worker
+        if not self._starting:
+            # A replacement's start-up failure shows in health(); nobody awaits it.
+            worker.ready.addErrback(lambda _: None)
 
     def _submit(self, encode: Callable[[int], bytes], key: KeyRef | None = None) -> Deferred[Any]:
         if not self._running:
@@ -739,11 +632,10 @@ class TokenPool:
                 request.finish(SignerUnavailable("signing pool stopping"))
 
     def _worker_ready(self, worker: _Worker) -> None:
-        self._failures = 0
         self._problem = ""  # a login worked: what failed before is history
         self._last_ok = self._reactor.seconds()
         self._dispatch()
-        self._fill()
+        self._supervisor.ready(worker.number)  # resets the back-off; starts the next
         self._update_health()
 
     def _worker_idle(self, worker: _Worker) -> None:
@@ -757,6 +649,7 @@ class TokenPool:
         if worker in self._live:
             self._live.remove(worker)
         if not self._running:
+            self._supervisor.ended(worker.number)
             return
         # No line per worker: what operators read is the one line per change of
         # health that _update_health writes (one per episode, not per restart),
@@ -766,12 +659,10 @@ class TokenPool:
             self._problem = problem
             if worker.init_kind == "pin" and not self._starting:
                 self._pin_refused = problem
-            else:
-                self._failures += 1
-        else:
-            if not worker.retiring:
-                self._problem = f"signing worker {worker.pid} ended ({how})"
-        self._schedule_restart(self._backoff())
+                self._supervisor.hold(problem)  # never the same PIN twice
+        elif not worker.retiring:
+            self._problem = f"signing worker {worker.pid} ended ({how})"
+        self._supervisor.ended(worker.number)  # a replacement now or after a pause
         if not any(w.state in ("starting", "ready") and not w.retiring for w in self._live):
             # Nobody can serve the queue now; fail it rather than let it time out.
             while self._queue:
@@ -824,7 +715,7 @@ class TokenPool:
             health = Health(State.DEGRADED if ready else State.FAILED, reason)
         elif ready == 0:
             health = Health(
-                State.DEGRADED if starting and self._failures == 0 else State.FAILED,
+                State.DEGRADED if starting and self._supervisor.failures <= 1 else State.FAILED,
                 f"{up}" + (f"; {self._problem}" if self._problem else ""),
             )
         elif self._missing:
@@ -866,20 +757,6 @@ class TokenPool:
         if idle and not self._queue and self._idle_worker() is not None:
             self.check().addErrback(lambda _: None)  # a failure ends the worker: see health
         self._arm_probe()
-
-    def _schedule_restart(self, delay: float) -> None:
-        if delay <= 0:
-            # At once, so there is no instant with no worker starting (which
-            # would make new requests fail fast).
-            self._fill()
-            return
-        if any(call.active() for call in self._restarts):
-            return
-        self._restarts.append(self._reactor.callLater(delay, self._fill_after_delay))
-
-    def _fill_after_delay(self) -> None:
-        self._restarts = [call for call in self._restarts if call.active()]
-        self._fill()
 
 
 def _key_fields(key: KeyRef) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""Framing between the pool (parent) and its signing workers (children).
+"""Messages between the pool (parent) and its signing workers (children).
 
-A frame is a 4-byte big-endian length followed by that many bytes of body. Two
-kinds of body:
+The framing is the child-process layer's (:mod:`hsmocsp.childproc`): a 4-byte
+big-endian length followed by that many bytes of body. Two kinds of body:
 
 * JSON (the body starts with ``{``): the rare messages (``init`` with the PIN,
   ``public_key``, ``check``, every error reply). Bytes travel as base64 strings
@@ -26,11 +26,14 @@ import json
 import struct
 from typing import Any, NamedTuple
 
+from hsmocsp.childproc import HEADER as _HEADER
+from hsmocsp.childproc import FrameError as FrameError  # a bad body is a bad frame
+from hsmocsp.childproc import FrameReader
+
 # A request carries at most a tbsResponseData (a few KiB) and a reply at most a
 # signature or an SPKI; anything near this bound means the stream is corrupt.
 MAX_FRAME = 1 << 20
 
-_HEADER = struct.Struct(">I")
 _ID = struct.Struct(">BI")  # kind, request id
 _KEY = struct.Struct(">BHH")  # mechanism code, label length, key id length
 _SIGN_KIND = 0x01
@@ -68,10 +71,6 @@ class Result(NamedTuple):
 
 
 Frame = Message | SignRequest | Result
-
-
-class FrameError(Exception):
-    """The byte stream is not a sequence of valid frames."""
 
 
 def token_location(module: str, token_label: str | None, slot: int | None) -> str:
@@ -183,25 +182,12 @@ def _decode_sign(body: bytes) -> SignRequest:
 
 
 class Decoder:
-    """Accumulates bytes and yields whole frames."""
+    """Accumulates bytes and yields whole decoded frames."""
+
+    __slots__ = ("_reader",)
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._reader = FrameReader(MAX_FRAME)
 
     def feed(self, data: bytes) -> list[Frame]:
-        if self._buffer:
-            data = self._buffer + data
-        frames: list[Frame] = []
-        pos = 0
-        size = len(data)
-        while size - pos >= 4:
-            (length,) = _HEADER.unpack_from(data, pos)
-            if length > MAX_FRAME:
-                raise FrameError(f"frame length {length} exceeds {MAX_FRAME}")
-            end = pos + 4 + length
-            if end > size:
-                break
-            frames.append(decode_body(data[pos + 4 : end]))
-            pos = end
-        self._buffer = data[pos:] if pos < size else b""
-        return frames
+        return [decode_body(body) for body in self._reader.feed(data)]

@@ -11,7 +11,8 @@ the revoked rows in small pickled chunks, which the parent decodes in a
 thread one chunk at a time so that no single call holds the GIL for long.
 
 Run as ``python -m hsmocsp.sources.indexproc PATH``; it writes frames to
-stdout: a 4-byte big-endian length, a 1-byte type, the payload.
+stdout in the child-process layer's framing (:mod:`hsmocsp.childproc`: a 4-byte
+big-endian length, then the body); a body is a 1-byte type and the payload.
 
 * ``H`` header (JSON): file signature, serial width, line count, negative serials;
 * ``G`` the good-serial array (raw bytes);
@@ -29,19 +30,18 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess
 from twisted.python.failure import Failure
 
 from hsmocsp.childenv import minimal_env
+from hsmocsp.childproc import HEADER, Child, FrameError, FrameReader
 from hsmocsp.errors import SourceError
 from hsmocsp.sources.index import IndexData, SerialSet, parse_index_file
 from hsmocsp.status import CertStatus
@@ -53,9 +53,10 @@ _T = TypeVar("_T")
 # (st_mtime_ns, st_size, st_ino): what tells us a file changed.
 IndexSig = tuple[int, int, int]
 
-_FRAME = struct.Struct(">IB")
 _CHUNK = 2048  # revoked rows per R frame: ~2 ms to unpickle
-_STDERR_KEEP = 4096
+# The good-serial array of a million serials is ~20 MB; a frame near this bound
+# means the stream is corrupt.
+MAX_FRAME = 1 << 30
 
 
 def read_index(path: Path) -> tuple[IndexData, IndexSig]:
@@ -76,8 +77,8 @@ def read_index(path: Path) -> tuple[IndexData, IndexSig]:
 
 
 def _write_frame(out: IO[bytes], kind: bytes, payload: bytes) -> None:
-    out.write(_FRAME.pack(len(payload), kind[0]))
-    out.write(payload)
+    out.write(HEADER.pack(1 + len(payload)) + kind)
+    out.write(payload)  # apart: no copy of a 20 MB payload
 
 
 def encode(out: IO[bytes], path: Path) -> None:
@@ -123,29 +124,34 @@ class _ProtocolError(Exception):
     """The child's output does not follow the frame format."""
 
 
-def decode(output: bytes) -> tuple[IndexData, IndexSig]:
-    """Rebuild what :func:`encode` wrote; runs in a thread of the parent.
+def decode(output: bytes | Sequence[bytes], incomplete: int = 0) -> tuple[IndexData, IndexSig]:
+    """Rebuild what :func:`encode` wrote (its whole output, or the frame bodies the
+    parent's :class:`~hsmocsp.childproc.Child` collected, with the size of an
+    ``incomplete`` frame left over); runs in a thread of the parent.
 
     Each frame is decoded by its own short call (a ``bytes`` copy or a
     ``pickle.loads`` of one chunk), so the GIL is never held for long.
     Raises :class:`SourceError` for an ``E`` frame, ``_ProtocolError`` for
     anything malformed.
     """
-    view = memoryview(output)
-    pos = 0
+    if isinstance(output, bytes):
+        reader = FrameReader(MAX_FRAME)
+        try:
+            bodies = reader.feed(output)
+        except FrameError as err:
+            raise _ProtocolError(str(err)) from err
+        incomplete = reader.pending
+    else:
+        bodies = list(output)
     header: dict[str, Any] | None = None
     blob = b""
     revoked: dict[int, CertStatus] = {}
     holds: dict[int, str] = {}
-    while True:
-        if pos + _FRAME.size > len(view):
-            raise _ProtocolError("output ended without an end frame")
-        length, kind = _FRAME.unpack_from(view, pos)
-        pos += _FRAME.size
-        payload = view[pos : pos + length]
-        if len(payload) != length:
-            raise _ProtocolError("output ended inside a frame")
-        pos += length
+    for body in bodies:
+        if not body:
+            raise _ProtocolError("empty frame")
+        kind = body[0]
+        payload = memoryview(body)[1:]
         if kind == ord("D"):
             break
         if kind == ord("E"):
@@ -160,6 +166,10 @@ def decode(output: bytes) -> tuple[IndexData, IndexSig]:
             holds = pickle.loads(payload)
         else:
             raise _ProtocolError(f"unknown frame type {kind}")
+    else:
+        if incomplete:
+            raise _ProtocolError("output ended inside a frame")
+        raise _ProtocolError("output ended without an end frame")
     if header is None:
         raise _ProtocolError("no header frame")
     try:
@@ -173,24 +183,6 @@ def decode(output: bytes) -> tuple[IndexData, IndexSig]:
 
 
 ThreadRunner = Callable[[Callable[[], _T]], Deferred[_T]]
-
-
-class _ChildProtocol(ProcessProtocol):
-    def __init__(self, done: Deferred[tuple[bytes, bytes, Failure]]) -> None:
-        self._done = done
-        self._out: list[bytes] = []
-        self._err = bytearray()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 1:
-            self._out.append(data)
-        elif childFD == 2:
-            self._err += data
-            del self._err[:-_STDERR_KEEP]
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self._done.called:
-            self._done.callback((b"".join(self._out), bytes(self._err), reason))
 
 
 class ProcessIndexReader:
@@ -218,26 +210,23 @@ class ProcessIndexReader:
         self._argv = tuple(argv)
 
     def __call__(self, path: Path) -> Deferred[tuple[IndexData, IndexSig]]:
-        ended: Deferred[tuple[bytes, bytes, Failure]] = Deferred()
-        protocol = _ChildProtocol(ended)
+        bodies: list[bytes] = []
+        ended: Deferred[Failure] = Deferred()
+        # Not logged by the layer: a failure is reported once, as this SourceError.
+        child = Child("index parser", on_frame=bodies.append, on_end=ended.callback,
+                      max_frame=MAX_FRAME, log_stderr=False)  # fmt: skip
         try:
-            transport = self._reactor.spawnProcess(
-                protocol,
-                self._argv[0],
-                [*self._argv, str(path)],
-                env=minimal_env(),
-                childFDs={0: "w", 1: "r", 2: "r"},
-            )
+            child.spawn(self._reactor, [*self._argv, str(path)], minimal_env())
         except OSError as err:
             raise_later: Deferred[tuple[IndexData, IndexSig]] = Deferred()
             raise_later.errback(SourceError(f"{path}: cannot start the index parser: {err}"))
             return raise_later
-        transport.closeStdin()
+        child.close_stdin()
         why: list[str] = []
 
         def kill(reason: str) -> None:
             why.append(reason)
-            _kill(transport)
+            child.kill()
 
         timer: IDelayedCall = self._reactor.callLater(  # type: ignore[attr-defined]
             self.timeout, kill, f"took longer than {self.timeout:g} s; killed"
@@ -248,32 +237,29 @@ class ProcessIndexReader:
 
         result: Deferred[tuple[IndexData, IndexSig]] = Deferred(cancel)
 
-        def finished(outcome: tuple[bytes, bytes, Failure]) -> None:
+        def finished(reason: Failure) -> None:
             if timer.active():
                 timer.cancel()
-            output, stderr, reason = outcome
             if why:
                 if not result.called:
                     result.errback(SourceError(f"{path}: index parser {why[0]}"))
                 return
-            if not isinstance(reason.value, ProcessDone):
-                last = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-                problem = f"{path}: index parser failed ({reason.value}) {last[0]}".rstrip()
-                result.errback(SourceError(problem))
+            if child.garbage is not None:
+                result.errback(
+                    SourceError(f"{path}: index parser output unreadable: {child.garbage}")
+                )
                 return
-            self._run(lambda: decode(output)).addCallbacks(
+            if not isinstance(reason.value, ProcessDone):
+                problem = f"{path}: index parser failed ({reason.value}) {child.last_stderr_line()}"
+                result.errback(SourceError(problem.rstrip()))
+                return
+            pending = child.reader.pending
+            self._run(lambda: decode(bodies, pending)).addCallbacks(
                 result.callback, lambda f: result.errback(_as_source_error(f, path))
             )
 
-        ended.addCallback(finished)
+        ended.addBoth(finished)  # the reason is a Failure: it arrives as an errback
         return result
-
-
-def _kill(transport: IProcessTransport) -> None:
-    try:
-        transport.signalProcess("KILL")
-    except ProcessExitedAlready:
-        pass
 
 
 def _as_source_error(failure: Failure, path: Path) -> Failure | SourceError:

@@ -76,12 +76,13 @@ def test_frame_layout(tmp_path: Path) -> None:
     kinds = []
     pos = 0
     while pos < len(output):
+        # the child-process layer's framing: a length, then a body of type + payload
         length, kind = struct.unpack_from(">IB", output, pos)
         kinds.append(chr(kind))
         if kind == ord("G"):
             # one serial, 8 bytes wide (the minimum width), big-endian
-            assert output[pos + 5 : pos + 5 + length] == (10).to_bytes(8, "big")
-        pos += 5 + length
+            assert output[pos + 5 : pos + 4 + length] == (10).to_bytes(8, "big")
+        pos += 4 + length
     assert kinds == ["H", "G", "D"]
 
 
@@ -96,10 +97,12 @@ def test_error_frame_names_file_and_line(tmp_path: Path) -> None:
     "output, problem",
     [
         (b"", "without an end frame"),
-        (struct.pack(">IB", 10, ord("G")) + b"abc", "inside a frame"),
-        (struct.pack(">IB", 0, ord("D")), "no header"),
-        (struct.pack(">IB", 0, ord("Z")), "unknown frame type"),
-        (struct.pack(">IB", 2, ord("H")) + b"{}" + struct.pack(">IB", 0, ord("D")), "bad header"),
+        (struct.pack(">IB", 11, ord("G")) + b"abc", "inside a frame"),
+        (struct.pack(">IB", 1, ord("D")), "no header"),
+        (struct.pack(">IB", 1, ord("Z")), "unknown frame type"),
+        (struct.pack(">IB", 3, ord("H")) + b"{}" + struct.pack(">IB", 1, ord("D")), "bad header"),
+        (struct.pack(">I", 0), "empty frame"),
+        (struct.pack(">I", 0xFFFFFFFF), "exceeds"),
     ],
 )
 def test_malformed_output(output: bytes, problem: str) -> None:
