@@ -299,7 +299,20 @@ class CertDB:
         return (psycopg.Error,)
 
     def run(self, work: Callable[[Any], _T]) -> _T:
-        """Run ``work(connection)``, mapping driver errors to our exception types."""
+        """Run ``work(connection)``, mapping driver errors to our exception types.
+
+        A connection opened before the database restarted fails on first use: the work is
+        tried once more on a new connection before the database counts as unreachable.
+        """
+        reused = self._conn is not None
+        try:
+            return self._run_once(work)
+        except SourceUnavailable:
+            if not reused:
+                raise
+            return self._run_once(work)
+
+    def _run_once(self, work: Callable[[Any], _T]) -> _T:
         try:
             if self._conn is None:
                 self._conn = self._open()

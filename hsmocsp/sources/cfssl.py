@@ -333,6 +333,11 @@ class CfsslSource:
     # --- lookups of serials not loaded --------------------------------------------------
 
     def _lookup(self, serial: int) -> Deferred[CertStatus]:
+        if self.state.failing("database"):
+            # Known down: tryLater at once rather than a connection attempt per new serial
+            # (a flood of them would queue behind connect timeouts); the next poll that
+            # reaches the database lets lookups through again.
+            return fail(SourceUnavailable(f"{self.where}: {self.state.health().reason}"))
         waiter: Deferred[CertStatus] = Deferred()
         waiters = self._inflight.get(serial)
         if waiters is not None:

@@ -23,7 +23,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from hsmocsp.config import CfsslSourceConfig, load_config
-from hsmocsp.errors import ConfigError, SourceError, UnknownIssuer
+from hsmocsp.errors import ConfigError, SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.health import State
 from hsmocsp.presigned import parse_presigned
 from hsmocsp.sources.certdb import (
     SCHEMA,
@@ -237,6 +238,43 @@ async def test_source_over_sqlite_certdb(tmp_path: Path) -> None:
         assert now.status is Status.revoked and now.reason is CRLReason.superseded
         assert now.revocation_time is not None
         assert abs(now.revocation_time - datetime.now(UTC)) < timedelta(minutes=5)
+    finally:
+        await source.stop()
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
+async def test_database_gone_known_serials_served_new_ones_try_later(tmp_path: Path) -> None:
+    ca, _ = make_ca("cfssl unit CA")
+    db = CertDb(tmp_path)
+    db.add(1)
+    source = CfsslSource(db=db.config(), issuer=ca, poll_interval=0.05, reactor=reactor)
+    await source.start()
+    try:
+        # The database file goes away (both connections are reopened from its path).
+        gone = DbConfig(db.path, "sqlite3", "x", sqlite_path=tmp_path / "moved.sqlite")
+        for certdb in (source._db, source._lookup_db):
+            certdb.close()
+            certdb.cfg = gone
+        await _wait(lambda: not source.ready())
+        assert source.health().state is State.DEGRADED
+        assert "new serials get tryLater" in source.health().reason
+        assert (await source.status(ca, 1)).status is Status.good  # loaded: still answered
+        opened: list[int] = []
+        real_open = source._lookup_db._open
+
+        def counting_open() -> Any:
+            opened.append(1)
+            return real_open()
+
+        source._lookup_db._open = counting_open  # type: ignore[method-assign]
+        for _ in range(3):
+            with pytest.raises(SourceUnavailable):
+                await source.status(ca, 2)  # needs the database: tryLater
+        assert opened == []  # known down: no connection attempt per new serial
+        for certdb in (source._db, source._lookup_db):
+            certdb.cfg = db.config()
+        await _wait(source.ready)
+        assert (await source.status(ca, 2)).status is Status.unknown
     finally:
         await source.stop()
 
