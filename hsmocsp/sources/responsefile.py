@@ -2,9 +2,11 @@
 
 The file holds one standard-base64 DER OCSPResponse per line (``cfssl ocspserve
 -responses FILE`` reads the same). It is read in a thread, checked completely (a bad line
-is named by its number), and replaces what is served only when every line is good; it is
-polled every ``poll_interval`` by ``(mtime, size, inode)``, so both an in-place rewrite
-and a rename over it are seen. A problem is logged once until the file changes again.
+is named by its number), and replaces what is served only when every line is good and
+the file is not empty; it is polled every ``poll_interval`` by ``(mtime, size, inode)``,
+so both an in-place rewrite and a rename over it are seen, and read once it has not
+changed for one poll (a shell's ``>`` truncates first). A problem is logged once until
+the file changes again.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class ResponseFileSource:
         self._responses: list[PresignedResponse] = []
         self._sig: _Sig | None = None
         self._failed_sig: _Sig | None = None
+        self._settling: _Sig | None = None
         self.state = SourceState(f"response file {path}", reactor, log_changes=False)
         self._started = False
         self._problem = ""
@@ -158,6 +161,11 @@ class ResponseFileSource:
         self.state.confirmed()
         if sig == self._sig or sig == self._failed_sig:
             return succeed(None)
+        if sig != self._settling:
+            # Changed since the last look: read it once it has stayed the same for one
+            # poll, so `cfssl ocspdump > FILE` is not read truncated or half written.
+            self._settling = sig
+            return succeed(None)
 
         def done(result: tuple[list[PresignedResponse], _Sig] | Failure) -> None:
             self._loading = None
@@ -166,6 +174,10 @@ class ResponseFileSource:
                 self._report(f"{result.getErrorMessage()}; serving the last good file")
                 if not isinstance(result.value, SourceError):
                     log.failure("{path}: reload failed", result, path=str(self.path))
+                return
+            if not result[0] and self._responses:
+                self._failed_sig = sig
+                self._report(f"{self.path}: no responses in it; serving the last good file")
                 return
             self._install(*result)
             log.info("{path}: reloaded, {n} responses", path=str(self.path),

@@ -240,6 +240,10 @@ def test_bad_response_file_keeps_the_last_good_one(
     where = f"{w.dump}: line {len(good_text.splitlines()) + 1}"
     wait_for("the problem is logged", lambda: where in w.responder.output())
     assert _post(w.responder, "/dump/ocsp", req) == before
+    # Truncated (what `cfssl ocspdump > FILE` leaves for a moment): not taken for "no answers".
+    w.dump.write_bytes(b"")
+    wait_for("the empty file is refused", lambda: "no responses in it" in w.responder.output())
+    assert _post(w.responder, "/dump/ocsp", req) == before
     w.dump.write_bytes(good_text)
 
 
