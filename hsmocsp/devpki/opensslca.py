@@ -296,6 +296,12 @@ def _sign_csr(
     )  # fmt: skip
 
 
+def sign_csr(dev: DevPki, csr: Path, out: Path, days: int = SIGNER_DAYS) -> None:
+    """``openssl ca`` issues ``csr`` as a delegated OCSP signer certificate (``ocsp_ext``),
+    as an operator's CA would for a request from ``hsmocsp csr``."""
+    _sign_csr(dev, csr, out, "ocsp_ext", days)
+
+
 def _ensure_signer(dev: DevPki, label: str, cn: str, out: Path) -> bool:
     """An OCSP signer certificate for the token key ``label``; True if newly issued."""
     if out.exists():

@@ -59,8 +59,11 @@ def load_cert(path: Path, key: str, cfg: Config) -> x509.Certificate:
         raise ConfigError(str(cfg.path), key, f"{path} is not a certificate: {err}") from err
 
 
-def build_pool(token: TokenConfig, reactor: Any) -> TokenPool:
-    """One worker pool per token; the PIN is read now (a missing one is a config error)."""
+def build_pool(token: TokenConfig, reactor: Any, workers: int | None = None) -> TokenPool:
+    """One worker pool per token; the PIN is read now (a missing one is a config error).
+
+    ``workers`` overrides the token's count (``hsmocsp check``/``csr``: one login).
+    """
     from hsmocsp.signing.pool import TokenPool
 
     pin = token.pin.read(f"tokens.{token.name}.pin")
@@ -69,7 +72,7 @@ def build_pool(token: TokenConfig, reactor: Any) -> TokenPool:
         token_label=token.token_label,
         slot=token.slot,
         pin=pin,
-        workers=token.workers,
+        workers=workers or token.workers,
         max_queue=token.max_queue,
         timeout=token.sign_timeout,
         pipeline=token.pipeline,
@@ -225,8 +228,11 @@ def build_handle(
     )
 
 
-def build(cfg: Config, reactor: Any) -> Parts:
-    """Every pool, signer, source and handle of ``cfg``, in configuration order."""
+def build(cfg: Config, reactor: Any, pool_workers: int | None = None) -> Parts:
+    """Every pool, signer, source and handle of ``cfg``, in configuration order.
+
+    ``pool_workers`` overrides every token's worker count (one login per token).
+    """
     parts = Parts()
     for h in cfg.handles:
         issuer = load_cert(h.issuer, f"handles.{h.name}.issuer", cfg) if h.issuer else None
@@ -240,7 +246,7 @@ def build(cfg: Config, reactor: Any) -> Parts:
             token = cfg.tokens[h.signer.token]
             pool = parts.pools.get(token.name)
             if pool is None:
-                pool = parts.pools[token.name] = build_pool(token, reactor)
+                pool = parts.pools[token.name] = build_pool(token, reactor, pool_workers)
             parts.handle_pools[h.name] = pool
         signer = parts.signers[h.name] = build_signer(h, pool)
         source = parts.sources[h.name] = build_source(h, issuer, reactor)
