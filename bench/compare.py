@@ -650,7 +650,7 @@ http {{
         hsmocsp runs with ``presign_rate`` high and a ``data_dir``: the time to pre-sign
         every index row is measured (``hsmocsp_cache_entries`` polled on /metrics), then
         wrk cycles through requests for many distinct KNOWN serials, which must all be
-        cache hits (``hsmocsp_signatures`` unchanged, no non-successful OCSP status),
+        cache hits (``hsmocsp_signatures_total`` unchanged, no non-successful OCSP status),
         next to the single-request cached rate. A restart on the same ``data_dir`` must
         serve every row from the SQLite store without signing. Then the live signers
         (``openssl ocsp``, hsmocsp's own cache-miss path) and the raw token rate with
@@ -697,7 +697,7 @@ http {{
         ready_s = time.monotonic() - t0
         entries, secs = wait_entries(url, n_rows, self.args.presign_wait)
         m = scrape_metrics(url)
-        sigs = _metric(m, "hsmocsp_signatures")
+        sigs = _metric(m, "hsmocsp_signatures_total")
         reached = entries >= n_rows
         note = (
             f"{n_rows:,} index rows signed in {secs:.0f} s ({sigs:,.0f} signatures; "
@@ -729,9 +729,10 @@ http {{
             before = scrape_metrics(url)
             r, cpu = self.wrk_with_cpu(url + "/ocsp", script, server)
             after = scrape_metrics(url)
-            signed = _metric(after, "hsmocsp_signatures") - _metric(before, "hsmocsp_signatures")
+            sigs_name, miss_name = "hsmocsp_signatures_total", "hsmocsp_cache_misses_total"
+            signed = _metric(after, sigs_name) - _metric(before, sigs_name)
             bad = _non_successful(after) - _non_successful(before)
-            miss = _metric(after, "hsmocsp_cache_misses") - _metric(before, "hsmocsp_cache_misses")
+            miss = _metric(after, miss_name) - _metric(before, miss_name)
             ok = signed == 0 and bad == 0 and miss == 0
             wrapped = f"list wrapped {r.requests / count:.1f}x" if r.requests > count else "no wrap"
             self.report.add(
@@ -766,9 +767,9 @@ http {{
         url = self.run_hsmocsp(name + "-restart", cfg)
         ready_s = time.monotonic() - t0
         entries, secs = wait_entries(url, held, RESTORE_WAIT, t0)
-        sigs = _metric(scrape_metrics(url), "hsmocsp_signatures")
+        sigs = _metric(scrape_metrics(url), "hsmocsp_signatures_total")
         time.sleep(3)  # a pre-sign sweep runs over the restored cache meanwhile
-        later = _metric(scrape_metrics(url), "hsmocsp_signatures")
+        later = _metric(scrape_metrics(url), "hsmocsp_signatures_total")
         note = (
             f"restart: {entries:,.0f} of {held:,} held before the stop ({n_rows:,} index rows) "
             f"cached after {secs:.1f} s (/readyz after {ready_s:.1f} s); {sigs:,.0f} "

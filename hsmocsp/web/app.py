@@ -13,6 +13,7 @@ import functools
 import json
 from collections.abc import Callable, Sequence
 from email.utils import formatdate
+from time import perf_counter
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -206,10 +207,25 @@ class OCSPApp:
         return 200, headers, body
 
     def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
+        started = perf_counter()
         result = self.outcome(handle, der)
+
+        def write(outcome: Outcome, waited: bool) -> bytes:
+            self.observe(handle, outcome, started, waited)
+            return self._write(handle, request, outcome, method)
+
         if isinstance(result, Deferred):
-            return result.addCallback(lambda o: self._write(handle, request, o, method))
-        return self._write(handle, request, result, method)
+            return result.addCallback(write, True)
+        return write(result, False)
+
+    def observe(self, handle: Handle, outcome: Outcome, started: float, waited: bool) -> None:
+        """The request's latency, by result: ``cached`` (answered at once), ``signed``
+        (a signature was made or awaited) or the OCSP error status."""
+        if isinstance(outcome, ResponseStatus):
+            result = outcome.name
+        else:
+            result = "signed" if waited else "cached"
+        self.metrics.latency(handle.name, result, perf_counter() - started)
 
     def _write(self, handle: Handle, request: IRequest, outcome: Outcome, method: str) -> bytes:
         code, headers, body = self.render(

@@ -19,6 +19,7 @@ path stays the one place with all of HTTP's corner cases.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
@@ -74,6 +75,7 @@ class FastSite(Site):
     ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
         """The whole HTTP response (now or later) and whether to keep the connection,
         or None to decline (twisted.web then takes the connection)."""
+        started = perf_counter()
         routed = self.routes.route(method, target, headers, body)
         if routed is None:
             return None
@@ -82,6 +84,7 @@ class FastSite(Site):
         response = handle.cached_response(der)
         if response is not None and response.cacheable:
             self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
+            self.app.metrics.latency(handle.name, "cached", perf_counter() - started)
             self.fast_answers += 1
             return self.writer.render(response, handle.max_age_for(response), version, keep), keep
         # Not cached (a miss, a nonce, an error): the app decides, we write it.
@@ -89,12 +92,23 @@ class FastSite(Site):
         outcome = self.app.outcome(handle, der)
         name = method.decode("ascii")
         if isinstance(outcome, Deferred):
-            return outcome.addCallback(self._render_outcome, handle, name, version, keep), keep
-        return self._render_outcome(outcome, handle, name, version, keep), keep
+            rendered = outcome.addCallback(
+                self._render_outcome, handle, name, version, keep, started, True
+            )
+            return rendered, keep
+        return self._render_outcome(outcome, handle, name, version, keep, started, False), keep
 
     def _render_outcome(
-        self, outcome: Outcome, handle: Handle, method: str, version: bytes, keep: bool
+        self,
+        outcome: Outcome,
+        handle: Handle,
+        method: str,
+        version: bytes,
+        keep: bool,
+        started: float,
+        waited: bool,
     ) -> bytes:
+        self.app.observe(handle, outcome, started, waited)
         code, headers, body = self.app.render(handle, outcome, method)
         lines = [b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"OK"))]
         lines += [b"%s: %s\r\n" % header for header in headers]

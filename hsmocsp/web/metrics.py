@@ -1,17 +1,38 @@
-"""Prometheus metrics, one registry per app (no process-global state).
+"""Prometheus metrics, one registry per app.
 
-Gauges are fed by functions at scrape time (cache size, signer queue depth,
-source age), so the request path only bumps one counter.
+Conventions (https://prometheus.io/docs/practices/naming/), checked by
+``promtool check metrics`` on a live ``/metrics`` in the tests: counters are
+counters and end in ``_total``; no ``_created`` series; ``hsmocsp_build_info``;
+process metrics (``process_*``, ``python_*``) of the main process.
+
+Values the components already count (cache hits, signatures, source errors)
+are read at scrape time, as counters through :class:`_HandleCounters`, and
+gauges through ``set_function`` (cache size, signer queue depth, source age),
+so the request path only bumps one counter and observes one latency.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import platform
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from hsmocsp.health import Health, State
 from hsmocsp.sources.state import SourceState
@@ -36,9 +57,24 @@ class StoreView(Protocol):
     def health(self) -> Health: ...
 
 
+#: Request latency buckets (seconds): a cached answer takes well under a millisecond,
+#: a token-class HSM signature up to seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
 class Metrics:
     def __init__(self, handles: Sequence[Handle]) -> None:
+        # The library's one switch for it is process-wide: counters' ``_created``
+        # series only double the output and promtool-style checks dislike them.
+        prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            # Stateless readers of /proc and the interpreter: shared with the default
+            # registry, registered in ours too.
+            self.registry.register(collector)
+        Info(
+            "hsmocsp_build", "Versions of hsmocsp and what it runs on", registry=self.registry
+        ).info(_build_info())
         self._responses = Counter(
             "hsmocsp_responses",
             "OCSP responses sent, by handle, OCSP response status and HTTP method",
@@ -52,7 +88,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self._latency = Histogram(
+            "hsmocsp_request_duration_seconds",
+            "Time from an OCSP request's arrival to its answer being ready, by handle and"
+            " result: cached, signed (a signature was made or awaited), or the OCSP error status",
+            ["handle", "result"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
         self._presign_gauges: list[Gauge] | None = None
         self._front_answers = Counter(
             "hsmocsp_front_answers",
@@ -60,20 +105,9 @@ class Metrics:
             ["front"],
             registry=self.registry,
         )
-        cache_hits = Gauge(
-            "hsmocsp_cache_hits", "Signed-response cache hits", ["handle"], registry=self.registry
-        )
-        cache_misses = Gauge(
-            "hsmocsp_cache_misses",
-            "Signed-response cache misses",
-            ["handle"],
-            registry=self.registry,
-        )
+        self.registry.register(_HandleCounters(handles))
         cache_size = Gauge(
             "hsmocsp_cache_entries", "Signed responses held", ["handle"], registry=self.registry
-        )
-        signatures = Gauge(
-            "hsmocsp_signatures", "Signatures made", ["handle"], registry=self.registry
         )
         in_flight = Gauge(
             "hsmocsp_sign_in_flight",
@@ -105,25 +139,14 @@ class Metrics:
             ["handle"],
             registry=self.registry,
         )
-        source_errors = Gauge(
-            "hsmocsp_source_errors",
-            "Problems the source met (failed Vault requests, probes and CRL refreshes,"
-            " unreadable files), counted since start",
-            ["handle"],
-            registry=self.registry,
-        )
         for h in handles:
             for gauge, read in (
-                (cache_hits, _cache_hits),
-                (cache_misses, _cache_misses),
                 (cache_size, _cache_size),
-                (signatures, _signatures),
                 (in_flight, _in_flight),
                 (queue, _queue_depth),
                 (generation, _generation),
                 (age, _source_age),
                 (ready, _ready),
-                (source_errors, _source_errors),
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
         _lifecycle_gauges(self.registry, handles)
@@ -145,24 +168,29 @@ class Metrics:
                 ["token", "state"],
                 registry=self.registry,
             )
-        self._token_up.labels(name).set_function(
-            lambda: float(health().state is not State.FAILED)
-        )
+        self._token_up.labels(name).set_function(lambda: float(health().state is not State.FAILED))
         for state in State:
             self._token_state.labels(name, state.label).set_function(
                 partial(_is_state, health, state)
             )
 
     def watch_store(self, store: StoreView) -> None:
-        """The response store's write health, read at scrape time: failed write attempts,
-        rows waiting, rows dropped from a full queue, and 1/0 for writing works."""
+        """The response store's write health, read at scrape time: failed write attempts
+        and rows dropped from a full queue (counters), rows waiting, and 1/0 for writing
+        works."""
+        self.registry.register(
+            _ReadCounters(
+                (
+                    ("hsmocsp_store_write_errors", "Failed attempts to write signed responses"
+                     " to the store (disk full, read-only, locked)", lambda: store.write_errors),
+                    ("hsmocsp_store_dropped_rows", "Signed responses dropped from a full write"
+                     " queue while the store could not write", lambda: store.dropped),
+                )
+            )
+        )  # fmt: skip
         for name, doc, read in (
-            ("hsmocsp_store_write_errors", "Failed attempts to write signed responses to"
-             " the store (disk full, read-only, locked)", lambda: float(store.write_errors)),
             ("hsmocsp_store_pending_rows", "Signed responses waiting to be written to the"
              " store", lambda: float(store.pending)),
-            ("hsmocsp_store_dropped_rows", "Signed responses dropped from a full write queue"
-             " while the store could not write", lambda: float(store.dropped)),
             ("hsmocsp_store_ready", "1 while the store writes, 0 while writes fail",
              lambda: float(store.health().state is State.READY)),
         ):  # fmt: skip
@@ -174,6 +202,15 @@ class Metrics:
         if child is None:
             child = self._children[key] = self._responses.labels(handle, status, method)
         child.inc(n)
+
+    def latency(self, handle: str, result: str, seconds: float) -> None:
+        """One OCSP request answered after ``seconds``; ``result``: ``cached``,
+        ``signed`` or an OCSP error status name."""
+        key = (handle, result)
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children[key] = self._latency.labels(handle, result)
+        child.observe(seconds)
 
     def front_answered(self, front: int, n: int) -> None:
         self._front_answers.labels(str(front)).inc(n)
@@ -211,6 +248,55 @@ class Metrics:
 
     def render(self) -> tuple[str, bytes]:
         return CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+
+class _HandleCounters(Collector):
+    """Counters the handles keep themselves, read at scrape time."""
+
+    def __init__(self, handles: Sequence[Handle]) -> None:
+        self._handles = list(handles)
+
+    def collect(self) -> Iterator[Metric]:
+        families = (
+            ("hsmocsp_cache_hits", "Answers from the signed-response cache", _cache_hits),
+            ("hsmocsp_cache_misses", "Requests the cache could not answer", _cache_misses),
+            ("hsmocsp_signatures", "Signatures made", _signatures),
+            (
+                "hsmocsp_source_errors",
+                "Problems the source met (failed Vault requests, probes and CRL refreshes,"
+                " unreadable files)",
+                _source_errors,
+            ),
+        )
+        for name, text, read in families:
+            family = CounterMetricFamily(name, text, labels=["handle"])
+            for h in self._handles:
+                family.add_metric([h.name], read(h))
+            yield family
+
+
+class _ReadCounters(Collector):
+    """Unlabelled counters whose values a component keeps, read at scrape time."""
+
+    def __init__(self, counters: Sequence[tuple[str, str, Callable[[], float]]]) -> None:
+        self._counters = list(counters)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, read in self._counters:
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], float(read()))
+            yield family
+
+
+def _build_info() -> dict[str, str]:
+    import twisted
+    from hsmocsp import __version__
+
+    return {
+        "version": __version__,
+        "twisted": twisted.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _is_state(health: Callable[[], Health], state: State) -> float:

@@ -276,7 +276,7 @@ def test_restart_serves_stored_responses_without_signing(devpki: DevPki, tmp_pat
     r = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
     try:
         assert "good" in _check(r, devpki, "-cert", str(devpki.good_pem), "-no_nonce")
-        assert _metric(r, 'hsmocsp_signatures{handle="root"}') == 1
+        assert _metric(r, 'hsmocsp_signatures_total{handle="root"}') == 1
         time.sleep(1.5)  # the store flushes once a second
     finally:
         assert r.stop() in (0, -15)  # twistd re-raises SIGTERM after a clean shutdown
@@ -286,6 +286,6 @@ def test_restart_serves_stored_responses_without_signing(devpki: DevPki, tmp_pat
         assert _metric(r2, 'hsmocsp_cache_entries{handle="root"}') == 1
         out = _check(r2, devpki, "-cert", str(devpki.good_pem), "-no_nonce")
         assert f"{devpki.good_pem}: good" in out
-        assert _metric(r2, 'hsmocsp_signatures{handle="root"}') == 0
+        assert _metric(r2, 'hsmocsp_signatures_total{handle="root"}') == 0
     finally:
         r2.stop()

@@ -117,7 +117,7 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
                 for cert in (devpki.good_pem, devpki.revoked_pem):
                     _ask(r, path, cert, devpki.ca_pem, algorithm)
                     asked += 1
-        _wait(lambda: _metric(r, "hsmocsp_store_write_errors") >= 2, "failed writes")
+        _wait(lambda: _metric(r, "hsmocsp_store_write_errors_total") >= 2, "failed writes")
         assert _metric(r, "hsmocsp_store_pending_rows") == asked
         assert _metric(r, "hsmocsp_store_ready") == 0
         assert _rows(db) == 1

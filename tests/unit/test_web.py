@@ -99,8 +99,15 @@ def test_probes_and_metrics() -> None:
     code, _, body = fetch(client, "GET", "/metrics")
     assert code == 200
     assert b'hsmocsp_responses_total{handle="t",method="POST",status="successful"} 1.0' in body
-    assert b'hsmocsp_cache_misses{handle="t"} 1.0' in body
+    assert b'hsmocsp_cache_misses_total{handle="t"} 1.0' in body
     assert b"hsmocsp_sign_seconds" in body
+    # Prometheus conventions: counters end in _total, no _created series, build info.
+    assert b"# TYPE hsmocsp_cache_hits_total counter" in body
+    assert b"# TYPE hsmocsp_signatures_total counter" in body
+    assert b"_created" not in body
+    assert b'hsmocsp_build_info{' in body and b"process_cpu_seconds_total" in body
+    # The miss's latency, by handle and result.
+    assert b'hsmocsp_request_duration_seconds_count{handle="t",result="signed"} 1.0' in body
     # The fake source last confirmed its data at t=1,750,000,000 - 42 (clock time now).
     source.checked_at = 1_750_000_000 - 42  # type: ignore[attr-defined]
     body = fetch(client, "GET", "/metrics")[2]
