@@ -29,11 +29,17 @@ deps: .deps.stamp
 	fi
 	@touch $@
 
-venv: $(VENV)/.stamp
+venv: $(VENV)/.stamp $(VENV)/.checkout-pth
 $(VENV)/.stamp: pyproject.toml | .deps.stamp
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+# The editable install does not expose twisted/plugins (not a package): a .pth puts the
+# checkout on the venv's path, so `.venv/bin/twistd hsmocsp` works from any directory.
+$(VENV)/.checkout-pth: | $(VENV)/.stamp
+	$(BIN)/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "hsmocsp-checkout.pth").write_text("$(CURDIR)\n")'
 	@touch $@
 
 devpki: venv
