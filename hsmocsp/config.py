@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 import yaml
 
@@ -322,7 +323,11 @@ def _token(file: Path, name: str, data: Any) -> TokenConfig:
     return token
 
 
-def _signer(r: _Reader, tokens: Mapping[str, TokenConfig]) -> SignerConfig:
+def _signer(r: _Reader, tokens: dict[str, TokenConfig]) -> SignerConfig:
+    if r.has("uri"):
+        uri = r.req_str("uri")
+        r.finish()
+        return pkcs11_uri_signer(uri, r.file, r.key("uri"), tokens)
     if r.has("file"):
         key = r.path("file", required=True)
         assert key is not None
@@ -437,7 +442,7 @@ def _source(r: _Reader) -> SourceConfig:
     return cfg
 
 
-def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig]) -> HandleConfig:
+def _handle(file: Path, name: str, data: Any, tokens: dict[str, TokenConfig]) -> HandleConfig:
     if not _HANDLE_NAME.match(name):
         raise ConfigError(str(file), f"handles.{name}", "name may use letters, digits, _ . -")
     r = _Reader(file, f"handles.{name}", data)
@@ -461,7 +466,10 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
         if isinstance(source, ResponseFileSourceConfig):
             raise r.error("signer", "a response-file source is served as it is: signer: none")
         responder_cert = r.path("responder_cert", required=True)
-        signer = _signer(r.sub("signer"), tokens)
+        if isinstance(r.data.get("signer"), str):  # signer: "pkcs11:token=...;object=..."
+            signer = pkcs11_uri_signer(r.req_str("signer"), file, r.key("signer"), tokens)
+        else:
+            signer = _signer(r.sub("signer"), tokens)
     validity = r.number("validity", 3600.0, minimum=60.0)
     max_age = r.raw("max_age")
     if max_age is not None:
@@ -497,6 +505,111 @@ def _handle(file: Path, name: str, data: Any, tokens: Mapping[str, TokenConfig])
         max_cached=max_cached,
         max_unknown_cached=max_unknown_cached,
     )
+
+
+#: RFC 7512 path attributes we act on, and query attributes.
+_URI_PATH_ATTRS = ("token", "object", "id", "type", "slot-id")
+_URI_QUERY_ATTRS = ("module-path", "pin-source")
+
+
+def pkcs11_uri_signer(
+    uri: str, file: Path, key: str, tokens: dict[str, TokenConfig]
+) -> Pkcs11KeyConfig:
+    """A signer from an RFC 7512 ``pkcs11:`` URI.
+
+    ``token`` (or ``slot-id``) names the token, ``object`` (CKA_LABEL) and/or ``id``
+    (CKA_ID, percent-encoded bytes) the key, ``type`` if given must be ``private``.
+    The token is one of ``tokens:`` with that label (or slot) -- its module, PIN
+    and pool settings apply -- unless the URI names a ``module-path``; then it is
+    a token of its own, whose PIN comes from ``pin-source`` (``file:`` URI or path;
+    ``pin-value`` is refused: no secrets in the configuration).
+    """
+
+    shown = re.sub(r"pin-value=[^&]*", "pin-value=(hidden)", uri)  # never echo a PIN
+
+    def error(problem: str) -> ConfigError:
+        return ConfigError(str(file), key, f"{shown!r}: {problem}")
+
+    if not uri.startswith("pkcs11:"):
+        raise error("a PKCS#11 URI starts with 'pkcs11:' (RFC 7512)")
+    body, _, query = uri[len("pkcs11:") :].partition("?")
+    path_attrs = _uri_attributes(body, ";", error)
+    query_attrs = _uri_attributes(query, "&", error)
+    for name in path_attrs:
+        if name not in _URI_PATH_ATTRS:
+            raise error(f"attribute {name!r} not supported (use {', '.join(_URI_PATH_ATTRS)})")
+    if "pin-value" in query_attrs:
+        raise error("pin-value puts the PIN in the configuration; use pin-source=file:...")
+    for name in query_attrs:
+        if name not in _URI_QUERY_ATTRS:
+            raise error(f"query attribute {name!r} not supported (use module-path, pin-source)")
+    kind = path_attrs.get("type")
+    if kind is not None and kind.decode() != "private":
+        raise error("type must be private (the signing key)")
+    label = path_attrs["object"].decode() if "object" in path_attrs else None
+    key_id = path_attrs.get("id")
+    if label is None and not key_id:
+        raise error("name the key with object= (label) and/or id=")
+    token_label = path_attrs["token"].decode() if "token" in path_attrs else None
+    slot: int | None = None
+    if "slot-id" in path_attrs:
+        try:
+            slot = int(path_attrs["slot-id"].decode())
+        except ValueError:
+            raise error("slot-id must be a number") from None
+    if (token_label is None) == (slot is None):
+        raise error("name the token with token= or slot-id= (exactly one)")
+    if "module-path" not in query_attrs:
+        if "pin-source" in query_attrs:
+            raise error("pin-source goes with module-path (else the token's own PIN is used)")
+        for name, token in tokens.items():
+            if (token_label is not None and token.token_label == token_label) or (
+                slot is not None and token.slot == slot
+            ):
+                return Pkcs11KeyConfig(token=name, key_label=label, key_id=key_id)
+        raise error("no token under tokens: has this label/slot; add module-path and pin-source")
+    module = Path(query_attrs["module-path"].decode())
+    if not module.is_absolute():
+        raise error("module-path must be an absolute path")
+    if not module.exists():
+        raise error(f"module {module} does not exist")
+    if "pin-source" not in query_attrs:
+        raise error("module-path needs pin-source=file:/path/to/pin")
+    source = query_attrs["pin-source"].decode()
+    pin_path = Path(source[len("file:") :] if source.startswith("file:") else source)
+    if source.startswith("file://"):
+        pin_path = Path(source[len("file://") :])
+    if not pin_path.is_absolute():
+        pin_path = (file.parent / pin_path).resolve()
+    name = f"pkcs11:{token_label if token_label is not None else f'slot-{slot}'}"
+    token = TokenConfig(
+        name=name,
+        module=module,
+        token_label=token_label,
+        slot=slot,
+        pin=Secret(file=pin_path),
+        workers=2,
+        max_queue=1000,
+        sign_timeout=10.0,
+    )
+    existing = tokens.setdefault(name, token)
+    if existing != token:
+        raise error(f"token {name} is already used with another module-path or pin-source")
+    return Pkcs11KeyConfig(token=name, key_label=label, key_id=key_id)
+
+
+def _uri_attributes(
+    text: str, separator: str, error: Callable[[str], ConfigError]
+) -> dict[str, bytes]:
+    attrs: dict[str, bytes] = {}
+    for part in text.split(separator) if text else ():
+        name, eq, value = part.partition("=")
+        if not eq or not name:
+            raise error(f"{part!r} is not name=value")
+        if name in attrs:
+            raise error(f"{name} given twice")
+        attrs[name] = unquote_to_bytes(value)
+    return attrs
 
 
 def parse_config(file: Path, data: Any) -> Config:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
@@ -144,3 +145,33 @@ def test_check_wrong_pin_fails_every_handle_of_the_token(pki: DevPki, tmp_path: 
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(": FAILED: token dev: " in line for line in lines)
     assert "99887766" not in proc.stdout + proc.stderr
+
+
+def test_pkcs11_uri_signer_serves_and_openssl_verifies(pki: DevPki, tmp_path: Path) -> None:
+    """RFC 7512 URI with module-path and pin-source, no tokens: section at all."""
+    uri = (
+        f"pkcs11:token={quote(pki.token_label)};object={quote(pki.ocsp_key_label)};type=private"
+        f"?module-path={pki.module}&pin-source=file:{pki.pin_file}"
+    )
+    cfg = tmp_path / "hsmocsp.yaml"
+    cfg.write_text(f"""
+handles:
+  root:
+    path: /ocsp
+    issuer: {pki.ca_pem}
+    responder_cert: {pki.ocsp_pem}
+    signer: "{uri}"
+    source: {{kind: openssl, index: {pki.index}, crl: {pki.crl_der}}}
+""")
+    check = hsmocsp("check", "--config", str(cfg), env=dev_env(pki), cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    r = Responder(config=cfg, env=dev_env(pki), workdir=tmp_path).start()
+    try:
+        result = openssl_ocsp(
+            "-url", r.url + "/ocsp", "-issuer", str(pki.ca_pem), "-cert", str(pki.good_pem),
+            "-VAfile", str(pki.ocsp_pem), "-CAfile", str(pki.ca_pem), "-no_nonce",
+        )  # fmt: skip
+        assert result.verified and f"{pki.good_pem}: good" in result.output, result.output
+    finally:
+        r.stop()
+    assert pki.pin() not in r.output()
