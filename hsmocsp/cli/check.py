@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from hsmocsp.config import Config, FileKeyConfig, OpenSSLSourceConfig
+from hsmocsp.config import Config, FileKeyConfig
 from hsmocsp.errors import HsmOcspError
 from hsmocsp.health import State
 from hsmocsp.responder import Handle
@@ -52,11 +52,15 @@ async def run_check(reactor: Any, cfg: Config, out: TextIO) -> int:
                 pool_errors[name] = f"token {name}: {_why(err)}"
         failed = 0
         for h, handle in zip(cfg.handles, parts.handles, strict=True):
-            token = None if isinstance(h.signer, FileKeyConfig) else h.signer.token
+            token = (
+                None
+                if h.signer is None or isinstance(h.signer, FileKeyConfig)
+                else (h.signer.token)
+            )
             try:
                 if token is not None and token in pool_errors:
                     raise HsmOcspError(pool_errors[token])
-                line = await _check_handle(handle, started, h.source)
+                line = await _check_handle(handle, started, h.source, h.signer is not None)
                 out.write(f"handle {h.name}: ok: {line}\n")
             except Exception as err:
                 failed += 1
@@ -71,7 +75,7 @@ async def run_check(reactor: Any, cfg: Config, out: TextIO) -> int:
                 pass
 
 
-async def _check_handle(handle: Handle, started: list[Any], source_cfg: object) -> str:
+async def _check_handle(handle: Handle, started: list[Any], source_cfg: object, signs: bool) -> str:
     await handle.signer.start()
     started.append(handle.signer)
     await handle.source.start()
@@ -80,14 +84,17 @@ async def _check_handle(handle: Handle, started: list[Any], source_cfg: object) 
     health = handle.health()  # expiry of the certificate, CRLs past nextUpdate
     if health.state is State.FAILED:
         raise HsmOcspError(health.reason or "failed")
-    cert = handle.responder_cert
-    kind = "index.txt" if isinstance(source_cfg, OpenSSLSourceConfig) else "vault"
+    kind = getattr(source_cfg, "kind", "?")
     issuers = handle.source.issuers()
-    line = (
-        f"{handle.path}, key {describe_key(handle.signer.public_key())}, "
-        f"responder certificate {cert.subject.rfc4514_string()} until "
-        f"{cert.not_valid_after_utc:%Y-%m-%d}, {kind} source with {len(issuers)} issuer(s)"
-    )
+    if signs:
+        cert = handle.responder_cert
+        signing = (
+            f"key {describe_key(handle.signer.public_key())}, responder certificate "
+            f"{cert.subject.rfc4514_string()} until {cert.not_valid_after_utc:%Y-%m-%d}"
+        )
+    else:
+        signing = "pre-signed responses (signer: none)"
+    line = f"{handle.path}, {signing}, {kind} source with {len(issuers)} issuer(s)"
     if health.state is State.DEGRADED:
         line += f" (degraded: {health.reason})"
     return line

@@ -47,6 +47,8 @@ async def run_csr(reactor: Any, cfg: Config, args: argparse.Namespace, out: Text
             h = handles.get(args.handle)
             if h is None:
                 return _fail(f"no handle {args.handle!r} in {cfg.path} ({', '.join(handles)})")
+            if h.signer is None:
+                return _fail(f"handle {h.name} has no signer (signer: none): nothing to certify")
             if not isinstance(h.signer, FileKeyConfig):
                 pool = build_pool(cfg.tokens[h.signer.token], reactor, workers=1)
             signer = build_signer(h, pool)
