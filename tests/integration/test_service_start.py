@@ -246,3 +246,55 @@ def test_twistd_hsmocsp_version() -> None:
     proc = _twistd("hsmocsp", "--version", env=dict(os.environ), cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"hsmocsp {__version__}"), proc.stdout
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_json_service_log(devpki: DevPki, tmp_path: Path) -> None:
+    """--logger=hsmocsp.logs.json_observer: every line one JSON object; a wrong PIN is
+    one critical line without a traceback; a good start says where it listens."""
+    pin = tmp_path / "pin"
+    pin.write_text("99887766\n")
+    bad = level1_config(devpki, tmp_path)
+    bad.write_text(bad.read_text().replace(str(devpki.pin_file), str(pin)))
+    proc = _twistd(
+        "-n", "--pidfile=", "--logger=hsmocsp.logs.json_observer", "hsmocsp",
+        "--config", str(bad), "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+        env=dev_env(devpki), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    records = _json_lines(proc.stdout)  # every line parses
+    critical = [r for r in records if r["level"] == "critical"]
+    assert len(critical) == 1 and "cannot start" in str(critical[0]["message"])
+    assert not any("traceback" in r for r in records)
+    assert "99887766" not in proc.stdout + proc.stderr
+
+    good_dir = tmp_path / "good"
+    good_dir.mkdir()
+    port = free_port()
+    with subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", "--logger=hsmocsp.logs.json_observer", "hsmocsp",
+         "--config", str(level1_config(devpki, good_dir)),
+         "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(dev_env(devpki), PYTHONPATH=str(REPO)), cwd=good_dir,
+    ) as running:  # fmt: skip
+        assert running.stdout is not None
+        seen: list[dict[str, object]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = running.stdout.readline()
+            if not line:
+                break
+            seen.extend(_json_lines(line))
+            if any("hsmocsp listening on" in str(r["message"]) for r in seen):
+                break
+        running.send_signal(signal.SIGTERM)
+        running.wait(30)
+    listening = [r for r in seen if "hsmocsp listening on" in str(r["message"])]
+    assert listening and listening[0]["listen"] == f"tcp:{port}:interface=127.0.0.1"
+    assert any(r.get("name") == "root" and "serving" in str(r["message"]) for r in seen)
