@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hsmocsp.devpki.opensslca import DevPki, build_level1, sign_csr
 from tests.integration.conftest import dev_env, level1_config
+from tests.integration.conftest_bao import BaoPki, bao, bao_pki  # noqa: F401
 from tests.integration.harness import REPO, Responder, openssl_ocsp
 
 HSMOCSP = Path(sys.executable).with_name("hsmocsp")
@@ -175,3 +176,56 @@ handles:
     finally:
         r.stop()
     assert pki.pin() not in r.output()
+
+
+def test_vault_sign_verbatim_and_check_against_openbao(
+    pki: DevPki,
+    tmp_path: Path,
+    bao_pki: BaoPki,  # noqa: F811
+) -> None:
+    """docs/bring-your-own-ca.md's Vault route with a real OpenBao: the CSR signed by
+    sign-verbatim with the OCSPSigning EKU; hsmocsp check reaches the mount with the
+    token (ok) and without a valid one (FAILED: permission denied)."""
+    cfg = level1_config(pki, tmp_path)
+    proc = hsmocsp("csr", "--config", str(cfg), "--handle", "root", "--subject",
+                   "/CN=pki OCSP responder", env=dev_env(pki), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = bao_pki.api.call(
+        "POST", f"{bao_pki.mount}/sign-verbatim",
+        {"csr": proc.stdout, "ttl": "24h", "ext_key_usage": ["OCSPSigning"]},
+    )["data"]  # fmt: skip
+    cert = x509.load_pem_x509_certificate(data["certificate"].encode())
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.OCSP_SIGNING in list(eku)
+    assert cert.public_key() == x509.load_pem_x509_csr(proc.stdout.encode()).public_key()
+    responder = tmp_path / "vault-ocsp.pem"
+    responder.write_text(data["certificate"])
+    cfg = tmp_path / "vault.yaml"
+    cfg.write_text(f"""
+tokens:
+  dev:
+    module: {pki.module}
+    token_label: {pki.token_label}
+    pin_file: {pki.pin_file}
+handles:
+  vault:
+    path: /pki/ocsp
+    responder_cert: {responder}
+    signer: {{token: dev, key_label: {pki.ocsp_key_label}}}
+    source:
+      kind: vault
+      address: {bao_pki.server.address}
+      mount: {bao_pki.mount}
+      auth: {{method: token, token_env: HSMOCSP_TEST_VAULT_TOKEN}}
+""")
+    env = dict(dev_env(pki), HSMOCSP_TEST_VAULT_TOKEN=bao_pki.server.root_token)
+    ok = hsmocsp("check", "--config", str(cfg), env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("handle vault: ok: /pki/ocsp") and "vault source" in ok.stdout
+    env["HSMOCSP_TEST_VAULT_TOKEN"] = "s.not-a-token"
+    refused = hsmocsp("check", "--config", str(cfg), env=env, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stdout.startswith("handle vault: FAILED: ") and "permission denied" in (
+        refused.stdout
+    ), refused.stdout
+    assert bao_pki.server.root_token not in ok.stdout + ok.stderr + refused.stdout
