@@ -32,7 +32,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.errors import HsmOcspError, SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health
 from hsmocsp.inflight import OneAtATime, OnePerKey
 from hsmocsp.sources.crl import CRLInfo, load_crl, merged_revocations
@@ -297,7 +297,20 @@ class VaultSource:
     # --- public extras ------------------------------------------------------------------
 
     def refresh(self) -> Deferred[None]:
-        return self.refresh_crl()
+        """SIGHUP: the mount's issuer certificates again (one renewed or added in Vault),
+        then every CRL. Never fails: Vault unreachable keeps the issuers in use."""
+        return Deferred.fromCoroutine(self._refresh_all())
+
+    async def _refresh_all(self) -> None:
+        try:
+            await self._load_issuers(await self._auth.token())
+        except HsmOcspError as err:
+            log.warn(
+                "{where}: issuer certificates not reloaded, keeping the ones in use: {err}",
+                where=self._where(),
+                err=err,
+            )
+        await self.refresh_crl()
 
     def refresh_crl(self) -> Deferred[None]:
         """Fetch every issuer's CRL now (also what the background timer does).

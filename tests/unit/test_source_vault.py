@@ -162,6 +162,8 @@ class FakeVault:
 
     @app.route("/v1/pki/issuers", methods=["GET"])
     def issuers(self, request: Any) -> bytes:
+        if self.mode == "down":
+            return self._json(request, 503, {"errors": ["Vault is sealed"]})
         return self._json(request, 200, {"data": {"keys": ["id-1"]}})
 
     @app.route("/v1/pki/issuer/id-1/der", methods=["GET"])
@@ -691,3 +693,37 @@ def test_bad_crl_degrades_but_keeps_serving_the_last_good_one() -> None:
 def test_health_before_start_is_failed() -> None:
     env = Env()
     assert env.source.health().state is State.FAILED
+
+
+def test_sighup_reloads_the_mounts_issuer_certificates() -> None:
+    """A renewed issuer certificate in the mount (same key) is served after refresh()
+    (SIGHUP), with its CRL; Vault down then keeps the issuers in use."""
+    env = Env(cache_ttl=1, crl_refresh=3600)
+    env.start()
+    old = env.issuer()
+    renewed = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(old.subject)
+        .public_key(env.fake.ca.key.public_key())
+        .serial_number(2)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(env.fake.ca.key, hashes.SHA256())
+    )
+    env.fake.ca.cert = renewed
+    env.run(env.source.refresh())
+    assert env.issuer() == renewed
+    assert env.source.crl_der(renewed) is not None
+    assert env.status(REVOKED).status is Status.revoked
+    env.fake.mode = "down"
+    env.fake.ca.cert = old
+    lines: list[str] = []
+    globalLogPublisher.addObserver(lines.append)  # type: ignore[arg-type]
+    try:
+        env.run(env.source.refresh())
+    finally:
+        globalLogPublisher.removeObserver(lines.append)  # type: ignore[arg-type]
+    assert env.issuer() == renewed
+    assert any("issuer certificates not reloaded" in formatEvent(e) for e in lines)  # type: ignore[arg-type]
