@@ -325,11 +325,13 @@ class Presigner:
     def stored(self, key: bytes, serial: int, value: SignedResponse) -> None:
         entry = self._entries.get(key)
         if entry is None:
-            if not (self.handle.cache.requested(key) and value.cacheable):
-                return
-            entry = self._adopt(key, serial)
-            if entry is None:
-                return
+            return
+        if not self._listed(entry):
+            # Adopted for one refresh (a client asked for a CertID no scan lists: another
+            # hash, an unknown serial): signed again only when asked again past its
+            # refresh point, so one-off requests cannot fill the token's schedule.
+            self._forget(key)
+            return
         entry.expires = value.expires_at
         entry.replace = None
         self._expired.discard(key)
@@ -345,10 +347,7 @@ class Presigner:
     def _first_request(self, key: bytes, serial: int) -> None:
         entry = self._entries.get(key)
         if entry is None:
-            # Not a known serial (another hash, an unknown serial): adopted once stored.
-            if self.handle.cache.current(key) is not None:
-                self._adopt(key, serial)
-            return
+            return  # not a listed serial: refreshed on demand only (_claim_refresh)
         if not entry.asked:
             entry.asked = True
             if entry.tier == OTHER:
@@ -369,7 +368,8 @@ class Presigner:
         return True
 
     def _adopt(self, key: bytes, serial: int) -> _Entry | None:
-        """An entry for a CertID a client asked for that no scan listed."""
+        """An entry for a CertID a client asked for that no scan listed (until signed)."""
+        now = self._clock.seconds()
         try:
             cid = parse_request(_der.sequence(_der.sequence(_der.sequence(_der.sequence(key)))))
             one = cid.cert_ids[0]
@@ -380,10 +380,7 @@ class Presigner:
             serial=serial, issuer=issuer, alg=one.hash_algorithm, cid=one, asked=True
         )
         current = self.handle.cache.current(key)
-        if current is not None:
-            entry.expires = current.expires_at
-            heapq.heappush(self._expiry, (current.expires_at, key))
-            self._schedule(key, entry, current.refresh_at, ASKED)
+        self._schedule(key, entry, now if current is None else current.refresh_at, ASKED)
         return entry
 
     # --- the source tells us -------------------------------------------------------------
@@ -583,11 +580,14 @@ class Presigner:
                     self._schedule(key, entry, current.refresh_at, normal)
                     continue
             if entry.tier != URGENT:
-                listed = entry.scan > 0 and entry.scan >= self._scan_done
-                if not listed and (current is None or not entry.asked):
+                if not self._listed(entry) and (current is None or not entry.asked):
                     self._forget(key)  # no longer known, and no client's response held
                     continue
             return key, entry
+
+    def _listed(self, entry: _Entry) -> bool:
+        """Whether the last complete scan (or the one under way) listed this serial."""
+        return entry.scan > 0 and entry.scan >= self._scan_done
 
     def _forget(self, key: bytes) -> None:
         self._entries.pop(key, None)

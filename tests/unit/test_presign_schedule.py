@@ -280,3 +280,21 @@ def test_a_restart_re_signs_nothing_that_is_still_fresh(tmp_path: Any) -> None:
     stopped: list[object] = []
     store.stop().addBoth(stopped.append)
     _wait(stopped)
+
+
+def test_a_one_off_request_for_an_unlisted_certid_is_refreshed_only_when_asked_again() -> None:
+    clock, handle, _signer, stored = setup(validity=100, latency=0.25)
+    presigner = Presigner(handle, clock=clock, rate=100, concurrency=1)
+    presigner.start()
+    run(clock, 5)
+    handle.respond_der(request_for(77))  # unknown serial: signed live, cached
+    handle.respond_der(request_for(10, alg="sha256"))  # a listed serial, another hash
+    run(clock, 1)
+    assert stored.serials[-2:] == [77, 10]
+    stored.serials.clear()
+    run(clock, 55)  # past every refresh point
+    assert 77 not in stored.serials and stored.serials.count(10) == 1  # sha1 entry only
+    assert isinstance(handle.respond_der(request_for(77)), SignedResponse)  # stale, served
+    run(clock, 1)
+    assert stored.serials.count(77) == 1  # asked again past its refresh point: renewed
+    presigner.stop()
