@@ -15,7 +15,7 @@ BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test reliability deps venv devpki lint bench bench-slow clean distclean \
+.PHONY: run test reliability deps venv devpki lint bench bench-slow bench-token clean distclean \
 	deploy-check deploy-lock
 
 deps: .deps.stamp
@@ -87,6 +87,11 @@ deploy-lock:
 	  var/deploy-lock/bin/pip freeze --all --exclude hsmocsp --exclude pip; } > var/deploy-lock/c.txt
 	mv var/deploy-lock/c.txt deploy/container/constraints.txt && rm -rf var/deploy-lock
 	git diff --stat deploy/container/constraints.txt
+
+# A smart-card HSM (bench/slowtoken.c: 5 signatures/s, one at a time) carrying a
+# time-compressed 100k-serial, 7-day-validity CA: ~14 minutes. Results: docs/performance.md.
+bench-token: venv
+	$(BIN)/python -m bench.token
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

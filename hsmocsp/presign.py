@@ -643,9 +643,12 @@ class Presigner:
         burst = max(1.0, self.rate * 0.1)
         self._tokens = min(burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        if now < self._paused_until:
-            return
-        while self._tokens >= 1 and self._in_flight < self.concurrency and self._backlog() == 0:
+        while (
+            self._tokens >= 1
+            and self._in_flight < self.concurrency
+            and now >= self._paused_until
+            and self._backlog() == 0
+        ):
             item = self._take(now)
             if item is None:
                 return

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
+from hsmocsp.errors import SignerUnavailable
 from hsmocsp.health import State
 from hsmocsp.ocsp.request import make_cert_id
 from hsmocsp.ocsp.response import issuer_hashes
@@ -297,4 +298,25 @@ def test_a_one_off_request_for_an_unlisted_certid_is_refreshed_only_when_asked_a
     assert isinstance(handle.respond_der(request_for(77)), SignedResponse)  # stale, served
     run(clock, 1)
     assert stored.serials.count(77) == 1  # asked again past its refresh point: renewed
+    presigner.stop()
+
+
+def test_a_failing_token_pauses_pre_signing_once_with_back_off_and_it_recovers(
+    logged: list[str],
+) -> None:
+    clock, handle, signer, stored = setup(validity=1000)
+    signer.fail_with = SignerUnavailable("no signing worker up")
+    presigner = Presigner(handle, clock=clock, rate=100, concurrency=1)
+    presigner.start()
+    run(clock, 30)
+    assert stored.serials == [] and signer.calls <= 8  # backed off: 1, 2, 4, 8, 16 s
+    paused = [line for line in logged if "paused" in line]
+    assert len(paused) == 1 and "no signing worker up" in paused[0]  # said once
+    health = presigner.health()
+    assert health.state is State.DEGRADED and "no signing worker up" in health.reason
+    signer.fail_with = None
+    run(clock, 40)
+    assert sorted(stored.serials) == [1, 2, *range(10, 20)]  # recovered by itself
+    assert any("signing again" in line for line in logged)
+    assert presigner.health().state is State.READY
     presigner.stop()
