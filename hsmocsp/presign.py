@@ -66,6 +66,8 @@ SCAN_BUDGET = 0.004
 RATE_WINDOW = 64
 #: Spacings needed before the rate counts as measured.
 RATE_MIN_SAMPLES = 5
+#: The most waiting entries counted outside a run of work (see Presigner.due).
+COUNT_CAP = 10_000
 #: Longest pause after consecutive failed signatures (token or source down).
 MAX_PAUSE = 60.0
 
@@ -145,6 +147,7 @@ class _Run:
     announced: bool = False
     last_report_at: float = 0.0
     last_report_signed: int = 0
+    total: int = 0  # responses to sign, as estimated when the run was announced
 
 
 class Presigner:
@@ -178,6 +181,7 @@ class Presigner:
         self._scan_id = 0
         self._scan_done = 0
         self._scan_count = 0
+        self._scan_due = 0
         self._scan_reason = ""
         self.known = 0  # responses listed by the last complete scan
         self._in_flight = 0
@@ -196,6 +200,7 @@ class Presigner:
         self._last_error = ""
         self._run: _Run | None = None
         self._next_behind_check = 0.0
+        self._due_count: tuple[float, int] | None = None
         self.signed = 0
         self.failed = 0
         self.expired = 0  # responses that reached their nextUpdate before being re-signed
@@ -286,8 +291,19 @@ class Presigner:
         return len(self._expired)
 
     def due(self) -> int:
-        """Responses past their refresh point waiting for the token (and in flight)."""
-        return self._count_due(self._clock.seconds()) + self._in_flight
+        """Responses past their refresh point waiting for the token (and in flight).
+
+        Counting visits every waiting entry (a few us each), so during a run of work
+        (start-up, reload) this is the run's own estimate, and otherwise a count capped at
+        COUNT_CAP, at most every 10 s: a scrape never walks 100,000 entries.
+        """
+        now = self._clock.seconds()
+        run = self._run
+        if run is not None and run.announced:
+            return max(run.total - (self.signed - run.signed_at_start), self._in_flight)
+        if self._due_count is None or now - self._due_count[0] >= 10.0:
+            self._due_count = (now, self._count_due(now, COUNT_CAP))
+        return self._due_count[1] + self._in_flight
 
     def refresh_first(self, where: Callable[[bytes, SignedResponse], bool]) -> int:
         """Re-sign, ahead of all other pre-signing, every held response ``where`` selects.
@@ -414,6 +430,7 @@ class Presigner:
     def _begin_scan(self, reason: str) -> None:
         self._scan_id += 1
         self._scan_count = 0
+        self._scan_due = 0
         self._scan_reason = reason
         source = self.handle.source
 
@@ -461,6 +478,8 @@ class Presigner:
                         self._schedule(key, entry, due, OTHER)
                     elif entry.seq == 0 or due < entry.due:
                         self._schedule(key, entry, due, min(entry.tier, OTHER))
+                    if entry.seq != 0 and entry.due <= now:
+                        self._scan_due += 1
                     entry.scan = scan_id
             if time.perf_counter() >= deadline:
                 return
@@ -476,7 +495,8 @@ class Presigner:
         run.last_report_at = now
         run.last_report_signed = self.signed
         done = self.signed - run.signed_at_start
-        todo = self._count_due(now) + self._in_flight
+        todo = self._scan_due + self._in_flight
+        run.total = todo + done
         if todo == 0:
             log.info(
                 "pre-signing {handle}: all {known} responses fresh, nothing to sign ({reason})",
@@ -545,14 +565,15 @@ class Presigner:
                 break
         return False
 
-    def _count_due(self, now: float) -> int:
-        """Scheduled entries past their time: visits only those (and their children)."""
+    def _count_due(self, now: float, cap: int) -> int:
+        """Scheduled entries past their time, up to ``cap``: visits only those (and their
+        children), so the cost follows the backlog, not the number of entries."""
         entries = self._entries
         count = 0
         for heap in self._heaps:
             stack = [0]
             size = len(heap)
-            while stack:
+            while stack and count < cap:
                 i = stack.pop()
                 if i >= size or heap[i][0] > now:
                     continue
@@ -724,9 +745,11 @@ class Presigner:
         if run is None:
             if now >= self._next_behind_check:
                 self._next_behind_check = now + self.progress_interval
-                todo = self._count_due(now)
                 rate = self.measured_rate() or 1.0
-                if todo >= max(10.0, rate * self.progress_interval):
+                threshold = int(max(10.0, rate * self.progress_interval))
+                todo = self._count_due(now, threshold)
+                if todo >= threshold:
+                    todo = self._count_due(now, 10 * COUNT_CAP)
                     self._run = _Run(
                         "behind schedule",
                         now,
@@ -734,6 +757,7 @@ class Presigner:
                         announced=True,
                         last_report_at=now,
                         last_report_signed=self.signed,
+                        total=todo,
                     )
                     log.warn(
                         "pre-signing {handle}: {todo} responses past their refresh point "
@@ -757,7 +781,7 @@ class Presigner:
         if now - run.last_report_at < self.progress_interval:
             return
         rate = (self.signed - run.last_report_signed) / (now - run.last_report_at)
-        left = self._count_due(now) + self._in_flight
+        left = max(run.total - done, self._in_flight)
         eta = _duration(left / rate) if rate > 0 else "unknown (nothing signed last minute)"
         log.info(
             "pre-signing {handle}: {done}/{total} signed, {rate} sig/s, {left} left, ETA {eta}",

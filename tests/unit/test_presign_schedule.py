@@ -25,7 +25,7 @@ from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.status import CertStatus
 from hsmocsp.store import ResponseStore
 from tests.unit.fakes import CountingSigner
-from tests.unit.test_responder import make, request_for, resolve
+from tests.unit.test_responder import REVOKED_AT, make, request_for, resolve
 
 T0 = 1_750_000_000.0
 
@@ -319,4 +319,24 @@ def test_a_failing_token_pauses_pre_signing_once_with_back_off_and_it_recovers(
     assert sorted(stored.serials) == [1, 2, *range(10, 20)]  # recovered by itself
     assert any("signing again" in line for line in logged)
     assert presigner.health().state is State.READY
+    presigner.stop()
+
+
+def test_a_source_reload_logs_the_capacity_line_again_and_signs_the_change_first(
+    logged: list[str],
+) -> None:
+    clock, handle, _signer, stored = setup(validity=1000, latency=0.5)
+    presigner = Presigner(handle, clock=clock, rate=100, concurrency=1)
+    presigner.start()
+    run(clock, 10)
+    assert len([line for line in logged if "capacity" in line]) == 1
+    stored.serials.clear()
+    for serial in range(20, 30):  # ten new certificates, then one revocation
+        handle.source.statuses[serial] = CertStatus.good()  # type: ignore[attr-defined]
+    handle.source.set(15, CertStatus.revoked(REVOKED_AT))  # type: ignore[attr-defined]
+    run(clock, 10)
+    assert stored.serials[0] == 15  # the changed status first
+    assert sorted(stored.serials[1:]) == list(range(20, 30))  # then what the rescan found
+    capacity = [line for line in logged if "capacity" in line]
+    assert len(capacity) == 2 and "22 responses" in capacity[1]
     presigner.stop()
