@@ -332,7 +332,8 @@ class Presigner:
             return
         for key, serial in self.handle.stale_by_certificate():
             if key not in self._entries:
-                self._adopt(key, serial)  # not scanned yet (start-up), or asked with another hash
+                # Not scanned yet (start-up), or asked with another hash.
+                self._adopt(key, serial, asked=self.handle.cache.requested(key))
         current = self.handle.cert_fp
         self.refresh_first(lambda key, value: value.cert_fp != current)
 
@@ -383,8 +384,8 @@ class Presigner:
             self._schedule(key, entry, entry.due, ASKED)
         return True
 
-    def _adopt(self, key: bytes, serial: int) -> _Entry | None:
-        """An entry for a CertID a client asked for that no scan listed (until signed)."""
+    def _adopt(self, key: bytes, serial: int, asked: bool = True) -> _Entry | None:
+        """An entry for a CertID no scan listed (yet): asked for, or to be replaced."""
         now = self._clock.seconds()
         try:
             cid = parse_request(_der.sequence(_der.sequence(_der.sequence(_der.sequence(key)))))
@@ -393,10 +394,11 @@ class Presigner:
         except HsmOcspError:
             return None
         entry = self._entries[key] = _Entry(
-            serial=serial, issuer=issuer, alg=one.hash_algorithm, cid=one, asked=True
+            serial=serial, issuer=issuer, alg=one.hash_algorithm, cid=one, asked=asked
         )
         current = self.handle.cache.current(key)
-        self._schedule(key, entry, now if current is None else current.refresh_at, ASKED)
+        due = now if current is None else current.refresh_at
+        self._schedule(key, entry, due, ASKED if asked else OTHER)
         return entry
 
     # --- the source tells us -------------------------------------------------------------
