@@ -105,8 +105,8 @@ class ResponseCache(Generic[V]):
         self.on_store = on_store
         self.observers: list[CacheObserver[V]] = []
         self.stats = CacheStats()
-        # Demand, for pre-signing (hsmocsp.presign): told once per key a client asks for
-        # (``on_first_request``), and asked to take over the refresh of an entry served
+        # Demand, for pre-signing (hsmocsp.presign): told once per lasting key a client
+        # asks for (``on_first_request``), and asked to take over the refresh of an entry served
         # past its refresh point (``refresher`` returns True when it does), so that a
         # slow token's time goes where clients need it, in the pre-signer's order.
         self.on_first_request: Callable[[bytes, int], None] | None = None
@@ -151,9 +151,9 @@ class ResponseCache(Generic[V]):
     def get(self, key: bytes, serial: int, produce: Callable[[], Deferred[V]]) -> Deferred[V] | V:
         """Return the value for ``key`` (the bare value on a hit, so the hot path
         allocates no Deferred), or a Deferred that fires when ``produce`` has made one."""
-        if key not in self._requested:
-            self._first_request(key, serial)
         hit = self._entries.get(key)
+        if hit is not None and key not in self._requested:
+            self._first_request(key, serial)
         if hit is None and self._transient:
             hit = self._hit(key)
         if hit is not None:
@@ -201,12 +201,13 @@ class ResponseCache(Generic[V]):
         return len(self._flights)
 
     def requested(self, key: bytes) -> bool:
-        """Whether a client asked for ``key`` (through :meth:`get`) since the set was last
-        trimmed (it is bounded: cleared when twice ``max_entries``)."""
+        """Whether a client asked for ``key`` (through :meth:`get`) while it had a lasting
+        entry, since the set was last trimmed (bounded: cleared at ``max_entries``; a
+        flood of serials nobody issued never enters it)."""
         return key in self._requested
 
     def _first_request(self, key: bytes, serial: int) -> None:
-        if len(self._requested) >= 2 * self._max:
+        if len(self._requested) >= self._max:
             self._requested.clear()
         self._requested.add(key)
         if self.on_first_request is not None:

@@ -372,8 +372,8 @@ class Presigner:
 
     def _claim_refresh(self, key: bytes, serial: int) -> bool:
         """An entry was served past its refresh point: we refresh it, in our order."""
-        if not self._started:
-            return False
+        if not self._started or not self.handle.cache.holds(key):
+            return False  # transient answers (unknown serials) refresh themselves
         entry = self._entries.get(key)
         if entry is None:
             entry = self._adopt(key, serial)
@@ -603,7 +603,9 @@ class Presigner:
                     self._schedule(key, entry, current.refresh_at, normal)
                     continue
             if entry.tier != URGENT:
-                if not self._listed(entry) and (current is None or not entry.asked):
+                if not self._listed(entry) and (
+                    current is None or not entry.asked or not cache.holds(key)
+                ):
                     self._forget(key)  # no longer known, and no client's response held
                     continue
             return key, entry

@@ -288,16 +288,21 @@ def test_a_one_off_request_for_an_unlisted_certid_is_refreshed_only_when_asked_a
     presigner = Presigner(handle, clock=clock, rate=100, concurrency=1)
     presigner.start()
     run(clock, 5)
-    handle.respond_der(request_for(77))  # unknown serial: signed live, cached
     handle.respond_der(request_for(10, alg="sha256"))  # a listed serial, another hash
+    handle.respond_der(request_for(77))  # never issued: answered, kept apart (transient)
     run(clock, 1)
-    assert stored.serials[-2:] == [77, 10]
+    assert stored.serials[-1:] == [10]
+    signatures = handle.signatures
     stored.serials.clear()
     run(clock, 55)  # past every refresh point
-    assert 77 not in stored.serials and stored.serials.count(10) == 1  # sha1 entry only
-    assert isinstance(handle.respond_der(request_for(77)), SignedResponse)  # stale, served
+    assert stored.serials.count(10) == 1  # the sha1 entry only
+    assert handle.signatures - signatures == 12  # the listed ones; not 77, not sha256
+    sha256 = handle.respond_der(request_for(10, alg="sha256"))
+    assert isinstance(sha256, SignedResponse)  # stale, served, its refresh claimed
     run(clock, 1)
-    assert stored.serials.count(77) == 1  # asked again past its refresh point: renewed
+    assert stored.serials.count(10) == 2  # asked again past its refresh point: renewed
+    run(clock, 60)
+    assert stored.serials.count(10) == 3  # the sha1 entry again; sha256 not, unasked
     presigner.stop()
 
 
