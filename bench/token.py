@@ -385,7 +385,7 @@ handles:
             for t in threads:
                 t.join(60)
         metrics = scrape_metrics(url)
-        signatures = _metric(metrics, "hsmocsp_signatures")
+        signatures = _metric(metrics, "hsmocsp_signatures_total")
         capacity = lines(child, "capacity of handle root")
         progress = lines(child, "pre-signing root")
         children.stop(child)
@@ -401,7 +401,7 @@ handles:
         restart_ready = time.monotonic() - started2
         time.sleep(3)
         m2 = scrape_metrics(url2)
-        restart_signatures = _metric(m2, "hsmocsp_signatures")
+        restart_signatures = _metric(m2, "hsmocsp_signatures_total")
         restart_entries = _metric(m2, "hsmocsp_cache_entries")
         children.stop(child2)
     finally:
