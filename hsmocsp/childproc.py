@@ -174,8 +174,7 @@ class Child(ProcessProtocol):
             self, argv[0], list(argv), env=dict(env), path=path,
             childFDs={0: "w", 1: "r", 2: "r"},
         )  # fmt: skip
-        assert self._proc is not None
-        self.pid = self._proc.pid
+        self.pid = getattr(self._proc, "pid", None)
         self._pipes = getattr(self._proc, "pipes", {})
         writer = self._pipes.get(0)
         if isinstance(getattr(writer, "fd", None), int):
@@ -326,8 +325,9 @@ class Supervisor:
     in, listening) and :meth:`ended` (whatever it was). The supervisor decides
     when to call ``spawn`` again: at once or after a back-off pause, one start
     at a time if ``serial``, never while :meth:`hold` is in force or before
-    :meth:`run`. A child that was ready for ``stable_after`` seconds resets the
-    count of failures, as ProcessMonitor's ``threshold`` does.
+    :meth:`run`. A child that ran for ``stable_after`` seconds resets the count
+    of failures, as ProcessMonitor's ``threshold`` does; with ``stable_after`` 0,
+    a child that got ready does (a worker that logged in).
     """
 
     def __init__(
@@ -350,7 +350,7 @@ class Supervisor:
         self.held: str | None = None
         self.failures = 0  # ends in a row without a stable run
         self._states: dict[int, str] = {}  # number -> "starting" | "ready"
-        self._ready_at: dict[int, float] = {}
+        self._started_at: dict[int, float] = {}
         self._timer: IDelayedCall | None = None
 
     # --- queries -----------------------------------------------------------------------
@@ -370,6 +370,7 @@ class Supervisor:
     def start_one(self, number: int) -> None:
         """Spawn child ``number`` now, running or not (a serial start-up drives this)."""
         self._states[number] = "starting"
+        self._started_at[number] = self._reactor.seconds()
         try:
             self._spawn(number)
         except Exception:
@@ -378,16 +379,15 @@ class Supervisor:
 
     def ready(self, number: int) -> None:
         self._states[number] = "ready"
-        self._ready_at[number] = self._reactor.seconds()
         if self.stable_after <= 0:
             self.failures = 0
         self._fill()
 
     def ended(self, number: int) -> None:
-        was = self._states.pop(number, None)
-        ready_at = self._ready_at.pop(number, None)
-        if was == "ready" and ready_at is not None:
-            if self._reactor.seconds() - ready_at >= self.stable_after:
+        self._states.pop(number, None)
+        started_at = self._started_at.pop(number, None)
+        if self.stable_after > 0 and started_at is not None:
+            if self._reactor.seconds() - started_at >= self.stable_after:
                 self.failures = 0
         self.failures += 1
         if not self.running or self.held is not None:

@@ -21,7 +21,8 @@ write later they drop it too). A front never serves an answer past its
 refresh point: that request is relayed, so the main process sees the demand
 and refreshes it.
 
-Frames on both pipes are a 4-byte big-endian length and a payload:
+Frames on both pipes are the child-process layer's (:mod:`hsmocsp.childproc`: a
+4-byte big-endian length and a payload):
 
 * main -> front, pickles (the front trusts its parent): ``("init", dict)``,
   ``("put", h, key, serial, SignedResponse)``, ``("drop", h, key)``,
@@ -40,7 +41,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +53,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hsmocsp.childproc import FrameError as FrameError  # bad frames, bad payloads alike
+from hsmocsp.childproc import FrameReader
+from hsmocsp.childproc import encode_frame as _frame
 from hsmocsp.errors import HsmOcspError
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.responder import SignedResponse
@@ -62,7 +65,6 @@ __all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame", "encode_repor
 
 log = Logger()
 
-_LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 _MISSING = object()
 
@@ -73,14 +75,12 @@ SERVICE_UNAVAILABLE = (
 
 def encode_frame(message: tuple[Any, ...]) -> bytes:
     """A main -> front frame (pickle)."""
-    payload = pickle.dumps(message, protocol=5)
-    return _LENGTH.pack(len(payload)) + payload
+    return _frame(pickle.dumps(message, protocol=5))
 
 
 def encode_report(message: tuple[Any, ...]) -> bytes:
     """A front -> main frame (JSON)."""
-    payload = json.dumps(message).encode()
-    return _LENGTH.pack(len(payload)) + payload
+    return _frame(json.dumps(message).encode())
 
 
 def _json_message(payload: bytes) -> Any:
@@ -88,8 +88,15 @@ def _json_message(payload: bytes) -> Any:
     return tuple(message) if isinstance(message, list) else message
 
 
-class FrameError(HsmOcspError):
-    """The other end of a front pipe sent something that is not a frame."""
+def decode_report(payload: bytes) -> tuple[Any, ...]:
+    """A front -> main frame's payload as a message (FrameError if it is not one)."""
+    try:
+        message = _json_message(payload)
+    except ValueError as err:
+        raise FrameError(f"unreadable frame: {err}") from err
+    if not isinstance(message, tuple) or not message:
+        raise FrameError("frame is not a message")
+    return message
 
 
 class FrameDecoder:
@@ -98,20 +105,11 @@ class FrameDecoder:
     front)."""
 
     def __init__(self, *, trusted: bool) -> None:
-        self._buf = bytearray()
+        self._reader = FrameReader(MAX_FRAME)
         self._loads: Callable[[bytes], Any] = pickle.loads if trusted else _json_message
 
     def feed(self, data: bytes) -> Iterator[tuple[Any, ...]]:
-        self._buf += data
-        while len(self._buf) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._buf)
-            if length > MAX_FRAME:
-                raise FrameError(f"frame of {length} bytes")
-            end = _LENGTH.size + length
-            if len(self._buf) < end:
-                return
-            payload = bytes(self._buf[_LENGTH.size : end])
-            del self._buf[:end]
+        for payload in self._reader.feed(data):
             try:
                 message = self._loads(payload)
             except ValueError as err:

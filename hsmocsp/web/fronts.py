@@ -5,8 +5,10 @@ child process (``python -m hsmocsp.web.front``) given, on its stdin, an init
 message (where to listen, where the main process's private socket is, the
 handles) and then every change of every handle's cache, starting with a
 snapshot of what the caches hold. A front that exits is started again after
-a second; stopping closes their pipes (they exit) and kills any still there
-after a grace period. Their answer counts come back once a second and are
+a second (growing to 30 s while it keeps failing); stopping closes their pipes
+(they exit) and kills any still there after a grace period. The processes,
+pipes, framing and restarts are the child-process layer's
+(:mod:`hsmocsp.childproc`). Their answer counts come back once a second and are
 added to the main process's metrics, so ``/metrics`` covers every process.
 """
 
@@ -17,17 +19,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import Deferred
 from twisted.internet.task import cooperate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.childenv import minimal_env
+from hsmocsp.childproc import Backoff, Child, FrameError, Supervisor, stop_children
 from hsmocsp.health import READY, Health, State
 from hsmocsp.responder import Handle, SignedResponse
-from hsmocsp.web.front import FrameDecoder, FrameError, encode_frame
+from hsmocsp.web.front import MAX_FRAME, decode_report, encode_frame
 from hsmocsp.web.metrics import Metrics
 
 log = Logger()
@@ -56,60 +57,49 @@ class _Feed:
         self._pool.broadcast(encode_frame(("inv", self._index, serials)))
 
 
-class _Front(ProcessProtocol):
+class _Front:
+    """The main process's view of front ``number``: its :class:`Child` and its feed."""
+
     def __init__(self, pool: FrontPool, number: int) -> None:
         self.pool = pool
         self.number = number
         self.pid: int | None = None
         self.live = False  # its pipe takes updates
-        self.ended: Deferred[None] = Deferred()
-        self.started_at = pool.reactor.seconds()
-        self._decoder = FrameDecoder(trusted=False)
-        self._err = b""
+        self.child = Child(f"HTTP front {number}", on_frame=self._frame, on_end=self._ended,
+                           max_frame=MAX_FRAME)  # fmt: skip
+        self.ended: Deferred[None] = self.child.ended
 
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.pid = self.transport.pid
-        self.transport.write(encode_frame(("init", self.pool.init_message())))
+    def spawn(self) -> None:
+        self.child.spawn(self.pool.reactor, [sys.executable, "-m", "hsmocsp.web.front"],
+                         minimal_env())  # a front reads untrusted input: none of our secrets
+        self.pid = self.child.pid
+        self.child.write(encode_frame(("init", self.pool.init_message())))
         self.live = True
         self.pool.send_snapshot(self)
 
     def send(self, frame: bytes) -> None:
-        if self.live and self.transport is not None:
-            self.transport.write(frame)
+        if self.live:
+            self.child.write(frame)
 
-    def outReceived(self, data: bytes) -> None:
+    def _frame(self, body: bytes) -> None:
+        """A front's report (JSON: a front parses untrusted input). Anything unreadable
+        gets it killed by the layer (and restarted)."""
+        message = decode_report(body)
         try:
-            for message in self._decoder.feed(data):
-                if message[0] == "stats" and len(message) == 2:
-                    self.pool.count(self.number, message[1])
-                elif message[0] == "ready":
-                    log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
-                    self.pool.listening_now(self)
-        except (FrameError, ValueError, TypeError, AttributeError) as err:
-            log.error("HTTP front {n}: unreadable message ({err}); stopping it",
-                      n=self.number, err=err)  # fmt: skip
-            self.kill()
-
-    def errReceived(self, data: bytes) -> None:
-        lines = (self._err + data).split(b"\n")
-        self._err = lines.pop()[-4096:]
-        for line in lines:
-            if line.strip():
-                log.warn("HTTP front {n}: {line}", n=self.number,
-                         line=line.decode("utf-8", "replace"))  # fmt: skip
+            if message[0] == "stats" and len(message) == 2:
+                self.pool.count(self.number, message[1])
+            elif message[0] == "ready":
+                log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
+                self.pool.listening_now(self)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise FrameError(f"unreadable message: {err}") from err
 
     def kill(self) -> None:
-        if self.transport is not None:
-            try:
-                self.transport.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
+        self.child.kill()
 
-    def processEnded(self, reason: Failure) -> None:
+    def _ended(self, reason: Failure) -> None:
         self.live = False
         self.pool.ended(self, reason)
-        self.ended.callback(None)
 
 
 class FrontPool(service.Service):
@@ -136,7 +126,12 @@ class FrontPool(service.Service):
         self.backend = backend
         self.max_request_size = max_request_size
         self.fronts: dict[int, _Front] = {}
-        self._delays: dict[int, float] = {}
+        # A front that keeps failing at start (say, its address is gone) is retried
+        # with growing pauses, up to MAX_RESPAWN_DELAY, not once a second forever.
+        self._supervisor = Supervisor(
+            reactor, self._spawn, count=count, stable_after=STABLE_AFTER,
+            backoff=Backoff(first=RESPAWN_DELAY, initial=2 * RESPAWN_DELAY, cap=MAX_RESPAWN_DELAY),
+        )  # fmt: skip
         self._stopping = False
         self._feeds = [_Feed(self, i) for i in range(len(self.handles))]
         self.listening: set[int] = set()  # fronts that have bound the port and said so
@@ -147,6 +142,7 @@ class FrontPool(service.Service):
     def listening_now(self, front: _Front) -> None:
         if self.fronts.get(front.number) is front:
             self.listening.add(front.number)
+            self._supervisor.ready(front.number)
             if len(self.listening) >= self.count_wanted:
                 self._all_listened = True
 
@@ -188,21 +184,17 @@ class FrontPool(service.Service):
         self._stopping = False
         for handle, feed in zip(self.handles, self._feeds, strict=True):
             handle.cache.observers.append(feed)
-        for number in range(1, self.count_wanted + 1):
-            self._spawn(number)
+        self._supervisor.run()
 
     def _spawn(self, number: int) -> None:
-        if self._stopping:
-            return
+        """The supervisor's: start front ``number``."""
         front = _Front(self, number)
         self.fronts[number] = front
-        self.reactor.spawnProcess(
-            front,
-            sys.executable,
-            [sys.executable, "-m", "hsmocsp.web.front"],
-            env=minimal_env(),  # a front reads untrusted input: none of our secrets
-            childFDs={0: "w", 1: "r", 2: "r"},
-        )
+        try:
+            front.spawn()
+        except Exception:
+            del self.fronts[number]
+            raise
 
     def send_snapshot(self, front: _Front) -> None:
         """Every cached response to a new front, a chunk per reactor turn.
@@ -253,16 +245,11 @@ class FrontPool(service.Service):
             self.listening.discard(front.number)
         if self._stopping:
             return
-        # A front that keeps failing at start (say, its address is gone) is retried
-        # with growing pauses, up to MAX_RESPAWN_DELAY, not once a second forever.
-        ran = self.reactor.seconds() - front.started_at
-        previous = self._delays.get(front.number, RESPAWN_DELAY / 2)
-        delay = RESPAWN_DELAY if ran > STABLE_AFTER else min(MAX_RESPAWN_DELAY, previous * 2)
-        self._delays[front.number] = delay
+        self._supervisor.ended(front.number)
+        delay = self._supervisor.backoff.delay(self._supervisor.failures)
         log.warn("HTTP front {n} (pid {pid}) exited ({why}); starting it again in {s:g} s",
                  n=front.number, pid=front.pid, why=reason.getErrorMessage(),
                  s=delay)  # fmt: skip
-        self.reactor.callLater(delay, self._spawn, front.number)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -270,20 +257,8 @@ class FrontPool(service.Service):
         for handle, feed in zip(self.handles, self._feeds, strict=True):
             if feed in handle.cache.observers:
                 handle.cache.observers.remove(feed)
+        self._supervisor.stop()
         fronts = list(self.fronts.values())
         for front in fronts:
             front.live = False
-            if front.transport is not None:
-                front.transport.closeStdin()
-
-        def kill_all() -> None:
-            for front in fronts:
-                front.kill()
-
-        killer = self.reactor.callLater(STOP_GRACE, kill_all)
-
-        def done(_: object) -> None:
-            if killer.active():
-                killer.cancel()
-
-        return DeferredList([f.ended for f in fronts]).addCallback(done)
+        return stop_children(self.reactor, [f.child for f in fronts], STOP_GRACE)
