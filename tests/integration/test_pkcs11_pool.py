@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from twisted.internet import defer, reactor, task
 
 from hsmocsp.errors import SignerError, SignerUnavailable
+from hsmocsp.health import State
 from hsmocsp.signing.algorithms import (
     ECDSA_WITH_SHA256_DER,
     ECDSA_WITH_SHA384_DER,
@@ -246,6 +247,9 @@ async def test_hung_worker_times_out_and_is_replaced(token: Path) -> None:
         err = await expect(signer.sign(DATA), SignerUnavailable)
         assert "timed out" in str(err)
         await wait_for(lambda: gone(pid), "hung worker killed")
+        # The replacement's start (a Python process, a login) can take more than this
+        # test's 1 s timeout on a loaded box: wait until it is up, then sign.
+        await wait_for(lambda: pool.health().state is State.READY, "replacement up")
         await signer.sign(DATA)
 
 

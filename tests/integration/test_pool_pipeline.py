@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from twisted.internet import defer
 
 from hsmocsp.errors import SignerError, SignerUnavailable
+from hsmocsp.health import State
 from hsmocsp.signing.pool import KeyRef, TokenPool
 
 try:
@@ -129,6 +130,8 @@ async def test_hung_worker_times_out_running_and_waiting_requests(token: Path) -
             err = await expect(d, SignerUnavailable)
             assert "timed out" in str(err) and where in str(err)
         await wait_for(lambda: gone(pid), "hung worker killed")
+        # The replacement may take longer than the 1 s timeout to start on a loaded box.
+        await wait_for(lambda: pool.health().state is State.READY, "replacement up")
         assert len(await pool.sign(EC, "CKM_ECDSA", b"\x04" * 32)) == 64
 
 
