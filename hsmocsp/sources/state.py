@@ -46,6 +46,8 @@ class SourceState:
         self._listeners: list[ChangeListener] = []
         self._loaded = False
         self._problems: dict[str, Health] = {}
+        self._attempts = 0
+        self._latest: dict[str, int] = {}
         self._logged = Health(State.FAILED, "not loaded yet")
         self.errors = 0
         """Problems reported since start (each failed request, poll or refresh): the
@@ -92,15 +94,37 @@ class SourceState:
         self._loaded = True
         self._changed_health()
 
-    def problem(self, area: str, reason: str, state: State = State.DEGRADED) -> None:
+    def attempt(self) -> int:
+        """A ticket for a request about to start. Requests overlap (a CRL refresh still
+        waiting for its timeout when a lookup already succeeded): an outcome reported
+        with an older ticket than the last one reported for its area is stale and does
+        not change health (a failure is still counted)."""
+        self._attempts += 1
+        return self._attempts
+
+    def _stale(self, area: str, ticket: int | None) -> bool:
+        if ticket is None:
+            return False
+        if ticket < self._latest.get(area, 0):
+            return True
+        self._latest[area] = ticket
+        return False
+
+    def problem(
+        self, area: str, reason: str, state: State = State.DEGRADED, *, ticket: int | None = None
+    ) -> None:
         """Something in ``area`` failed (counted); logged only if health got worse."""
         self.errors += 1
+        if self._stale(area, ticket):
+            return
         reason = reason.removeprefix(self.name + ": ")  # the log line names us already
         self._problems[area] = Health(state, reason)
         self._changed_health()
 
-    def solved(self, area: str) -> None:
+    def solved(self, area: str, *, ticket: int | None = None) -> None:
         """``area`` works again; logged once if that makes the source ready."""
+        if self._stale(area, ticket):
+            return
         if self._problems.pop(area, None) is not None:
             self._changed_health()
 

@@ -405,6 +405,7 @@ class VaultSource:
         Later, nothing escapes: a failure is reported to :attr:`state` (logged once
         per episode) and retried after ``CRL_RETRY``; the last good CRLs stay.
         """
+        ticket = self.state.attempt()
         try:
             token = await self._auth.token()
             fetched: dict[bytes, CRLInfo] = {}
@@ -421,7 +422,7 @@ class VaultSource:
                 raise
             # A bad CRL (SourceError) does not mean Vault is down.
             area = _VAULT if isinstance(err, SourceUnavailable) else _CRL
-            self.state.problem(area, f"CRL refresh failed: {err}")
+            self.state.problem(area, f"CRL refresh failed: {err}", ticket=ticket)
             self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
             return
         except Exception:
@@ -429,11 +430,13 @@ class VaultSource:
                 raise
             # A bug, not a Vault problem: say so, and keep the refresh going.
             log.failure("{where}: CRL refresh failed unexpectedly", where=self._where())
-            self.state.problem(_CRL, "CRL refresh failed unexpectedly (see the log)")
+            self.state.problem(
+                _CRL, "CRL refresh failed unexpectedly (see the log)", ticket=ticket
+            )
             self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
             return
-        self.state.solved(_VAULT)
-        self.state.solved(_CRL)
+        self.state.solved(_VAULT, ticket=ticket)
+        self.state.solved(_CRL, ticket=ticket)
         self.state.confirmed()
         self._apply_crls(fetched, initial)
         self._schedule_refresh(self._next_refresh())
@@ -519,13 +522,15 @@ class VaultSource:
         d.addBoth(lambda _: self._schedule_probe())
 
     async def _probe_once(self) -> None:
+        ticket = self.state.attempt()
         try:
             resp = await self._transport.request("GET", _HEALTH_PATH, token=None)
         except SourceUnavailable as err:
-            self.state.problem(_VAULT, str(err))
+            self.state.problem(_VAULT, str(err), ticket=ticket)
             return
         if resp.code != 200:
-            self.state.problem(_VAULT, f"sys/health: HTTP {resp.code} {resp.errors()}".rstrip())
+            why = f"sys/health: HTTP {resp.code} {resp.errors()}".rstrip()
+            self.state.problem(_VAULT, why, ticket=ticket)
         elif self.state.failing(_VAULT):
             await self.refresh_crl()
 
@@ -535,15 +540,16 @@ class VaultSource:
         return self._lookups.run(serial, lambda: Deferred.fromCoroutine(self._lookup(serial)))
 
     async def _lookup(self, serial: int) -> tuple[CertStatus, _Signer]:
+        ticket = self.state.attempt()
         path = f"{self.mount}/cert/{vault_serial(serial)}"
         try:
             token = await self._auth.token()
             resp = await self._get(path, token)
         except SourceUnavailable as err:
-            self.state.problem(_VAULT, str(err))
+            self.state.problem(_VAULT, str(err), ticket=ticket)
             raise
         except SourceError as err:
-            self.state.problem(_VAULT, str(err))
+            self.state.problem(_VAULT, str(err), ticket=ticket)
             raise SourceUnavailable(str(err)) from err
         if resp.code == 404:
             result: tuple[CertStatus, _Signer] = (CertStatus.unknown(), None)
@@ -551,19 +557,19 @@ class VaultSource:
             try:
                 result = self._parse_cert(serial, resp)
             except SourceError as err:
-                self.state.problem(_VAULT, str(err))
+                self.state.problem(_VAULT, str(err), ticket=ticket)
                 raise
         elif resp.code == 429 or resp.code >= 500:
             down = SourceUnavailable(
                 f"{self._where()}: /v1/{path}: HTTP {resp.code} {resp.errors()}".rstrip()
             )
-            self.state.problem(_VAULT, str(down))
+            self.state.problem(_VAULT, str(down), ticket=ticket)
             raise down
         else:
             unexpected = SourceError(f"{self._where()}: /v1/{path}: unexpected HTTP {resp.code}")
-            self.state.problem(_VAULT, str(unexpected))
+            self.state.problem(_VAULT, str(unexpected), ticket=ticket)
             raise unexpected
-        self.state.solved(_VAULT)
+        self.state.solved(_VAULT, ticket=ticket)
         self._remember(serial, result[0], result[1])
         return result
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.integration.conftest import dev_env, level1_config
-from tests.integration.harness import Responder, free_port, http, openssl_ocsp
+from tests.integration.harness import Responder, free_port, http, openssl_ocsp, wait_until
 from tests.integration.test_devpki_vault import World, world  # noqa: F401  (fixture)
 
 
@@ -96,6 +96,7 @@ def proxied(world: World, tmp_path: Path) -> Iterator[tuple[Responder, Proxy]]: 
     proxy = Proxy((url.hostname or "127.0.0.1", url.port or 8200))
     proxy.restore()
     files = world.vault.level2
+    idle = world.vault.level3  # nobody asks it anything: only its probe can see the outage
     extra = f"""\
   {files.mount}:
     path: /{files.mount}/ocsp
@@ -108,6 +109,18 @@ def proxied(world: World, tmp_path: Path) -> Iterator[tuple[Responder, Proxy]]: 
       auth: {{method: token, token_file: {world.vault.token_file}}}
       cache_ttl: 1
       crl_refresh: 5
+      request_timeout: 2
+    validity: 600
+  idle:
+    path: /idle/ocsp
+    responder_cert: {idle.ocsp_pem}
+    signer: {{token: dev, key_label: {idle.signer_key_label}}}
+    source:
+      kind: vault
+      address: http://127.0.0.1:{proxy.port}
+      mount: {idle.mount}
+      auth: {{method: token, token_file: {world.vault.token_file}}}
+      crl_refresh: 300
       request_timeout: 2
     validity: 600
 """
@@ -158,6 +171,7 @@ def test_outage_serves_cached_and_trylater_then_recovers(
     assert state["handles"]["root"] == {"state": "ready", "reason": ""}
     assert http(r.url + f"/readyz/{mount}")[0] == 503
     assert http(r.url + "/readyz/root")[0] == 200
+    wait_until(lambda: http(r.url + "/readyz/idle")[0] == 503, "the idle handle to see it")
     assert f"{mount}: ready -> degraded" in r.output()  # logged when it happened...
     for _ in range(5):
         http(r.url + "/readyz")
@@ -178,3 +192,20 @@ def test_outage_serves_cached_and_trylater_then_recovers(
         time.sleep(0.5)
     assert http(r.url + f"/readyz/{mount}")[0] == 200
     assert f"{mount}: degraded -> ready" in r.output()
+    wait_until(lambda: http(r.url + "/readyz/idle")[0] == 200, "the idle handle to see it back")
+    # The sources said so themselves, once each way, and counted their errors; the idle
+    # handle's source learnt it from its sys/health probe (every 10 s), not a request.
+    out = r.output()
+    for name in (mount, world.vault.level3.mount):
+        lines = [line for line in out.splitlines() if f"mount '{name}'" in line]
+        assert sum(": degraded: " in line for line in lines) == 1, "\n".join(lines)
+        assert sum("ready again" in line for line in lines) == 1, lines
+    assert "idle: ready -> degraded" in out and "idle: degraded -> ready" in out
+    assert _source_errors(r, mount) > 0 and _source_errors(r, "idle") > 0
+
+
+def _source_errors(r: Responder, handle: str) -> float:
+    for line in http(r.url + "/metrics")[2].decode().splitlines():
+        if line.startswith(f'hsmocsp_source_errors{{handle="{handle}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no hsmocsp_source_errors for {handle}")

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -550,7 +550,10 @@ def test_concurrent_lookups_share_one_request_and_survive_a_cancelled_waiter() -
     second = env.source.status(env.issuer(), GOOD)
     env.stub.flush()
     assert env.fake.cert_calls == calls + 1
+    gone: list[Any] = []
+    first.addErrback(gone.append)
     first.cancel()  # a client went away: the shared lookup goes on for the other
+    assert gone[0].check(CancelledError)
     env.fake.mode = "ok"
     pending = env.fake.pending.pop()
     body = {"data": {"certificate": env.fake.ca.leaf(GOOD), "revocation_time": 0}}
@@ -727,3 +730,20 @@ def test_sighup_reloads_the_mounts_issuer_certificates() -> None:
         globalLogPublisher.removeObserver(lines.append)  # type: ignore[arg-type]
     assert env.issuer() == renewed
     assert any("issuer certificates not reloaded" in formatEvent(e) for e in lines)  # type: ignore[arg-type]
+
+
+def test_a_stale_failure_does_not_undo_a_later_success() -> None:
+    """A request that started before Vault came back and fails after a newer one
+    succeeded (a CRL refresh waiting for its timeout) must not flap health."""
+    env = Env()
+    env.start()
+    state = env.source.state
+    with LogLines() as logged:
+        old = state.attempt()
+        state.problem("vault", "connection refused", ticket=state.attempt())
+        newer = state.attempt()
+        state.solved("vault", ticket=newer)
+        state.problem("vault", "connection refused (late)", ticket=old)
+        assert env.source.health() == Health(State.READY)
+    assert sum("degraded" in line for line in logged.lines) == 1
+    assert sum("ready again" in line for line in logged.lines) == 1
