@@ -14,10 +14,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from hsmocsp.devpki.bao import free_port
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -35,6 +39,22 @@ def http(
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
+
+
+def wait_until(condition: Callable[[], T | None], what: str, timeout: float = 30) -> T:
+    """Poll ``condition`` until it returns something truthy (returned); fail after
+    ``timeout`` seconds naming ``what``. The way to wait for a real process: on
+    observable state with a deadline, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(pause)
+        pause = min(0.5, pause * 1.5)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import time
+import sqlite3
 import urllib.parse
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from cryptography.x509.oid import OCSPExtensionOID
 
 from hsmocsp.devpki.opensslca import DevPki, issue_leaf, regen_crl, revoke
 from tests.integration.conftest import dev_env, level1_config
-from tests.integration.harness import Responder, http, openssl_ocsp
+from tests.integration.harness import Responder, http, openssl_ocsp, wait_until
 
 
 def _check(
@@ -192,24 +192,17 @@ def test_reload_sees_revocation_without_restart(
     devpki: DevPki, tmp_path: Path, responder: Responder
 ) -> None:
     leaf = issue_leaf(devpki, "reload-me")
-    # Wait until the responder has loaded the new index (the leaf stops being unknown).
-    deadline = time.monotonic() + 20
-    out = ""
-    while time.monotonic() < deadline:
+
+    def answer(expect: str) -> str | None:
         out = _check(responder, devpki, "-cert", str(leaf), "-no_nonce")
-        if f"{leaf}: good" in out:
-            break
-        time.sleep(0.3)
-    assert f"{leaf}: good" in out
+        return out if f"{leaf}: {expect}" in out else None
+
+    # Wait until the responder has loaded the new index (the leaf stops being unknown).
+    wait_until(lambda: answer("good"), "the new leaf to be good", timeout=20)
     revoke(devpki, leaf, "superseded")
     regen_crl(devpki)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        out = _check(responder, devpki, "-cert", str(leaf), "-no_nonce")
-        if "revoked" in out:
-            break
-        time.sleep(0.3)
-    assert f"{leaf}: revoked" in out and "Reason: superseded" in out
+    out = wait_until(lambda: answer("revoked"), "the revocation", timeout=20)
+    assert "Reason: superseded" in out
 
 
 def test_sighup_makes_sources_look_now(devpki: DevPki, tmp_path: Path) -> None:
@@ -220,20 +213,15 @@ def test_sighup_makes_sources_look_now(devpki: DevPki, tmp_path: Path) -> None:
         leaf = issue_leaf(devpki, "hup-me")
         assert f"{leaf}: unknown" in _check(r, devpki, "-cert", str(leaf), "-no_nonce")
         assert r.proc is not None
+
+        def answer(expect: str) -> bool:
+            return f"{leaf}: {expect}" in _check(r, devpki, "-cert", str(leaf), "-no_nonce")
+
         r.proc.send_signal(signal.SIGHUP)
-        out = ""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and f"{leaf}: good" not in out:
-            time.sleep(0.3)
-            out = _check(r, devpki, "-cert", str(leaf), "-no_nonce")
-        assert f"{leaf}: good" in out
+        wait_until(lambda: answer("good"), "SIGHUP to load the new leaf", timeout=20)
         revoke(devpki, leaf, "keyCompromise")
         r.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "revoked" not in out:
-            time.sleep(0.3)
-            out = _check(r, devpki, "-cert", str(leaf), "-no_nonce")
-        assert f"{leaf}: revoked" in out
+        wait_until(lambda: answer("revoked"), "SIGHUP to load the revocation", timeout=20)
         assert r.alive() and "SIGHUP: every source looks for new data now" in r.output()
     finally:
         r.stop()
@@ -270,6 +258,15 @@ def _metric(r: Responder, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def _stored_rows(data: Path) -> int:
+    db = data / "responses.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        count: int = conn.execute("SELECT count(*) FROM responses").fetchone()[0]
+        return count
+
+
 def test_restart_serves_stored_responses_without_signing(devpki: DevPki, tmp_path: Path) -> None:
     cfg = level1_config(devpki, tmp_path)
     cfg.write_text("presign_rate: 0\n" + cfg.read_text())
@@ -277,7 +274,7 @@ def test_restart_serves_stored_responses_without_signing(devpki: DevPki, tmp_pat
     try:
         assert "good" in _check(r, devpki, "-cert", str(devpki.good_pem), "-no_nonce")
         assert _metric(r, 'hsmocsp_signatures_total{handle="root"}') == 1
-        time.sleep(1.5)  # the store flushes once a second
+        wait_until(lambda: _stored_rows(tmp_path / "data") == 1, "the store's flush")
     finally:
         assert r.stop() in (0, -15)  # twistd re-raises SIGTERM after a clean shutdown
         assert "Main loop terminated" in r.output()

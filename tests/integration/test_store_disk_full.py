@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from cryptography.x509 import ocsp
 
 from hsmocsp.devpki.opensslca import DevPki
 from tests.integration.conftest import dev_env, level1_config
-from tests.integration.harness import Responder, http
+from tests.integration.harness import Responder, http, wait_until
 
 
 @pytest.fixture
@@ -76,14 +75,6 @@ def _metric(r: Responder, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def _ask(
     r: Responder, path: str, cert: Path, issuer: Path, algorithm: hashes.HashAlgorithm
 ) -> None:
@@ -109,7 +100,7 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
     r = Responder(config=cfg, env=dev_env(devpki), workdir=work).start()
     try:
         _ask(r, "/ocsp", devpki.good_pem, devpki.ca_pem, hashes.SHA1())
-        _wait(lambda: _rows(db) == 1, "the first row")
+        wait_until(lambda: _rows(db) == 1, "the first row")
         filler = _fill(small_disk)
         asked = 0
         for algorithm in (hashes.SHA256(), hashes.SHA384(), hashes.SHA512()):
@@ -117,13 +108,15 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
                 for cert in (devpki.good_pem, devpki.revoked_pem):
                     _ask(r, path, cert, devpki.ca_pem, algorithm)
                     asked += 1
-        _wait(lambda: _metric(r, "hsmocsp_store_write_errors_total") >= 2, "failed writes")
+        wait_until(lambda: _metric(r, "hsmocsp_store_write_errors_total") >= 2, "failed writes")
         assert _metric(r, "hsmocsp_store_pending_rows") == asked
         assert _metric(r, "hsmocsp_store_ready") == 0
         assert _rows(db) == 1
         assert r.alive()
         filler.unlink()
-        _wait(lambda: _rows(db) == 1 + asked, "the rows signed while the disk was full")
+        wait_until(
+            lambda: _rows(db) == 1 + asked, "the rows signed while the disk was full", timeout=60
+        )
         assert _metric(r, "hsmocsp_store_pending_rows") == 0
         assert _metric(r, "hsmocsp_store_ready") == 1
     finally:
