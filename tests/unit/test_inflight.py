@@ -114,7 +114,9 @@ def test_one_per_key_keeps_keys_apart() -> None:
     a2 = keyed.run(1, lambda: pytest.fail("a second start for key 1"))
     b = keyed.run(2, lambda: start(2))
     assert len(keyed) == 2
+    cancelled = outcome(a1)
     a1.cancel()
+    assert cancelled[0].check(CancelledError)
     pending[1].callback(10)
     assert outcome(a2) == [10] and 1 not in keyed and 2 in keyed
     pending[2].errback(KeyError(2))

@@ -25,6 +25,7 @@ from hsmocsp.health import Health, State
 from hsmocsp.sources.indexproc import read_index
 from hsmocsp.sources.openssl import IndexReader, OpenSSLSource
 from hsmocsp.status import CertStatus, CRLReason, Status
+from tests.conftest import LoggedErrors
 from tests.unit.test_crl import REVOKED_AT, make_ca, make_crl
 
 POLL = 2.0
@@ -382,7 +383,7 @@ def test_too_many_changes_give_none(env: Env) -> None:
     assert env.changes == [None]
 
 
-def test_listener_error_does_not_stop_others(env: Env) -> None:
+def test_listener_error_does_not_stop_others(env: Env, logged_errors: LoggedErrors) -> None:
     src = env.started()
 
     def broken(_: frozenset[int] | None) -> None:
@@ -397,6 +398,7 @@ def test_listener_error_does_not_stop_others(env: Env) -> None:
     env.write_index(BASE + row("V", "", 9) + row("V", "", 10))
     env.poll()  # polling survived the exception
     assert later == [frozenset({9}), frozenset({10})]
+    assert len(logged_errors.take(RuntimeError)) == 2  # logged once per failed call
 
 
 def test_stop_stops_polling(env: Env) -> None:

@@ -1,0 +1,75 @@
+"""Root test configuration: a test fails when Twisted logs an error while it runs.
+
+pytest has no equivalent of trial's "logged errors fail the test": an
+``Unhandled error in Deferred``, a ``log.failure()`` or any ``isError`` event
+would scroll by in the captured output and the test would pass. Here a global
+log observer collects such events during each test (its fixtures' set-up and
+tear-down included); after a ``gc.collect()`` (an unhandled Deferred error is
+logged when the Deferred is garbage-collected) the test fails if any are left.
+
+A test that makes errors be logged on purpose says so: it takes them with the
+``logged_errors`` fixture (``logged_errors.take(SomeError)`` returns and forgets
+the matching ones), or carries ``@pytest.mark.logs_errors`` to allow all.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+
+class LoggedErrors:
+    """Error events logged through ``twisted.logger`` while a test runs."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            self.events.append(event)
+
+    def take(self, *types: type[BaseException]) -> list[Failure]:
+        """The logged failures of these exception types (forgotten: they will not fail
+        the test); without types, every logged failure."""
+        taken: list[Failure] = []
+        kept: list[dict[str, Any]] = []
+        for event in self.events:
+            failure = event.get("log_failure")
+            if isinstance(failure, Failure) and (not types or failure.check(*types)):
+                taken.append(failure)
+            else:
+                kept.append(event)
+        self.events = kept
+        return taken
+
+    def describe(self) -> str:
+        lines = []
+        for event in self.events:
+            text = formatEvent(event)
+            failure = event.get("log_failure")
+            if isinstance(failure, Failure):
+                text += "\n" + failure.getTraceback()
+            lines.append(text)
+        return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def logged_errors(request: pytest.FixtureRequest) -> Iterator[LoggedErrors]:
+    observer = LoggedErrors()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    if observer.events and request.node.get_closest_marker("logs_errors") is None:
+        pytest.fail(
+            f"{len(observer.events)} error(s) logged during the test (take them with the"
+            f" logged_errors fixture, or mark the test logs_errors):\n{observer.describe()}",
+            pytrace=False,
+        )
