@@ -10,16 +10,23 @@ logged when the Deferred is garbage-collected) the test fails if any are left.
 A test that makes errors be logged on purpose says so: it takes them with the
 ``logged_errors`` fixture (``logged_errors.take(SomeError)`` returns and forgets
 the matching ones), or carries ``@pytest.mark.logs_errors`` to allow all.
+
+An HTTP connection built on a ``StringTransport`` under the real reactor leaves
+its idle timer behind (60 s later it fails inside whichever test runs then);
+such timers are cancelled when the test that made them ends, with a warning
+naming it (the fix is a clock for the site, see tests/unit/test_fastpath.py).
 """
 
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 
@@ -60,16 +67,37 @@ class LoggedErrors:
 
 @pytest.fixture(autouse=True)
 def logged_errors(request: pytest.FixtureRequest) -> Iterator[LoggedErrors]:
+    from twisted.internet import reactor
+
     observer = LoggedErrors()
+    timers = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
     globalLogPublisher.addObserver(observer)
     try:
         yield observer
         gc.collect()
     finally:
         globalLogPublisher.removeObserver(observer)
+        _cancel_left_timeouts(reactor, timers, request.node.nodeid)
     if observer.events and request.node.get_closest_marker("logs_errors") is None:
         pytest.fail(
             f"{len(observer.events)} error(s) logged during the test (take them with the"
             f" logged_errors fixture, or mark the test logs_errors):\n{observer.describe()}",
             pytrace=False,
+        )
+
+
+def _cancel_left_timeouts(reactor: Any, before: set[Any], test: str) -> None:
+    left = [
+        call
+        for call in reactor.getDelayedCalls()
+        if call not in before
+        and call.active()
+        and isinstance(getattr(call.func, "__self__", None), TimeoutMixin)
+    ]
+    for call in left:
+        call.cancel()
+    if left:
+        warnings.warn(
+            f"{test} left {len(left)} connection timeout(s) on the real reactor (cancelled)",
+            stacklevel=1,
         )
