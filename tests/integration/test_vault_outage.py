@@ -206,6 +206,6 @@ def test_outage_serves_cached_and_trylater_then_recovers(
 
 def _source_errors(r: Responder, handle: str) -> float:
     for line in http(r.url + "/metrics")[2].decode().splitlines():
-        if line.startswith(f'hsmocsp_source_errors{{handle="{handle}"}}'):
+        if line.startswith(f'hsmocsp_source_errors_total{{handle="{handle}"}}'):
             return float(line.split()[-1])
     raise AssertionError(f"no hsmocsp_source_errors for {handle}")
