@@ -27,10 +27,13 @@ ok "first install"
 run sh -c 'umask 077; echo s3cr3t-id > /etc/hsmocsp/credentials/vault-secret-id'
 run /src/deploy/systemd/install.sh >>"$WORK/systemd-install.log" 2>&1 \
   || { tail -20 "$WORK/systemd-install.log" >&2; die "install.sh failed the second time"; }
-run test -f /etc/systemd/system/hsmocsp.service.d/vault-approle.conf \
-  || die "install.sh did not add the AppRole drop-in with a secret_id present"
-run test -s /etc/hsmocsp/hsmocsp.yaml || die "install.sh left no /etc/hsmocsp/hsmocsp.yaml"
-ok "second install (idempotent), AppRole drop-in added"
+if ! run test -f /etc/systemd/system/hsmocsp.service.d/vault-approle.conf; then
+  fail "install.sh did not add the AppRole drop-in with a secret_id present"
+elif ! run test -s /etc/hsmocsp/hsmocsp.yaml; then
+  fail "install.sh left no /etc/hsmocsp/hsmocsp.yaml"
+else
+  ok "second install (idempotent), AppRole drop-in added"
+fi
 
 root=$(bh mount "$c")
 uid=$(chroot "$root" id -u hsmocsp) gid=$(chroot "$root" id -g hsmocsp)
