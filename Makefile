@@ -72,7 +72,7 @@ bench-slow: bench
 	$(BIN)/python -m bench.compare --only slow
 
 # Builds and runs the images (buildah), renders and validates the Helm chart and kustomize
-# trees for Kubernetes 1.29 and 1.33, checks skaffold.yaml and the systemd unit: 10-20 minutes,
+# trees for Kubernetes 1.29 and 1.33, checks skaffold.yaml and the systemd unit: 15-25 minutes,
 # root, not part of `make test`. What it checks: docs/deploy.md. Tools are cached under
 # $${XDG_CACHE_HOME:-~/.cache}/hsmocsp-deploy; `deploy/check/run.sh STEP...` runs single steps.
 deploy-check:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # `make deploy-check`: everything deploy/ promises, checked for real without Docker or a
-# cluster (docs/deploy.md, "make deploy-check"). Run as root on Debian; 10-20 minutes.
+# cluster (docs/deploy.md, "make deploy-check"). Run as root on Debian; 15-25 minutes.
 #
 #   deploy/check/run.sh [STEP...]     steps: tools static packaging systemd images (default all)
 #
