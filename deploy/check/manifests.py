@@ -313,11 +313,11 @@ def skaffold_path_problems(cfg: dict[str, Any], cwd: Path = REPO) -> list[str]:
     return problems
 
 
-def skaffold_schema(api_version: str) -> dict[str, Any]:
+def skaffold_schema(api_version: str, *, download: bool = True) -> dict[str, Any]:
     """skaffold's published JSON schema for ``api_version`` (e.g. skaffold/v4beta11).
 
     From $SKAFFOLD_SCHEMAS, ../shared/skaffold-schemas beside the repository, the cache, or
-    https://skaffold.dev/schemas/ (then cached).
+    (``download``) https://skaffold.dev/schemas/, then cached. FileNotFoundError if none.
     """
     file = api_version.split("/")[-1] + ".json"
     cache = Path(os.environ.get("DEPLOY_CACHE", Path.home() / ".cache" / "hsmocsp-deploy"))
@@ -327,6 +327,8 @@ def skaffold_schema(api_version: str) -> dict[str, Any]:
         if d and (Path(d) / file).is_file():
             schema: dict[str, Any] = json.loads((Path(d) / file).read_text())
             return schema
+    if not download:
+        raise FileNotFoundError(f"no {file} in {', '.join(str(d) for d in dirs if d)}")
     url = f"https://skaffold.dev/schemas/{file}"
     with urllib.request.urlopen(url, timeout=30) as response:
         text = response.read().decode()
@@ -336,10 +338,10 @@ def skaffold_schema(api_version: str) -> dict[str, Any]:
     return schema
 
 
-def skaffold_schema_problems(cfg: dict[str, Any]) -> list[str]:
+def skaffold_schema_problems(cfg: dict[str, Any], *, download: bool = True) -> list[str]:
     import jsonschema
 
-    schema = skaffold_schema(cfg["apiVersion"])
+    schema = skaffold_schema(cfg["apiVersion"], download=download)
     validator = jsonschema.Draft7Validator(schema)
     return [
         f"skaffold.yaml: {'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
