@@ -46,6 +46,8 @@ BASE_MEMORY = 256 * 2**20
 #: Per cached response (README: ~2 KB measured with an RSA-2048 responder certificate).
 PER_RESPONSE = 2 * 2**10
 DEFAULT_MAX_CACHED = 1_000_000
+#: Answers ``unknown`` have their own LRU per handle, in the main process only.
+DEFAULT_MAX_UNKNOWN_CACHED = 10_000
 
 #: Fields of a Volume that are not its source.
 VOLUME_NON_SOURCE = {"name"}
@@ -166,11 +168,16 @@ def parse_quantity(text: str | int) -> int:
 
 
 def needed_memory(config: dict[str, Any]) -> int:
-    """What the responder's caches can grow to, plus the processes themselves."""
-    responses = sum(
-        int(h.get("max_cached", DEFAULT_MAX_CACHED)) for h in (config.get("handles") or {}).values()
-    )
-    return BASE_MEMORY + PER_RESPONSE * responses * int(config.get("http_workers", 1))
+    """What the responder's caches can grow to, plus the processes themselves.
+
+    Every HTTP process holds a copy of the cached responses; the ``unknown`` answers stay in
+    the main process.
+    """
+    handles = (config.get("handles") or {}).values()
+    responses = sum(int(h.get("max_cached", DEFAULT_MAX_CACHED)) for h in handles)
+    unknown = sum(int(h.get("max_unknown_cached", DEFAULT_MAX_UNKNOWN_CACHED)) for h in handles)
+    workers = int(config.get("http_workers", 1))
+    return BASE_MEMORY + PER_RESPONSE * (responses * workers + unknown)
 
 
 def _mounted_config(objects: list[dict[str, Any]], dep: dict[str, Any]) -> dict[str, Any] | None:
@@ -207,8 +214,8 @@ def memory_problems(objects: list[dict[str, Any]]) -> list[str]:
         if parse_quantity(limit) < need:
             problems.append(
                 f"Deployment {dep['metadata']['name']}: memory limit {limit} is below "
-                f"{need / 2**20:.0f} MiB: 256 MiB + 2 KiB x max_cached (default 1,000,000 per "
-                f"handle) x http_workers"
+                f"{need / 2**20:.0f} MiB: 256 MiB + 2 KiB x (max_cached (default 1,000,000 "
+                f"per handle) x http_workers + max_unknown_cached (default 10,000 per handle))"
             )
     return problems
 
