@@ -105,13 +105,16 @@ def generalized_time(when: datetime) -> bytes:
     return bytes((GENERALIZED_TIME, 15)) + text.encode("ascii")
 
 
-def read_tlv(data: bytes, offset: int = 0) -> tuple[int, int, int]:
+def read_tlv(data: bytes, offset: int = 0, end: int | None = None) -> tuple[int, int, int]:
     """Read the element at ``offset``: return ``(tag, content_start, end)``.
 
-    Strict DER subset: single-byte tags, definite minimal lengths. Raises
-    :class:`ValueError` on anything else or when the element overruns ``data``.
+    Strict DER subset: single-byte tags, definite minimal lengths of at most 4
+    length octets. Raises :class:`ValueError` on anything else or when the element
+    overruns ``end`` (default: the end of ``data``). The one TLV reader: the
+    request parser walks requests with it, the response code certificates.
     """
-    if offset + 2 > len(data):
+    limit = len(data) if end is None else end
+    if offset + 2 > limit:
         raise ValueError("truncated DER element")
     tag = data[offset]
     if tag & 0x1F == 0x1F:
@@ -124,16 +127,39 @@ def read_tlv(data: bytes, offset: int = 0) -> tuple[int, int, int]:
         count = first & 0x7F
         if count == 0 or count > 4:
             raise ValueError("indefinite or oversized length")
-        if pos + count > len(data):
+        if pos + count > limit:
             raise ValueError("truncated DER length")
         length = int.from_bytes(data[pos : pos + count], "big")
         if length < 0x80 or data[pos] == 0:
             raise ValueError("non-minimal DER length")
         pos += count
-    end = pos + length
-    if end > len(data):
+    stop = pos + length
+    if stop > limit:
         raise ValueError("DER element overruns its buffer")
-    return tag, pos, end
+    return tag, pos, stop
+
+
+def oid_text(content: bytes) -> str:
+    """The dotted form of an OBJECT IDENTIFIER's content octets (strict: minimal arcs).
+
+    Raises :class:`ValueError` for an empty OID, a truncated arc or a padded one.
+    """
+    if not content or content[-1] & 0x80:
+        raise ValueError("truncated OBJECT IDENTIFIER")
+    arcs: list[int] = []
+    value = 0
+    fresh = True
+    for octet in content:
+        if fresh and octet == 0x80:
+            raise ValueError("non-minimal OBJECT IDENTIFIER arc")
+        value = (value << 7) | (octet & 0x7F)
+        fresh = not octet & 0x80
+        if fresh:
+            arcs.append(value)
+            value = 0
+    first = arcs[0]
+    head = [min(first // 40, 2), first - 40 * min(first // 40, 2)]
+    return ".".join(str(a) for a in head + arcs[1:])
 
 
 def children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
@@ -141,9 +167,7 @@ def children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int
     out = []
     pos = start
     while pos < end:
-        tag, content, elem_end = read_tlv(data, pos)
-        if elem_end > end:
-            raise ValueError("DER child overruns its parent")
+        tag, content, elem_end = read_tlv(data, pos, end)
         out.append((tag, pos, content, elem_end))
         pos = elem_end
     return out

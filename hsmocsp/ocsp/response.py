@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from hsmocsp.ocsp import der
-from hsmocsp.ocsp.request import NONCE_OID, CertID
+from hsmocsp.ocsp.types import NONCE_OID, CertID
 from hsmocsp.status import CertStatus, Status
 
 
@@ -46,19 +46,6 @@ def error_response(status: ResponseStatus) -> bytes:
         raise ValueError("a successful response needs responseBytes")
     return _ERROR_RESPONSES[status]
 
-
-def _algorithm(dotted: str, null_params: bool) -> bytes:
-    return der.sequence(der.oid(dotted), b"\x05\x00" if null_params else b"")
-
-
-#: AlgorithmIdentifier DER for BasicOCSPResponse.signatureAlgorithm. RSA takes NULL
-#: parameters (RFC 4055), ECDSA none (RFC 5758).
-SHA256_WITH_RSA_DER = _algorithm("1.2.840.113549.1.1.11", True)
-SHA384_WITH_RSA_DER = _algorithm("1.2.840.113549.1.1.12", True)
-SHA512_WITH_RSA_DER = _algorithm("1.2.840.113549.1.1.13", True)
-ECDSA_SHA256_DER = _algorithm("1.2.840.10045.4.3.2", False)
-ECDSA_SHA384_DER = _algorithm("1.2.840.10045.4.3.3", False)
-ECDSA_SHA512_DER = _algorithm("1.2.840.10045.4.3.4", False)
 
 _ID_PKIX_OCSP_BASIC = der.oid("1.3.6.1.5.5.7.48.1.1")
 _NONCE_OID_DER = der.oid(NONCE_OID)

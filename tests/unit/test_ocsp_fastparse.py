@@ -1,7 +1,9 @@
-"""The fast OCSPRequest path agrees with pyasn1: same result, or it declines (None).
+"""The OCSPRequest walk agrees with pyasn1 (the reference, no longer on the request path).
 
-The property, for any bytes: ``parse_common`` is None or equals the pyasn1 path's
-result, and it is None whenever the pyasn1 path refuses the request.
+The property, for any bytes: when the walk accepts, pyasn1 accepts and gives the
+same result; when the walk refuses what pyasn1 accepts, the bytes are not DER
+(pyasn1's own DER encoding of what it decoded differs from them) or break a limit
+pyasn1 does not know (:data:`MAX_EXTENSIONS`, an empty Extensions list).
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1_modules import rfc6960
 
 from hsmocsp.errors import MalformedRequest
 from hsmocsp.ocsp import der
-from hsmocsp.ocsp.fastparse import parse_common
+from hsmocsp.ocsp.fastparse import parse
 from hsmocsp.ocsp.request import (
     MAX_CERT_IDS,
+    MAX_EXTENSIONS,
     NONCE_OID,
     OCSPRequestInfo,
     make_cert_id,
@@ -39,14 +45,39 @@ def pyasn1_result(raw: bytes) -> OCSPRequestInfo | None:
         return None
 
 
+def walk_result(raw: bytes) -> OCSPRequestInfo | None:
+    try:
+        return parse(raw)
+    except MalformedRequest:
+        return None
+
+
+def _not_der(raw: bytes) -> bool:
+    """pyasn1 re-encodes what it decoded from ``raw`` to other bytes (so ``raw`` is BER,
+    not DER), or the request breaks one of the walk's own limits."""
+    decoded, _ = der_decoder.decode(raw, asn1Spec=rfc6960.OCSPRequest())
+    if der_encoder.encode(decoded) != raw:
+        return True
+    lists = [decoded["tbsRequest"]["requestExtensions"]] + [
+        single["singleRequestExtensions"] for single in decoded["tbsRequest"]["requestList"]
+    ]
+    if any(x.isValue and not 1 <= len(x) <= MAX_EXTENSIONS for x in lists):
+        return True
+    # pyasn1 also keeps non-minimal INTEGERs as they were (0202ff80 for -128).
+    return any(
+        der.integer(int(single["reqCert"]["serialNumber"])) not in raw
+        for single in decoded["tbsRequest"]["requestList"]
+    )
+
+
 def check_agrees(raw: bytes) -> OCSPRequestInfo | None:
-    """Assert the property for ``raw``; return the fast result."""
-    fast = parse_common(raw)
+    """Assert the property for ``raw``; return the walk's result."""
+    fast = walk_result(raw)
     reference = pyasn1_result(raw)
-    if reference is None:
-        assert fast is None, f"fast path accepted what pyasn1 refuses: {raw.hex()}"
-    elif fast is not None:
-        assert fast == reference, raw.hex()
+    if fast is not None:
+        assert reference == fast, f"walk accepted what pyasn1 reads otherwise: {raw.hex()}"
+    elif reference is not None:
+        assert _not_der(raw), f"walk refused a DER request pyasn1 accepts: {raw.hex()}"
     return fast
 
 
@@ -111,7 +142,7 @@ def cert_ids(draw: st.DrawFn) -> bytes:
 def extensions(draw: st.DrawFn) -> bytes:
     oid = draw(st.sampled_from([NONCE_OID] * 15 + OTHER_OIDS))
     critical = draw(st.sampled_from([b""] * 8 + [b"\x01\x01\xff", b"\x01\x01\x00"]))
-    size = draw(st.integers(min_value=0, max_value=36))
+    size = draw(st.sampled_from([0, 1, 16, 32, 33, 127, 128, 129, 140]))
     inner = draw(st.binary(min_size=size, max_size=size))
     value = draw(st.sampled_from([der.octet_string(inner)] * 8 + [
         inner, der.octet_string(inner) + b"\x00", long_tlv(der.OCTET_STRING, inner, 1),
@@ -206,7 +237,7 @@ def test_random_bytes_inside_a_sequence_agree(body: bytes) -> None:
         ),
         min_size=1, max_size=5,
     ),
-    st.one_of(st.none(), st.binary(min_size=1, max_size=32)),
+    st.one_of(st.none(), st.binary(min_size=1, max_size=128)),
 )
 def test_common_shape_is_fast_and_equal(
     ids: list[tuple[str, int, bool, random.Random]], nonce: bytes | None
@@ -231,19 +262,40 @@ def test_common_shape_is_fast_and_equal(
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("req_*.der")))
-def test_client_vectors_take_the_fast_path(name: str) -> None:
+def test_client_vectors_parse_as_pyasn1_does(name: str) -> None:
     raw = (DATA / name).read_bytes()
     fast = check_agrees(raw)
     assert fast is not None
     assert fast == parse_request_pyasn1(raw)
 
 
-def test_limits_defer_to_pyasn1() -> None:
+def test_limits_are_enforced_while_walking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """#9.4: 65..150 CertIDs, or 17 extensions, are refused by the walk itself: pyasn1's
+    decoder is never called (it is not on the request path at all)."""
+    calls = []
+    monkeypatch.setattr(der_decoder, "decode", lambda *a, **k: calls.append(a))
     cid = make_cert_id("sha1", b"\x01" * 20, b"\x02" * 20, 5).der
-    too_many = der.sequence(der.sequence(der.sequence(
-        *[der.sequence(cid)] * (MAX_CERT_IDS + 1))))
-    assert parse_common(too_many) is None
-    with pytest.raises(MalformedRequest, match="too many"):
-        parse_request(too_many)
+    for count in (MAX_CERT_IDS + 1, 150):
+        too_many = der.sequence(der.sequence(der.sequence(*[der.sequence(cid)] * count)))
+        with pytest.raises(MalformedRequest, match="too many CertIDs"):
+            parse_request(too_many)
+    ext = [der.sequence(der.oid(f"1.2.3.{i}"), der.octet_string(b"")) for i in range(17)]
+    many_ext = der.sequence(der.sequence(
+        der.sequence(der.sequence(cid)), der.tlv(der.context(2), der.sequence(*ext))))
+    with pytest.raises(MalformedRequest, match="too many extensions"):
+        parse_request(many_ext)
     at_limit = der.sequence(der.sequence(der.sequence(*[der.sequence(cid)] * MAX_CERT_IDS)))
+    assert len(parse_request(at_limit).cert_ids) == MAX_CERT_IDS
+    assert calls == []
+    monkeypatch.undo()
     assert check_agrees(at_limit) is not None
+
+
+def test_walk_stops_at_the_limit_before_reading_further() -> None:
+    """The 65th CertID ends the walk: bytes after it are never looked at (a request of
+    64 good CertIDs then garbage is refused for its count, not its garbage)."""
+    cid = make_cert_id("sha1", b"\x01" * 20, b"\x02" * 20, 5).der
+    body = b"".join([der.sequence(cid)] * (MAX_CERT_IDS + 1)) + b"\x30\x03\xff\xff\xff"
+    raw = der.sequence(der.sequence(der.tlv(der.SEQUENCE, body)))
+    with pytest.raises(MalformedRequest, match="too many CertIDs"):
+        parse_request(raw)

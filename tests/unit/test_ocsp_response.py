@@ -16,17 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
-from pyasn1.type import univ
-from pyasn1_modules import rfc5280, rfc6960
+from pyasn1_modules import rfc6960
 
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, make_cert_id, parse_request
 from hsmocsp.ocsp.response import (
-    ECDSA_SHA256_DER,
-    ECDSA_SHA384_DER,
-    ECDSA_SHA512_DER,
-    SHA256_WITH_RSA_DER,
-    SHA384_WITH_RSA_DER,
-    SHA512_WITH_RSA_DER,
     ResponseStatus,
     SingleResponseData,
     build_ocsp_response,
@@ -35,6 +28,8 @@ from hsmocsp.ocsp.response import (
     issuer_hashes,
     responder_key_hash,
 )
+from hsmocsp.signing.algorithms import ECDSA_WITH_SHA256_DER as ECDSA_SHA256_DER
+from hsmocsp.signing.algorithms import SHA256_WITH_RSA_DER
 from hsmocsp.status import CertStatus, CRLReason
 
 DATA = Path(__file__).resolve().parent.parent / "testdata" / "ocsp"
@@ -126,23 +121,7 @@ def test_error_response_refuses_successful() -> None:
         error_response(ResponseStatus.successful)
 
 
-@pytest.mark.parametrize(
-    ("constant", "oid", "null"),
-    [
-        (SHA256_WITH_RSA_DER, "1.2.840.113549.1.1.11", True),
-        (SHA384_WITH_RSA_DER, "1.2.840.113549.1.1.12", True),
-        (SHA512_WITH_RSA_DER, "1.2.840.113549.1.1.13", True),
-        (ECDSA_SHA256_DER, "1.2.840.10045.4.3.2", False),
-        (ECDSA_SHA384_DER, "1.2.840.10045.4.3.3", False),
-        (ECDSA_SHA512_DER, "1.2.840.10045.4.3.4", False),
-    ],
-)
-def test_algorithm_constants(constant: bytes, oid: str, null: bool) -> None:
-    expected = rfc5280.AlgorithmIdentifier()
-    expected["algorithm"] = univ.ObjectIdentifier(oid)
-    if null:
-        expected["parameters"] = der_encoder.encode(univ.Null(""))
-    assert constant == der_encoder.encode(expected)
+# The AlgorithmIdentifier constants live in hsmocsp.signing.algorithms (tested there).
 
 
 def test_algorithm_constants_match_real_certificates() -> None:
