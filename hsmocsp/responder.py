@@ -487,7 +487,7 @@ class Handle:
             if self.signer_saturated():
                 cached = self.cache.peek(cid.der)
                 if cached is not None:
-                    # RFC 8954 lets a responder drop the nonce; better than queueing behind the HSM.
+                    # RFC 9654 lets a responder drop the nonce; better than queueing behind the HSM.
                     return cached
         return self._produce(list(request.cert_ids), issuers, nonce)
 

@@ -80,6 +80,40 @@ def test_nonce_echoed_and_verified(responder: Responder, devpki: DevPki, tmp_pat
     assert any(ext.oid == OCSPExtensionOID.NONCE for ext in parsed.extensions)
 
 
+@pytest.mark.parametrize("size", [1, 32, 33, 128, 129])
+def test_rfc9654_nonce_lengths_live(
+    responder: Responder, devpki: DevPki, tmp_path: Path, size: int
+) -> None:
+    """RFC 9654: a live responder echoes nonces of 1..128 octets (openssl checks the echo
+    with -reqin/-respin), and answers malformedRequest above 128."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    leaf = x509.load_pem_x509_certificate(devpki.good_pem.read_bytes())
+    ca = x509.load_pem_x509_certificate(devpki.ca_pem.read_bytes())
+    request = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(leaf, ca, hashes.SHA1())
+        .add_extension(x509.OCSPNonce(os.urandom(size)), critical=False)
+        .build()
+        .public_bytes(serialization.Encoding.DER)
+    )
+    status, _, body = http(responder.url + "/ocsp", data=request,
+                           headers={"Content-Type": "application/ocsp-request"})  # fmt: skip
+    assert status == 200
+    parsed = ocsp.load_der_ocsp_response(body)
+    if size > 128:
+        assert parsed.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        return
+    (tmp_path / "req.der").write_bytes(request)
+    (tmp_path / "resp.der").write_bytes(body)
+    result = openssl_ocsp(
+        "-reqin", str(tmp_path / "req.der"), "-respin", str(tmp_path / "resp.der"),
+        "-VAfile", str(devpki.ocsp_pem), "-CAfile", str(devpki.ca_pem),
+    )  # fmt: skip
+    assert result.verified, result.output
+    assert "Nonce Verify error" not in result.output and "WARNING" not in result.output
+
+
 def _get(
     r: Responder, dev: DevPki, req: Path, path: str, quote: str
 ) -> tuple[int, dict[str, str], bytes]:

@@ -332,8 +332,14 @@ def _vector_cases() -> dict[str, bytes]:
     request = parse_request((DATA / "req_openssl_sha1_nonce.der").read_bytes())
     multi = parse_request((DATA / "req_openssl_sha256_multi.der").read_bytes())
     good = SingleResponseData(request.cert_ids[0], GOOD, T0, T0 + timedelta(hours=12))
+    long_nonce = parse_request((DATA / "req_crypto_sha256_nonce128.der").read_bytes())
+    good_long = SingleResponseData(long_nonce.cert_ids[0], GOOD, T0, T0 + timedelta(hours=12))
     return {
         "resp_rsa_good_nonce.der": _respond(RSA_KEY, [good], request.nonce, [RSA_CERT])[1],
+        # RFC 9654's longest nonce (128 octets): a long-form length inside the echo
+        "resp_rsa_good_nonce128.der": _respond(
+            RSA_KEY, [good_long], long_nonce.nonce, [RSA_CERT]
+        )[1],
         "resp_ca_revoked_multi.der": _respond(
             CA_KEY,
             [
@@ -445,3 +451,34 @@ def test_openssl_checks_our_nonce_and_multi_response(tmp_path: Path) -> None:
         "-VAfile", str(DATA / "responder_rsa.pem"), "-CAfile", str(DATA / "ca.pem"),
     )
     assert "Nonce Verify error" in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+@openssl_needed
+@pytest.mark.parametrize("size", [1, 15, 32, 33, 127, 128])
+def test_openssl_checks_rfc9654_nonce_lengths(tmp_path: Path, size: int) -> None:
+    """RFC 9654: nonces of 1..128 octets are echoed, and openssl finds its nonce in ours."""
+    built = (
+        ocsp.OCSPRequestBuilder()
+        .add_certificate(RSA_CERT, CA, hashes.SHA1())
+        .add_extension(x509.OCSPNonce(bytes(range(size))), critical=False)
+        .build()
+    )
+    request_der = built.public_bytes(serialization.Encoding.DER)
+    (tmp_path / "req.der").write_bytes(request_der)
+    request = parse_request(request_der)
+    now = datetime.now(UTC)
+    single = SingleResponseData(request.cert_ids[0], GOOD, now, now + timedelta(hours=1))
+    _, raw = _respond(RSA_KEY, [single], request.nonce, [RSA_CERT], produced_at=now)
+    (tmp_path / "resp.der").write_bytes(raw)
+    result = _openssl(
+        "-reqin", str(tmp_path / "req.der"), "-respin", str(tmp_path / "resp.der"),
+        "-VAfile", str(DATA / "responder_rsa.pem"), "-CAfile", str(DATA / "ca.pem"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Response verify OK" in result.stderr
+    assert "Nonce Verify error" not in result.stdout + result.stderr
+    assert "WARNING: no nonce" not in result.stdout + result.stderr
+    parsed = ocsp.load_der_ocsp_response(raw)
+    (nonce,) = [e for e in parsed.extensions if isinstance(e.value, x509.OCSPNonce)]
+    assert nonce.value.nonce == bytes(range(size))

@@ -125,6 +125,7 @@ def _ensure_requests() -> None:
         ("req_crypto_sha1.der", hashes.SHA1(), None),
         ("req_crypto_sha256_nonce32.der", hashes.SHA256(), bytes(range(32))),
         ("req_crypto_sha384_nonce1.der", hashes.SHA384(), b"\x2a"),
+        ("req_crypto_sha256_nonce128.der", hashes.SHA256(), bytes(range(128))),  # RFC 9654 max
     ):
         out = HERE / name
         if out.exists():
