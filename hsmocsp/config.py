@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote_to_bytes
@@ -179,8 +179,12 @@ class Config:
     max_request_size: int = 10_000
     presign_rate: float = 50.0
     http_workers: int = 1
-    extra: Mapping[str, Any] = field(default_factory=dict)
     cert_expiry_warning_days: tuple[float, ...] = (30.0, 7.0, 1.0)
+    # Per-connection limits (hsmocsp/web/limits.py): slow clients, floods, long URLs.
+    request_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 0  # 0: derived from the descriptor limit
+    max_url_length: int = 8192
 
 
 #: Upper bound for ``http_workers`` / ``--workers``: more processes than that is a typo.
@@ -650,6 +654,10 @@ def parse_config(file: Path, data: Any) -> Config:
         presign_rate=r.number("presign_rate", 50.0),
         http_workers=r.integer("http_workers", 1, minimum=1),
         cert_expiry_warning_days=_warning_days(r, "cert_expiry_warning_days"),
+        request_timeout=r.number("request_timeout", 10.0, minimum=0.5),
+        idle_timeout=r.number("idle_timeout", 60.0, minimum=0.5),
+        max_connections=r.integer("max_connections", 0, minimum=0),
+        max_url_length=r.integer("max_url_length", 8192, minimum=256),
     )
     if cfg.http_workers > MAX_HTTP_WORKERS:
         raise r.error("http_workers", f"must be at most {MAX_HTTP_WORKERS}")

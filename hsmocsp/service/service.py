@@ -41,6 +41,7 @@ from hsmocsp.store import ResponseStore
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
 from hsmocsp.web.fronts import FrontPool
+from hsmocsp.web.limits import HttpLimits
 
 if TYPE_CHECKING:
     from hsmocsp.signing.pool import TokenPool
@@ -121,6 +122,13 @@ class ResponderService(Sequence):
         self._handles_prepared = False
         self.expiry = ExpiryWatch(self.handles, reactor, cfg.cert_expiry_warning_days)
         self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
+        self.limits = HttpLimits(
+            request_timeout=cfg.request_timeout,
+            idle_timeout=cfg.idle_timeout,
+            max_connections=cfg.max_connections,
+            max_request_size=cfg.max_request_size,
+            max_url_length=cfg.max_url_length,
+        )
         for handle in self.handles:
             handle._on_signed = self.app.metrics.signed
         for name, pool in self.pools.items():
@@ -149,7 +157,7 @@ class ResponderService(Sequence):
         Component("expiry", self.expiry.start, self.expiry.stop).setServiceParent(self)
         if self.cfg.data_dir is not None:
             Component("store", self._open_store, self._close_store).setServiceParent(self)
-        site = FastSite(self.app, self.reactor.seconds)
+        site = FastSite(self.app, self.reactor.seconds, limits=self.limits, clock=self.reactor)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
         if self.tcp_listen is None:
@@ -210,7 +218,7 @@ class ResponderService(Sequence):
             host=self.tcp_listen[0],
             port=port,
             backend=backend,
-            max_request_size=self.cfg.max_request_size,
+            limits=self.limits,
         )
         # Not ready before every front has bound the port (the kernel hands them
         # connections from then on); later, a front being restarted only degrades.

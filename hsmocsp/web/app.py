@@ -9,10 +9,8 @@ merge ``//`` or redirect on trailing slashes (OCSP clients follow no redirects).
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Sequence
-from email.utils import formatdate
 from time import perf_counter
 from typing import Any
 
@@ -27,23 +25,24 @@ from hsmocsp.errors import HsmOcspError, MalformedRequest
 from hsmocsp.ocsp.request import decode_get_path
 from hsmocsp.ocsp.response import ResponseStatus, error_response
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
+from hsmocsp.web.headers import (
+    NO_CACHE,
+    OCSP_REQUEST,
+    cache_control,
+    content_headers,
+    http_date,
+    validators,
+)
 from hsmocsp.web.metrics import Metrics
 from hsmocsp.web.probes import Probes
+from hsmocsp.web.problems import Problems
 
 log = Logger()
 
 #: What a request comes to: signed bytes, or an OCSP error status.
 Outcome = SignedResponse | ResponseStatus
 
-OCSP_REQUEST = b"application/ocsp-request"
-OCSP_RESPONSE = b"application/ocsp-response"
-NO_CACHE = b"max-age=0, no-cache, no-store"
-
-
-@functools.lru_cache(maxsize=4096)
-def http_date(seconds: float) -> bytes:
-    """RFC 7231 date; remembered, since responses signed in one second share theirs."""
-    return formatdate(seconds, usegmt=True).encode("ascii")
+__all__ = ["NO_CACHE", "OCSPApp", "Outcome", "http_date"]
 
 
 class OCSPApp:
@@ -56,12 +55,16 @@ class OCSPApp:
         now: Callable[[], float],
         max_request_size: int = 10_000,
         metrics: Metrics | None = None,
+        problems: Problems | None = None,
     ) -> None:
         self.handles = list(handles)
         self._now = now
         self.max_request_size = max_request_size
         self.metrics = metrics or Metrics(self.handles)
         self.probes = Probes(self.handles)
+        self.problems = problems or Problems()
+        if self.problems.on_count is None:
+            self.problems.on_count = self.metrics.bad_request
         self.router = Klein()
         self.router.url_map.merge_slashes = False
         self.router.url_map.strict_slashes = False
@@ -121,6 +124,25 @@ class OCSPApp:
         request.setResponseCode(404)
         return b"not found\n"
 
+    def undecodable_path(self, request: IRequest) -> None:
+        """Answer a request whose path is not UTF-8 (Klein cannot route it, and would
+        log a traceback): malformedRequest under a handle's path, else 400."""
+        raw = request.uri.split(b"?", 1)[0].decode("latin-1")
+        body = b"bad request path\n"
+        for handle in sorted(self.handles, key=lambda h: -len(h.path)):
+            prefix = handle.path.rstrip("/")
+            if request.method in (b"GET", b"HEAD") and raw.startswith(prefix + "/"):
+                body = self._error(handle, request, ResponseStatus.malformedRequest,
+                                   "GET path is not UTF-8", "GET", request.getClientAddress())
+                break
+        else:
+            self.problems.report("400", "request path is not UTF-8", request.getClientAddress())
+            request.setResponseCode(400)
+            request.setHeader(b"Content-Type", b"text/plain")
+            request.setHeader(b"Cache-Control", NO_CACHE)
+        request.write(body)
+        request.finish()
+
     def ocsp_post(self, handle: Handle, request: IRequest) -> Any:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if ctype != OCSP_REQUEST:
@@ -142,7 +164,8 @@ class OCSPApp:
                 raise MalformedRequest("request too large")
             der = decode_get_path(tail)
         except MalformedRequest as err:
-            return self._error(handle, request, ResponseStatus.malformedRequest, str(err), "GET")
+            return self._error(handle, request, ResponseStatus.malformedRequest, str(err), "GET",
+                               request.getClientAddress())
         return self._answer(handle, request, der, "GET")
 
     def outcome(self, handle: Handle, der: bytes) -> Outcome | Deferred[Outcome]:
@@ -156,6 +179,8 @@ class OCSPApp:
         try:
             result = handle.respond_der(der)
         except HsmOcspError as err:
+            if isinstance(err, MalformedRequest):
+                self.problems.report("malformedRequest", str(err))
             return ocsp_status_for(Failure(err))
         if isinstance(result, SignedResponse):
             return result
@@ -187,24 +212,13 @@ class OCSPApp:
             self.metrics.response(handle.name, "successful", method)
             body = outcome.der
             if outcome.cacheable:
-                etag = outcome.etag.encode("ascii")
-                headers = [
-                    (
-                        b"Cache-Control",
-                        b"max-age=%d, public, no-transform, must-revalidate"
-                        % handle.max_age_for(outcome),
-                    ),
-                    (b"Last-Modified", http_date(outcome.this_update)),
-                    (b"Expires", http_date(outcome.next_update)),
-                    (b"ETag", etag),
-                ]
-                if if_none_match == etag:
+                headers = [(b"Cache-Control", cache_control(handle.max_age_for(outcome)))]
+                headers += validators(outcome)
+                if if_none_match == outcome.etag.encode("ascii"):
                     return 304, headers, b""
             else:
                 headers = [(b"Cache-Control", NO_CACHE)]
-        # An explicit length: some OCSP clients do not read chunked responses.
-        headers += [(b"Content-Type", OCSP_RESPONSE), (b"Content-Length", b"%d" % len(body))]
-        return 200, headers, body
+        return 200, headers + content_headers(len(body)), body
 
     def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
         started = perf_counter()
@@ -237,10 +251,10 @@ class OCSPApp:
         return body
 
     def _error(
-        self, handle: Handle, request: IRequest, status: ResponseStatus, why: str, method: str
-    ) -> bytes:
-        log.debug("handle {handle}: {status}: {why}", handle=handle.name, status=status.name,
-                  why=why)
+        self, handle: Handle, request: IRequest, status: ResponseStatus, why: str, method: str,
+        peer: Any = None,
+    ) -> bytes:  # fmt: skip
+        self.problems.report(status.name, f"handle {handle.name}: {why}", peer)
         return self._write(handle, request, status, method)
 
     # --- published files -----------------------------------------------------------

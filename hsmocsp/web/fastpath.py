@@ -14,6 +14,13 @@ it is ready and in request order. Everything that is not a plain OCSP request
 oversized bodies) is handed, with every byte read so far, to a normal
 twisted.web ``HTTPChannel`` that then owns the connection for good; so the full
 path stays the one place with all of HTTP's corner cases.
+
+Every connection, fast or handed over, is held to :class:`~hsmocsp.web.limits.HttpLimits`:
+a whole request within ``request_timeout`` of its first byte (408), no request
+within ``idle_timeout`` closes it, a declared body over ``max_request_size`` gets
+413 and a target over ``max_url_length`` 414 before anything more is read, and
+the site's :class:`~hsmocsp.web.limits.ConnectionTable` closes the idlest
+connection when a new one would pass the cap (#9.3, #9.5).
 """
 
 from __future__ import annotations
@@ -24,10 +31,9 @@ from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.server import Site
@@ -35,11 +41,14 @@ from twisted.web.server import Site
 from hsmocsp.errors import MalformedRequest
 from hsmocsp.ocsp.request import decode_get_path
 from hsmocsp.responder import Handle, SignedResponse
-from hsmocsp.web.app import OCSPApp, Outcome, http_date
+from hsmocsp.web.app import OCSPApp, Outcome
+from hsmocsp.web.channel import REFUSALS, LimitedHTTPChannel, LimitedRequest, plain_response
+from hsmocsp.web.headers import cache_control, content_headers, header_lines, http_date, validators
+from hsmocsp.web.limits import ConnectionTable, HttpLimits, connection_cap
+from hsmocsp.web.problems import Problems
 
 #: A request head larger than this is not an OCSP request we answer fast.
 MAX_HEAD = 8192
-IDLE_TIMEOUT = 60
 #: Bytes a client may send ahead while a response is being signed.
 MAX_PIPELINED = 65536
 
@@ -51,12 +60,28 @@ T = TypeVar("T")
 class FastSite(Site):
     """A ``Site`` whose connections try the cached fast path first."""
 
-    def __init__(self, app: OCSPApp, now: Callable[[], float]) -> None:
-        super().__init__(app.resource())
+    protocol = LimitedHTTPChannel  # type: ignore[assignment]
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self,
+        app: OCSPApp,
+        now: Callable[[], float],
+        *,
+        limits: HttpLimits | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        self.limits = limits or HttpLimits(max_request_size=app.max_request_size)
+        # The idle timer of handed-over connections is twisted.web's own (timeout=).
+        super().__init__(app.resource(), timeout=self.limits.idle_timeout, reactor=clock,
+                         parsePOSTFormSubmission=False)  # fmt: skip
         self.app = app
+        self.problems: Problems = app.problems
+        self.clock: IReactorTime = self.reactor
+        self.table = ConnectionTable(connection_cap(self.limits.max_connections))
         self._now = now
-        self.routes = OcspRoutes([(h.path, h) for h in app.handles], app.max_request_size)
-        self.max_request_size = app.max_request_size
+        self.routes = OcspRoutes([(h.path, h) for h in app.handles], self.limits.max_request_size)
+        self.max_request_size = self.limits.max_request_size
         self.writer = ResponseWriter(now)
         self.fast_answers = 0
         self.full_answers = 0
@@ -65,9 +90,11 @@ class FastSite(Site):
     def buildProtocol(self, addr: IAddress | None) -> Any:
         return FastChannel(self, addr)
 
-    def full_protocol(self, addr: IAddress | None) -> Any:
-        """The ordinary twisted.web protocol, for everything the fast path declines."""
-        return Site.buildProtocol(self, addr)
+    def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Any:
+        """The twisted.web protocol (with our limits), for everything the fast path declines."""
+        channel = Site.buildProtocol(self, addr)
+        channel.on_progress = on_progress
+        return channel
 
     def answer(
         self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
@@ -110,13 +137,12 @@ class FastSite(Site):
     ) -> bytes:
         self.app.observe(handle, outcome, started, waited)
         code, headers, body = self.app.render(handle, outcome, method)
-        lines = [b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"OK"))]
-        lines += [b"%s: %s\r\n" % header for header in headers]
-        lines.append(b"Date: " + self.writer.http_now() + b"\r\n")
-        lines.append(_connection_header(version, keep))
-        lines.append(b"\r\n")
-        lines.append(body)
-        return b"".join(lines)
+        return b"".join((
+            b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"OK")),
+            header_lines(headers),
+            b"Date: ", self.writer.http_now(), b"\r\n",
+            _connection_header(version, keep), b"\r\n", body,
+        ))  # fmt: skip
 
 
 class OcspRoutes(Generic[T]):
@@ -195,23 +221,14 @@ class ResponseWriter:
         if static is None:
             if len(self._static) > 100_000:
                 self._static.clear()
-            static = self._static[response.etag] = (
-                b"Content-Type: application/ocsp-response\r\n"
-                b"Content-Length: %d\r\n"
-                b"Last-Modified: %s\r\nExpires: %s\r\nETag: %s\r\n"
-                % (
-                    len(response.der),
-                    http_date(response.this_update),
-                    http_date(response.next_update),
-                    response.etag.encode("ascii"),
-                )
+            static = self._static[response.etag] = header_lines(
+                validators(response) + content_headers(len(response.der))
             )
         date = self.http_now()
         connection = _connection_header(version, keep)
         return b"".join((
             version, b" 200 OK\r\n", static,
-            b"Cache-Control: max-age=%d, public, no-transform, must-revalidate\r\n"
-            % max_age,
+            b"Cache-Control: ", cache_control(max_age), b"\r\n",
             b"Date: ", date, b"\r\n", connection, b"\r\n", response.der,
         ))  # fmt: skip
 
@@ -225,7 +242,10 @@ def _connection_header(version: bytes, keep: bool) -> bytes:
 class FastServer(TypingProtocol):
     """What :class:`FastChannel` needs from its factory."""
 
-    max_request_size: int
+    limits: HttpLimits
+    table: ConnectionTable
+    problems: Problems
+    clock: IReactorTime
     handed_over: int
 
     def answer(
@@ -233,12 +253,18 @@ class FastServer(TypingProtocol):
         body: bytes,
     ) -> tuple[bytes | Deferred[bytes], bool] | None: ...  # fmt: skip
 
-    def full_protocol(self, addr: IAddress | None) -> Any: ...
+    def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Any: ...
 
 
-class FastChannel(Protocol, TimeoutMixin):
+class FastChannel(Protocol):
     """One connection: cached answers inline, everything else to a full protocol
-    (twisted.web here; a relay to the main process in :mod:`hsmocsp.web.front`)."""
+    (twisted.web here; a relay to the main process in :mod:`hsmocsp.web.front`).
+
+    Timers: ``idle_timeout`` while no request is under way, ``request_timeout`` from
+    a request's first byte until it is whole (never extended by more bytes), none
+    while a response is being produced (the signer has its own timeout). After a
+    hand-over the full protocol keeps its own (twisted.web: the same limits).
+    """
 
     def __init__(self, site: FastServer, addr: IAddress | None) -> None:
         self.site = site
@@ -249,9 +275,59 @@ class FastChannel(Protocol, TimeoutMixin):
         self._waiting = False
         self._paused = False
         self._lost = False
+        self._timer: IDelayedCall | None = None
+        self._in_request = False
 
     def connectionMade(self) -> None:
-        self.setTimeout(IDLE_TIMEOUT)
+        self.site.table.opened(self)
+        if not self._lost:
+            self._arm(self.site.limits.idle_timeout, self._idle)
+
+    # --- timers and the connection table --------------------------------------------
+
+    def _arm(self, seconds: float | None, then: Callable[[], None]) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None if seconds is None else self.site.clock.callLater(seconds, then)
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._close()
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        self._refuse(408, "request not complete within request_timeout")
+
+    def _progressed(self) -> None:
+        self.site.table.progressed(self)
+
+    def busy(self) -> bool:
+        return self._waiting
+
+    def evict(self) -> None:
+        """The table needs room: this connection is the idlest."""
+        self._arm(None, self._idle)
+        if self.transport is not None:
+            abort = getattr(self.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                self.transport.loseConnection()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _refuse(self, code: int, why: str) -> None:
+        """Answer ``code`` with ``Connection: close``; read nothing more."""
+        self._arm(None, self._idle)
+        self.site.problems.report(str(code), why, self.addr)
+        if self.transport is not None and not self._closing:
+            self.transport.write(plain_response(code, REFUSALS.get(code, b"")))
+        self._close()
+
+    # --- reading ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._delegate is not None:
@@ -265,11 +341,16 @@ class FastChannel(Protocol, TimeoutMixin):
                 self._paused = True  # a client pipelining far ahead waits for us
                 self.transport.pauseProducing()  # type: ignore[attr-defined]
             return
-        self.resetTimeout()
+        limits = self.site.limits
         while self._buf:
+            if not self._in_request:
+                self._in_request = True
+                self._arm(limits.request_timeout, self._too_slow)
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._buf) > MAX_HEAD:
+                if b"\r\n" not in self._buf and len(self._buf) > limits.max_url_length + 64:
+                    self._refuse(414, f"request line over {limits.max_url_length + 64} bytes")
+                elif len(self._buf) > MAX_HEAD:
                     self._hand_over()
                 return
             parsed = _parse_head(self._buf[:end])
@@ -277,9 +358,12 @@ class FastChannel(Protocol, TimeoutMixin):
                 self._hand_over()
                 return
             method, target, version, headers = parsed
+            if len(target) > limits.max_url_length:
+                self._refuse(414, f"request target of {len(target)} bytes")
+                return
             length = int(headers.get(b"content-length", b"0"))
-            if length > self.site.max_request_size:
-                self._hand_over()  # the full path answers 413
+            if length > limits.max_request_size:
+                self._refuse(413, f"declared body of {length} bytes")
                 return
             total = end + 4 + length
             if len(self._buf) < total:
@@ -290,23 +374,25 @@ class FastChannel(Protocol, TimeoutMixin):
                 return
             response, keep = result
             self._buf = self._buf[total:]
+            self._in_request = False
             if isinstance(response, Deferred):
                 # Answer in order: read nothing more until this response is written.
                 self._waiting = True
-                self.setTimeout(None)
+                self._arm(None, self._idle)
                 response.addCallback(self._deliver, keep).addErrback(self._broken)
                 return
             if not self._write(response, keep):
                 return
+        self._arm(limits.idle_timeout, self._idle)
 
     def _write(self, response: bytes, keep: bool) -> bool:
         """Write one response; False when the connection is closing."""
         assert self.transport is not None
         self.transport.write(response)
+        self._progressed()
         if not keep:
-            self._closing = True
-            self.setTimeout(None)
-            self.transport.loseConnection()
+            self._arm(None, self._idle)
+            self._close()
             return False
         return True
 
@@ -318,7 +404,7 @@ class FastChannel(Protocol, TimeoutMixin):
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if self._write(response, keep):
-            self.setTimeout(IDLE_TIMEOUT)
+            self._arm(self.site.limits.idle_timeout, self._idle)
             if self._buf:
                 self.dataReceived(b"")
 
@@ -329,8 +415,8 @@ class FastChannel(Protocol, TimeoutMixin):
 
     def _hand_over(self) -> None:
         self.site.handed_over += 1
-        self.setTimeout(None)
-        delegate = self.site.full_protocol(self.addr)
+        self._arm(None, self._idle)
+        delegate = self.site.full_protocol(self.addr, self._progressed)
         self._delegate = delegate
         delegate.makeConnection(self.transport)
         buf, self._buf = self._buf, b""
@@ -338,13 +424,10 @@ class FastChannel(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
-        self.setTimeout(None)
+        self._arm(None, self._idle)
+        self.site.table.closed(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
-
-    def timeoutConnection(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
 
 
 def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, dict[bytes, bytes]] | None:

@@ -48,7 +48,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,6 +60,8 @@ from hsmocsp.errors import HsmOcspError
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.responder import SignedResponse
 from hsmocsp.web.fastpath import FastChannel, OcspRoutes, ResponseWriter, keep_alive
+from hsmocsp.web.limits import ConnectionTable, HttpLimits, connection_cap
+from hsmocsp.web.problems import Problems
 
 __all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame", "encode_report"]
 
@@ -262,20 +264,26 @@ class FrontSite(Factory):
         replicas: list[Replica],
         now: Callable[[], float],
         connect: Callable[[Protocol], Deferred[Any]],
-        max_request_size: int,
+        limits: HttpLimits,
+        clock: IReactorTime,
     ) -> None:
         self.replicas = replicas
-        self.max_request_size = max_request_size
+        self.limits = limits
+        self.clock = clock
+        self.table = ConnectionTable(connection_cap(limits.max_connections))
+        self.problems = Problems(clock)
         self.writer = ResponseWriter(now)
         self._connect = connect
-        self.routes = OcspRoutes([(r.path, r) for r in replicas], max_request_size)
+        self.routes = OcspRoutes([(r.path, r) for r in replicas], limits.max_request_size)
         self.counts: dict[str, dict[str, int]] = {}
         self.handed_over = 0
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return FastChannel(self, addr)
 
-    def full_protocol(self, addr: IAddress | None) -> Relay:
+    def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Relay:
+        # Deadlines and sizes of a relayed connection are enforced by the main process,
+        # which reads it; when it closes its end, the relay closes the client's.
         return Relay(self._connect)
 
     def answer(
@@ -349,7 +357,8 @@ class _Control(Protocol):
             connected: Deferred[Any] = connectProtocol(endpoint, protocol)
             return connected
 
-        self.site = FrontSite(self._replicas, now, connect, init["max_request_size"])
+        self.site = FrontSite(self._replicas, now, connect, HttpLimits(**init["limits"]),
+                              self._reactor)  # fmt: skip
         self.site.noisy = False
         try:
             sock = bind_reuseport(init["host"], init["port"])

@@ -14,6 +14,7 @@ added to the main process's metrics, so ``/metrics`` covers every process.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from hsmocsp.childproc import Backoff, Child, FrameError, Supervisor, stop_child
 from hsmocsp.health import READY, Health, State
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.web.front import MAX_FRAME, decode_report, encode_frame
+from hsmocsp.web.limits import HttpLimits
 from hsmocsp.web.metrics import Metrics
 
 log = Logger()
@@ -115,7 +117,7 @@ class FrontPool(service.Service):
         host: str,
         port: int,
         backend: str,
-        max_request_size: int,
+        limits: HttpLimits,
     ) -> None:
         self.reactor = reactor
         self.handles = list(handles)
@@ -124,7 +126,7 @@ class FrontPool(service.Service):
         self.host = host
         self.port = port
         self.backend = backend
-        self.max_request_size = max_request_size
+        self.limits = limits
         self.fronts: dict[int, _Front] = {}
         # A front that keeps failing at start (say, its address is gone) is retried
         # with growing pauses, up to MAX_RESPAWN_DELAY, not once a second forever.
@@ -172,7 +174,7 @@ class FrontPool(service.Service):
             "host": self.host,
             "port": self.port,
             "backend": self.backend,
-            "max_request_size": self.max_request_size,
+            "limits": dataclasses.asdict(self.limits),
             "handles": [
                 {"name": h.name, "path": h.path, "max_age": h.max_age, "nonce": h.nonce_policy}
                 for h in self.handles

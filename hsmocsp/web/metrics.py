@@ -99,6 +99,13 @@ class Metrics:
         self._children: dict[tuple[str, str, str], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
         self._presign_gauges: list[Gauge] | None = None
+        self._bad_requests = Counter(
+            "hsmocsp_bad_requests",
+            "Requests refused for what the client sent (HTTP code or OCSP status), "
+            "logged only once a minute per kind",
+            ["kind"],
+            registry=self.registry,
+        )
         self._front_answers = Counter(
             "hsmocsp_front_answers",
             "Cached OCSP answers sent by each extra HTTP process (--workers)",
@@ -211,6 +218,9 @@ class Metrics:
         if child is None:
             child = self._latency_children[key] = self._latency.labels(handle, result)
         child.observe(seconds)
+
+    def bad_request(self, kind: str) -> None:
+        self._bad_requests.labels(kind).inc()
 
     def front_answered(self, front: int, n: int) -> None:
         self._front_answers.labels(str(front)).inc(n)

@@ -26,7 +26,7 @@ def site() -> FastSite:
     clock = Clock()
     clock.advance(1_750_000_000)
     handle, _, _ = make(clock)
-    return FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds)
+    return FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds, clock=clock)
 
 
 def connect(s: FastSite) -> tuple[object, StringTransport]:
@@ -135,7 +135,7 @@ def site_with_signer() -> tuple[FastSite, object]:
     clock = Clock()
     clock.advance(1_750_000_000)
     handle, _, signer = make(clock)
-    return FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds), signer
+    return FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds, clock=clock), signer
 
 
 def test_misses_are_answered_in_order_when_signed() -> None:

@@ -23,6 +23,7 @@ from hsmocsp.web.front import (
     encode_frame,
     encode_report,
 )
+from hsmocsp.web.limits import HttpLimits
 from tests.unit.test_fastpath import ADDR, post, split, warm
 from tests.unit.test_responder import make, request_for
 
@@ -56,10 +57,10 @@ def setup(
     clock.advance(1_750_000_000)
     handle, _, _ = make(clock)
     handle.nonce_policy = nonce  # type: ignore[assignment]
-    main = FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds)
+    main = FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds, clock=clock)
     replica = Replica(handle.name, handle.path, handle.max_age, nonce, clock.seconds)
     backend = backend or Backend()
-    front = FrontSite([replica], clock.seconds, backend.connect, 10_000)
+    front = FrontSite([replica], clock.seconds, backend.connect, HttpLimits(), clock)
     feed = _Feed(replica)
     handle.cache.observers.append(feed)  # type: ignore[arg-type]
     return main, front, replica, clock, backend
@@ -219,7 +220,7 @@ def test_failing_front_is_restarted_with_growing_pauses() -> None:
 
     clock = _SpawningClock()
     pool = FrontPool(clock, [], Metrics([]), count=1, host="127.0.0.1", port=1,
-                     backend="/nowhere", max_request_size=10_000)  # fmt: skip
+                     backend="/nowhere", limits=HttpLimits())  # fmt: skip
     pool.startService()
     delays = []
     for _ in range(7):  # each front dies at once

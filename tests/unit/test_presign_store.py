@@ -121,7 +121,7 @@ def test_presigned_response_is_served_by_the_fast_path_on_first_request() -> Non
     presigner.start()
     clock.advance(1)
     assert signer.calls == 2
-    site = FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds)
+    site = FastSite(OCSPApp([handle], now=clock.seconds), clock.seconds, clock=clock)
     answer = site.answer(
         b"POST", b"/ocsp", b"HTTP/1.1", {b"content-type": b"application/ocsp-request"},
         request_for(2),
