@@ -78,7 +78,10 @@ class FastSite(Site):
         self.app = app
         self.problems: Problems = app.problems
         self.clock: IReactorTime = self.reactor
-        self.table = ConnectionTable(connection_cap(self.limits.max_connections))
+        self.table = ConnectionTable(
+            connection_cap(self.limits.max_connections), app.metrics.connection_evicted
+        )
+        app.metrics.watch_connections(self.table.__len__)
         self._now = now
         self.routes = OcspRoutes([(h.path, h) for h in app.handles], self.limits.max_request_size)
         self.max_request_size = self.limits.max_request_size

@@ -21,6 +21,7 @@ it (:mod:`hsmocsp.web.channel`) and the fronts (:mod:`hsmocsp.web.front`).
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,10 +78,11 @@ class ConnectionTable:
     #: Connections looked at, from the idlest, for one that is not busy.
     SCAN = 64
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, on_evict: Callable[[], None] | None = None) -> None:
         self.cap = cap
         self._open: dict[Evictable, None] = {}  # insertion order = idleness order
         self.evicted = 0
+        self._on_evict = on_evict
 
     def __len__(self) -> int:
         return len(self._open)
@@ -93,6 +95,8 @@ class ConnectionTable:
                 return
             del self._open[victim]
             self.evicted += 1
+            if self._on_evict is not None:
+                self._on_evict()
             victim.evict()
 
     def _idlest(self, newcomer: Evictable) -> Evictable | None:

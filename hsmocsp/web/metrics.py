@@ -99,6 +99,16 @@ class Metrics:
         self._children: dict[tuple[str, str, str], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
         self._presign_gauges: list[Gauge] | None = None
+        self._evicted = Counter(
+            "hsmocsp_http_connections_evicted",
+            "Idlest client connections closed to stay under max_connections",
+            registry=self.registry,
+        )
+        self._connections = Gauge(
+            "hsmocsp_http_connections",
+            "Client connections open in the main process",
+            registry=self.registry,
+        )
         self._bad_requests = Counter(
             "hsmocsp_bad_requests",
             "Requests refused for what the client sent (HTTP code or OCSP status), "
@@ -218,6 +228,13 @@ class Metrics:
         if child is None:
             child = self._latency_children[key] = self._latency.labels(handle, result)
         child.observe(seconds)
+
+    def connection_evicted(self) -> None:
+        self._evicted.inc()
+
+    def watch_connections(self, count: Callable[[], int]) -> None:
+        """The open client connections of this process, read at scrape time."""
+        self._connections.set_function(lambda: float(count()))
 
     def bad_request(self, kind: str) -> None:
         self._bad_requests.labels(kind).inc()

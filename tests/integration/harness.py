@@ -67,6 +67,8 @@ class Responder:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     extra_args: tuple[str, ...] = ()
+    #: RLIMIT_NOFILE for the responder process (e.g. 1024, systemd's default), or None.
+    nofile: int | None = None
 
     @property
     def url(self) -> str:
@@ -97,10 +99,17 @@ class Responder:
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._limits if self.nofile is not None else None,
             )
         if wait_ready:
             self.wait_ready(timeout)
         return self
+
+    def _limits(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
