@@ -110,6 +110,8 @@ class LimitedHTTPChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return  # twisted.web already closed it (its own 400)
         if self._in_request and not self._handling:
             self.refuse(408, "request not complete within request_timeout")
 
@@ -165,6 +167,7 @@ class LimitedHTTPChannel(HTTPChannel):
             return
         self._refused = True
         self._cancel_deadline()
+        self.setTimeout(None)  # the idle timer too: this connection is done
         problems = getattr(self.site, "problems", None)
         if problems is not None:
             problems.report(str(code), why, self.transport.getPeer() if self.transport else None)
@@ -175,7 +178,8 @@ class LimitedHTTPChannel(HTTPChannel):
     def timeoutConnection(self) -> None:
         # The idle timer (idle_timeout) fired between requests: close quietly.
         self._cancel_deadline()
-        super().timeoutConnection()
+        if not self._refused:
+            super().timeoutConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._cancel_deadline()
