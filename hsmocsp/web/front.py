@@ -197,11 +197,20 @@ class Replica:
 
 
 class Relay(Protocol):
-    """The rest of a client connection, relayed byte for byte to the main process."""
+    """The rest of a client connection, relayed byte for byte to the main process.
 
-    def __init__(self, connect: Callable[[Protocol], Deferred[Any]]) -> None:
+    Flow-controlled both ways (each transport is the other's producer): a client
+    that sends faster than the main process reads is paused, not buffered here;
+    before the backend connection is up, at most ``max_pending`` bytes are held.
+    """
+
+    def __init__(self, connect: Callable[[Protocol], Deferred[Any]],
+                 max_pending: int = 1 << 16) -> None:  # fmt: skip
         self._connect = connect
         self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._max_pending = max_pending
+        self._paused = False
         self._backend: Protocol | None = None
         self._closed = False
 
@@ -219,10 +228,15 @@ class Relay(Protocol):
             backend.transport.loseConnection()
             return
         self._backend = backend
-        assert backend.transport is not None
+        assert backend.transport is not None and self.transport is not None
+        backend.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(backend.transport, True)  # type: ignore[attr-defined]
         for data in self._pending:
             backend.transport.write(data)
         self._pending = []
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def backend_down(self) -> None:
         if self.transport is not None and not self._closed:
@@ -231,8 +245,12 @@ class Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._backend is not None and self._backend.transport is not None:
             self._backend.transport.write(data)
-        else:
-            self._pending.append(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self._max_pending and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._closed = True
@@ -284,7 +302,7 @@ class FrontSite(Factory):
     def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Relay:
         # Deadlines and sizes of a relayed connection are enforced by the main process,
         # which reads it; when it closes its end, the relay closes the client's.
-        return Relay(self._connect)
+        return Relay(self._connect, max_pending=self.limits.max_request_size + 16384)
 
     def answer(
         self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
