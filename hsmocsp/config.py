@@ -185,6 +185,9 @@ class Config:
     idle_timeout: float = 60.0
     max_connections: int = 0  # 0: derived from the descriptor limit
     max_url_length: int = 8192
+    # Access log (hsmocsp/web/accesslog.py): off | combined | json, to a file or the service log.
+    access_log: str = "off"
+    access_log_file: Path | None = None
 
 
 #: Upper bound for ``http_workers`` / ``--workers``: more processes than that is a typo.
@@ -616,6 +619,15 @@ def _uri_attributes(
     return attrs
 
 
+def _access_log_format(r: _Reader) -> str:
+    if r.raw("access_log") is False:  # YAML reads a bare `off` as false
+        return "off"
+    value = r.string("access_log", default="off") or "off"
+    if value not in ("off", "combined", "json"):
+        raise r.error("access_log", f"{value!r} is not one of off, combined, json")
+    return value
+
+
 def parse_config(file: Path, data: Any) -> Config:
     """Validate already-loaded YAML ``data`` read from ``file``."""
     r = _Reader(file, "", data)
@@ -658,6 +670,8 @@ def parse_config(file: Path, data: Any) -> Config:
         idle_timeout=r.number("idle_timeout", 60.0, minimum=0.5),
         max_connections=r.integer("max_connections", 0, minimum=0),
         max_url_length=r.integer("max_url_length", 8192, minimum=256),
+        access_log=_access_log_format(r),
+        access_log_file=r.path("access_log_file", must_exist=False),
     )
     if cfg.http_workers > MAX_HTTP_WORKERS:
         raise r.error("http_workers", f"must be at most {MAX_HTTP_WORKERS}")

@@ -125,7 +125,10 @@ class SharedListener(service.MultiService):
         sock.close()
         self._runtime_dir = tempfile.mkdtemp(prefix="hsmocsp-")
         backend = os.path.join(self._runtime_dir, "backend.sock")
-        self._ports.append(self.reactor.listenUNIX(backend, self.factory, mode=0o600))
+        # Connections relayed by fronts start with the client's address (web.accesslog).
+        relayed = getattr(self.factory, "relayed", None)
+        factory = relayed() if relayed is not None else self.factory
+        self._ports.append(self.reactor.listenUNIX(backend, factory, mode=0o600))
         self.fronts = self.make_fronts(self.port, backend)
         self.fronts.setServiceParent(self)  # running: starts the fronts now
 

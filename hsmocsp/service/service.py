@@ -38,6 +38,7 @@ from hsmocsp.service.builder import Parts, build
 from hsmocsp.service.listen import Listener, SharedListener, tcp_listen_address
 from hsmocsp.service.tree import Component, Group, Sequence, _all
 from hsmocsp.store import ResponseStore
+from hsmocsp.web.accesslog import open_access_log
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
 from hsmocsp.web.fronts import FrontPool
@@ -122,6 +123,13 @@ class ResponderService(Sequence):
         self._handles_prepared = False
         self.expiry = ExpiryWatch(self.handles, reactor, cfg.cert_expiry_warning_days)
         self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
+        try:
+            self.app.access = open_access_log(
+                cfg.access_log, str(cfg.access_log_file) if cfg.access_log_file else None
+            )
+        except OSError as err:
+            raise ConfigError(str(cfg.path), "access_log_file",
+                              f"cannot open {cfg.access_log_file}: {err.strerror}") from err
         self.limits = HttpLimits(
             request_timeout=cfg.request_timeout,
             idle_timeout=cfg.idle_timeout,
@@ -159,7 +167,7 @@ class ResponderService(Sequence):
             Component("store", self._open_store, self._close_store).setServiceParent(self)
         site = FastSite(self.app, self.reactor.seconds, limits=self.limits, clock=self.reactor)
         site.noisy = False
-        site.log = lambda request: None  # type: ignore[method-assign]  # access log: see metrics
+        site.log = lambda request: None  # type: ignore[method-assign]  # ours: web/accesslog.py
         if self.tcp_listen is None:
             self.listener = Listener(
                 self.reactor, self.listen, site, str(self.cfg.path), self.listen_key
@@ -219,6 +227,7 @@ class ResponderService(Sequence):
             port=port,
             backend=backend,
             limits=self.limits,
+            access=self.app.access,
         )
         # Not ready before every front has bound the port (the kernel hands them
         # connections from then on); later, a front being restarted only degrades.

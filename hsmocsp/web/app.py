@@ -22,9 +22,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from hsmocsp.errors import HsmOcspError, MalformedRequest
-from hsmocsp.ocsp.request import decode_get_path
+from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus, error_response
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
+from hsmocsp.web.accesslog import AccessLog, AccessRecord, client_text
 from hsmocsp.web.headers import (
     NO_CACHE,
     OCSP_REQUEST,
@@ -62,6 +63,7 @@ class OCSPApp:
         self.max_request_size = max_request_size
         self.metrics = metrics or Metrics(self.handles)
         self.probes = Probes(self.handles)
+        self.access = AccessLog()  # off; the service sets the configured one
         self.problems = problems or Problems()
         if self.problems.on_count is None:
             self.problems.on_count = self.metrics.bad_request
@@ -226,7 +228,9 @@ class OCSPApp:
 
         def write(outcome: Outcome, waited: bool) -> bytes:
             self.observe(handle, outcome, started, waited)
-            return self._write(handle, request, outcome, method)
+            body = self._write(handle, request, outcome, method)
+            self._access(handle, request, outcome, method, der, started, waited)
+            return body
 
         if isinstance(result, Deferred):
             return result.addCallback(write, True)
@@ -240,6 +244,26 @@ class OCSPApp:
         else:
             result = "signed" if waited else "cached"
         self.metrics.latency(handle.name, result, perf_counter() - started)
+
+    def _access(
+        self, handle: Handle, request: IRequest, outcome: Outcome, method: str, der: bytes,
+        started: float, waited: bool,
+    ) -> None:  # fmt: skip
+        """One access-log line for an answer of the twisted.web path (if the log is on)."""
+        if not self.access.enabled:
+            return
+        status = outcome.name if isinstance(outcome, ResponseStatus) else "successful"
+        try:
+            serials = tuple(c.serial for c in parse_request(der).cert_ids)
+        except HsmOcspError:
+            serials = ()
+        channel = getattr(request, "channel", None)
+        peer = getattr(channel, "client_address", None) or request.getClientAddress()
+        source = "-" if status != "successful" else ("signed" if waited else "hit")
+        self.access.write(AccessRecord(
+            self._now(), client_text(peer), handle.name, method, serials, status, source,
+            (perf_counter() - started) * 1000, getattr(request, "code", 200),
+        ))  # fmt: skip
 
     def _write(self, handle: Handle, request: IRequest, outcome: Outcome, method: str) -> bytes:
         code, headers, body = self.render(

@@ -30,17 +30,20 @@ from time import perf_counter
 from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.server import Site
 
-from hsmocsp.errors import MalformedRequest
-from hsmocsp.ocsp.request import decode_get_path
+from hsmocsp.errors import HsmOcspError, MalformedRequest
+from hsmocsp.ocsp.request import decode_get_path, parse_request
+from hsmocsp.ocsp.response import ResponseStatus
 from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.web.accesslog import MAX_PREAMBLE, AccessRecord, client_text
 from hsmocsp.web.app import OCSPApp, Outcome
 from hsmocsp.web.channel import REFUSALS, LimitedHTTPChannel, LimitedRequest, plain_response
 from hsmocsp.web.headers import cache_control, content_headers, header_lines, http_date, validators
@@ -93,15 +96,21 @@ class FastSite(Site):
     def buildProtocol(self, addr: IAddress | None) -> Any:
         return FastChannel(self, addr)
 
+    def relayed(self) -> Factory:
+        """The factory for the private socket fronts relay connections to: the same
+        site, but each connection first names the client (``RELAY_PREAMBLE``)."""
+        return _RelayedFactory(self)
+
     def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Any:
         """The twisted.web protocol (with our limits), for everything the fast path declines."""
         channel = Site.buildProtocol(self, addr)
         channel.on_progress = on_progress
+        channel.client_address = addr  # the relayed client's, not the private socket's
         return channel
 
     def answer(
         self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
-        body: bytes,
+        body: bytes, peer: IAddress | None = None,
     ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
         """The whole HTTP response (now or later) and whether to keep the connection,
         or None to decline (twisted.web then takes the connection)."""
@@ -111,34 +120,40 @@ class FastSite(Site):
             return None
         handle, der = routed
         keep = keep_alive(version, headers)
+        name = method.decode("ascii")
         response = handle.cached_response(der)
         if response is not None and response.cacheable:
-            self.app.metrics.response(handle.name, "successful", method.decode("ascii"))
+            self.app.metrics.response(handle.name, "successful", name)
             self.app.metrics.latency(handle.name, "cached", perf_counter() - started)
             self.fast_answers += 1
+            if self.app.access.enabled:
+                self.app.access.write(access_record(handle.name, name, der, "successful", "hit",
+                                                    self.clock.seconds(), 0.0, peer))  # fmt: skip
             return self.writer.render(response, handle.max_age_for(response), version, keep), keep
         # Not cached (a miss, a nonce, an error): the app decides, we write it.
         self.full_answers += 1
         outcome = self.app.outcome(handle, der)
-        name = method.decode("ascii")
         if isinstance(outcome, Deferred):
             rendered = outcome.addCallback(
-                self._render_outcome, handle, name, version, keep, started, True
+                self._render_outcome, handle, name, version, keep, started, True, der, peer
             )
             return rendered, keep
-        return self._render_outcome(outcome, handle, name, version, keep, started, False), keep
+        return self._render_outcome(outcome, handle, name, version, keep, started, False, der,
+                                    peer), keep  # fmt: skip
 
     def _render_outcome(
-        self,
-        outcome: Outcome,
-        handle: Handle,
-        method: str,
-        version: bytes,
-        keep: bool,
-        started: float,
-        waited: bool,
-    ) -> bytes:
+        self, outcome: Outcome, handle: Handle, method: str, version: bytes, keep: bool,
+        started: float, waited: bool, der: bytes = b"", peer: IAddress | None = None,
+    ) -> bytes:  # fmt: skip
         self.app.observe(handle, outcome, started, waited)
+        if self.app.access.enabled:
+            failed = isinstance(outcome, ResponseStatus)
+            status = outcome.name if isinstance(outcome, ResponseStatus) else "successful"
+            source = "-" if failed else ("signed" if waited else "hit")
+            self.app.access.write(access_record(
+                handle.name, method, der, status, source, self.clock.seconds(),
+                (perf_counter() - started) * 1000, peer,
+            ))  # fmt: skip
         code, headers, body = self.app.render(handle, outcome, method)
         return b"".join((
             b"%s %d %s\r\n" % (version, code, RESPONSES.get(code, b"OK")),
@@ -253,7 +268,7 @@ class FastServer(TypingProtocol):
 
     def answer(
         self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
-        body: bytes,
+        body: bytes, peer: IAddress | None = None,
     ) -> tuple[bytes | Deferred[bytes], bool] | None: ...  # fmt: skip
 
     def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Any: ...
@@ -269,9 +284,10 @@ class FastChannel(Protocol):
     hand-over the full protocol keeps its own (twisted.web: the same limits).
     """
 
-    def __init__(self, site: FastServer, addr: IAddress | None) -> None:
+    def __init__(self, site: FastServer, addr: IAddress | None, relayed: bool = False) -> None:
         self.site = site
         self.addr = addr
+        self._relayed = relayed  # from a front: the first line names the client
         self._buf = b""
         self._delegate: Any = None
         self._closing = False
@@ -339,6 +355,8 @@ class FastChannel(Protocol):
         if self._closing:
             return
         self._buf += data
+        if self._relayed and not self._read_preamble():
+            return
         if self._waiting:
             if len(self._buf) > MAX_PIPELINED and self.transport is not None and not self._paused:
                 self._paused = True  # a client pipelining far ahead waits for us
@@ -371,7 +389,8 @@ class FastChannel(Protocol):
             total = end + 4 + length
             if len(self._buf) < total:
                 return
-            result = self.site.answer(method, target, version, headers, self._buf[end + 4 : total])
+            result = self.site.answer(method, target, version, headers, self._buf[end + 4 : total],
+                                      self.addr)  # fmt: skip
             if result is None:
                 self._hand_over()
                 return
@@ -387,6 +406,27 @@ class FastChannel(Protocol):
             if not self._write(response, keep):
                 return
         self._arm(limits.idle_timeout, self._idle)
+
+    def _read_preamble(self) -> bool:
+        """``HSMOCSP-CLIENT host port`` from a front; True once read (False: wait/closed)."""
+        end = self._buf.find(b"\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_PREAMBLE:
+                self._close()
+            return False
+        parts = self._buf[:end].split(b" ")
+        self._buf = self._buf[end + 2 :]
+        self._relayed = False
+        try:
+            if len(parts) != 3 or parts[0] != b"HSMOCSP-CLIENT":
+                raise ValueError("no preamble")
+            host, port = parts[1].decode("ascii"), int(parts[2])
+        except (ValueError, UnicodeError):
+            self._close()
+            return False
+        kind = IPv6Address if ":" in host else IPv4Address
+        self.addr = kind("TCP", host, port)
+        return True
 
     def _write(self, response: bytes, keep: bool) -> bool:
         """Write one response; False when the connection is closing."""
@@ -431,6 +471,30 @@ class FastChannel(Protocol):
         self.site.table.closed(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
+
+
+class _RelayedFactory(Factory):
+    """:meth:`FastSite.relayed`: the site's channels, expecting the relay preamble."""
+
+    def __init__(self, site: FastSite) -> None:
+        self.site = site
+        self.noisy = False
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        return FastChannel(self.site, addr, relayed=True)
+
+
+def access_record(
+    handle: str, method: str, der: bytes, status: str, source: str, now: float, ms: float,
+    peer: IAddress | None,
+) -> AccessRecord:  # fmt: skip
+    """An access-log record; the serials are read from the request again (a few µs, and
+    only while the access log is on)."""
+    try:
+        serials = tuple(cid.serial for cid in parse_request(der).cert_ids) if der else ()
+    except HsmOcspError:
+        serials = ()
+    return AccessRecord(now, client_text(peer), handle, method, serials, status, source, ms)
 
 
 def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, dict[bytes, bytes]] | None:

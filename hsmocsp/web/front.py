@@ -59,7 +59,14 @@ from hsmocsp.childproc import encode_frame as _frame
 from hsmocsp.errors import HsmOcspError
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.responder import SignedResponse
-from hsmocsp.web.fastpath import FastChannel, OcspRoutes, ResponseWriter, keep_alive
+from hsmocsp.web.accesslog import RELAY_PREAMBLE
+from hsmocsp.web.fastpath import (
+    FastChannel,
+    OcspRoutes,
+    ResponseWriter,
+    access_record,
+    keep_alive,
+)
 from hsmocsp.web.limits import ConnectionTable, HttpLimits, connection_cap
 from hsmocsp.web.problems import Problems
 
@@ -205,8 +212,9 @@ class Relay(Protocol):
     """
 
     def __init__(self, connect: Callable[[Protocol], Deferred[Any]],
-                 max_pending: int = 1 << 16) -> None:  # fmt: skip
+                 max_pending: int = 1 << 16, peer: IAddress | None = None) -> None:  # fmt: skip
         self._connect = connect
+        self._peer = peer
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._max_pending = max_pending
@@ -231,6 +239,9 @@ class Relay(Protocol):
         assert backend.transport is not None and self.transport is not None
         backend.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
         self.transport.registerProducer(backend.transport, True)  # type: ignore[attr-defined]
+        host = getattr(self._peer, "host", "-") or "-"
+        backend.transport.write(RELAY_PREAMBLE % (host.encode("ascii", "replace"),
+                                                  getattr(self._peer, "port", 0) or 0))  # fmt: skip
         for data in self._pending:
             backend.transport.write(data)
         self._pending = []
@@ -284,6 +295,7 @@ class FrontSite(Factory):
         connect: Callable[[Protocol], Deferred[Any]],
         limits: HttpLimits,
         clock: IReactorTime,
+        access_log: bool = False,
     ) -> None:
         self.replicas = replicas
         self.limits = limits
@@ -295,6 +307,8 @@ class FrontSite(Factory):
         self.routes = OcspRoutes([(r.path, r) for r in replicas], limits.max_request_size)
         self.counts: dict[str, dict[str, int]] = {}
         self.handed_over = 0
+        self.access_log = access_log  # records go to the main process with the counts
+        self.access: list[list[Any]] = []
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return FastChannel(self, addr)
@@ -302,11 +316,11 @@ class FrontSite(Factory):
     def full_protocol(self, addr: IAddress | None, on_progress: Callable[[], None]) -> Relay:
         # Deadlines and sizes of a relayed connection are enforced by the main process,
         # which reads it; when it closes its end, the relay closes the client's.
-        return Relay(self._connect, max_pending=self.limits.max_request_size + 16384)
+        return Relay(self._connect, max_pending=self.limits.max_request_size + 16384, peer=addr)
 
     def answer(
         self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes],
-        body: bytes,
+        body: bytes, peer: IAddress | None = None,
     ) -> tuple[bytes | Deferred[bytes], bool] | None:  # fmt: skip
         """A cached answer and whether to keep the connection, or None to relay."""
         routed = self.routes.route(method, target, headers, body)
@@ -320,7 +334,15 @@ class FrontSite(Factory):
         by_method = self.counts.setdefault(replica.name, {})
         name = method.decode("ascii")
         by_method[name] = by_method.get(name, 0) + 1
+        if self.access_log:
+            record = access_record(replica.name, name, der, "successful", "hit",
+                                   self.clock.seconds(), 0.0, peer)  # fmt: skip
+            self.access.append(record.as_list())
         return self.writer.render(response, replica.max_age_for(response), version, keep), keep
+
+    def take_access(self) -> list[list[Any]]:
+        access, self.access = self.access, []
+        return access
 
     def take_counts(self) -> dict[str, dict[str, int]]:
         counts, self.counts = self.counts, {}
@@ -376,7 +398,7 @@ class _Control(Protocol):
             return connected
 
         self.site = FrontSite(self._replicas, now, connect, HttpLimits(**init["limits"]),
-                              self._reactor)  # fmt: skip
+                              self._reactor, access_log=bool(init.get("access")))  # fmt: skip
         self.site.noisy = False
         try:
             sock = bind_reuseport(init["host"], init["port"])
@@ -397,6 +419,9 @@ class _Control(Protocol):
             counts = self.site.take_counts()
             if counts:
                 self._send(("stats", counts))
+            access = self.site.take_access()
+            if access:
+                self._send(("access", access))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         assert self.transport is not None

@@ -29,6 +29,7 @@ from hsmocsp.childenv import minimal_env
 from hsmocsp.childproc import Backoff, Child, FrameError, Supervisor, stop_children
 from hsmocsp.health import READY, Health, State
 from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.web.accesslog import AccessLog, AccessRecord
 from hsmocsp.web.front import MAX_FRAME, decode_report, encode_frame
 from hsmocsp.web.limits import HttpLimits
 from hsmocsp.web.metrics import Metrics
@@ -90,6 +91,8 @@ class _Front:
         try:
             if message[0] == "stats" and len(message) == 2:
                 self.pool.count(self.number, message[1])
+            elif message[0] == "access" and len(message) == 2:
+                self.pool.access_records(self.number, message[1])
             elif message[0] == "ready":
                 log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
                 self.pool.listening_now(self)
@@ -118,6 +121,7 @@ class FrontPool(service.Service):
         port: int,
         backend: str,
         limits: HttpLimits,
+        access: AccessLog | None = None,
     ) -> None:
         self.reactor = reactor
         self.handles = list(handles)
@@ -127,6 +131,7 @@ class FrontPool(service.Service):
         self.port = port
         self.backend = backend
         self.limits = limits
+        self.access = access or AccessLog()
         self.fronts: dict[int, _Front] = {}
         # A front that keeps failing at start (say, its address is gone) is retried
         # with growing pauses, up to MAX_RESPAWN_DELAY, not once a second forever.
@@ -175,6 +180,7 @@ class FrontPool(service.Service):
             "port": self.port,
             "backend": self.backend,
             "limits": dataclasses.asdict(self.limits),
+            "access": self.access.enabled,
             "handles": [
                 {"name": h.name, "path": h.path, "max_age": h.max_age, "nonce": h.nonce_policy}
                 for h in self.handles
@@ -240,6 +246,15 @@ class FrontPool(service.Service):
                 self.metrics.response(handle.name, "successful", str(method), n)
                 self.metrics.front_answered(number, n)
                 handle.cache.stats.hits += n
+
+    def access_records(self, number: int, items: Any) -> None:
+        """A front's access-log records (checked: a front reads untrusted input)."""
+        if not isinstance(items, list):
+            return
+        for item in items[:100_000]:
+            record = AccessRecord.from_list(item, f"front {number}")
+            if record is not None:
+                self.access.write(record)
 
     def ended(self, front: _Front, reason: Failure) -> None:
         if self.fronts.get(front.number) is front:

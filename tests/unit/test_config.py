@@ -151,3 +151,17 @@ def test_max_unknown_cached(folder: Path) -> None:
     assert handle.max_unknown_cached == 50
     err = error_of(folder, BASE + "    max_unknown_cached: 0\n")
     assert "handles.root.max_unknown_cached" in str(err) and "at least 1" in str(err)
+
+
+def test_http_limits_and_access_log(folder: Path) -> None:
+    cfg = load_config(write(folder, BASE))
+    assert (cfg.request_timeout, cfg.idle_timeout, cfg.max_connections, cfg.max_url_length,
+            cfg.access_log, cfg.access_log_file) == (10.0, 60.0, 0, 8192, "off", None)  # fmt: skip
+    cfg = load_config(write(folder, BASE + "request_timeout: 5\nmax_connections: 500\n"
+                                           "access_log: json\naccess_log_file: access.log\n"))
+    assert (cfg.request_timeout, cfg.max_connections, cfg.access_log) == (5.0, 500, "json")
+    assert cfg.access_log_file == folder / "access.log"
+    assert load_config(write(folder, BASE + "access_log: off\n")).access_log == "off"
+    for text, key in (("access_log: xml\n", "access_log"), ("request_timeout: 0\n",
+                      "request_timeout"), ("max_url_length: 10\n", "max_url_length")):  # fmt: skip
+        assert key in str(error_of(folder, BASE + text))

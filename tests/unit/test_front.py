@@ -117,8 +117,10 @@ def test_unknown_request_is_relayed_from_that_request_on() -> None:
     head, _ = split(client.value())
     assert head.startswith(b"HTTP/1.1 200")  # the first answered here
     assert len(backend.transports) == 1
-    # Everything from the request the front could not answer goes to the main process.
-    assert backend.transports[0].value() == post(other) + post(known)
+    # Everything from the request the front could not answer goes to the main process,
+    # after a first line naming the client (for the access log).
+    preamble = b"HSMOCSP-CLIENT 127.0.0.1 40000\r\n"
+    assert backend.transports[0].value() == preamble + post(other) + post(known)
     backend.protocols[0].dataReceived(b"HTTP/1.1 200 OK\r\n\r\nfrom main")
     assert client.value().endswith(b"from main")
     proto.dataReceived(b"more")
