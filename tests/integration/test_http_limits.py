@@ -168,3 +168,41 @@ def test_malformed_get_logs_no_traceback_and_one_line(responder: Responder) -> N
     log = _log_since(responder, before)
     assert "Traceback" not in log
     assert log.count("refused a request (malformedRequest)") <= 1
+
+
+@pytest.mark.reliability
+def test_slow_loris_flood_for_a_minute(limited: Responder) -> None:
+    """The issue's scenario, held: 1,100 slow-loris connections, each sending a byte every
+    5 s and reconnecting when closed, for 60 s; a new client every second is answered
+    within 2 s each time."""
+    slow: list[socket.socket] = []
+    answered, failed = 0, []
+    try:
+        slow += _open_slow_clients(limited.port, SLOW_CLIENTS)
+        end = time.monotonic() + 60
+        next_trickle = time.monotonic() + 5
+        while time.monotonic() < end:
+            if time.monotonic() >= next_trickle:
+                next_trickle += 5
+                alive = []
+                for s in slow:
+                    try:
+                        s.send(b"x")
+                        alive.append(s)
+                    except OSError:
+                        s.close()
+                slow = alive + _open_slow_clients(limited.port, SLOW_CLIENTS - len(alive), 3)
+            started = time.monotonic()
+            try:
+                if _get(limited.port, "/healthz", timeout=2.0).startswith(b"HTTP/1.1 200"):
+                    answered += 1
+                else:
+                    failed.append("not 200")
+            except OSError as err:
+                failed.append(f"{err} after {time.monotonic() - started:.2f} s")
+            time.sleep(max(0.0, 1 - (time.monotonic() - started)))
+    finally:
+        for s in slow:
+            s.close()
+    assert not failed and answered >= 40, (answered, failed[:5])
+    assert limited.alive()
