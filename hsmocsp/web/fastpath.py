@@ -295,27 +295,56 @@ class FastChannel(Protocol):
         self._paused = False
         self._lost = False
         self._timer: IDelayedCall | None = None
+        self._kind: str | None = None
+        self._deadline_at = 0.0
         self._in_request = False
 
     def connectionMade(self) -> None:
         self.site.table.opened(self)
         if not self._lost:
-            self._arm(self.site.limits.idle_timeout, self._idle)
+            self._expect("idle")
 
     # --- timers and the connection table --------------------------------------------
 
-    def _arm(self, seconds: float | None, then: Callable[[], None]) -> None:
+    def _expect(self, kind: str | None) -> None:
+        """Set what the connection waits for: ``"idle"`` (no request under way),
+        ``"request"`` (a request has begun) or None (a response is being produced).
+
+        Only a deadline is stored: one timer per connection ticks at most every
+        min(request_timeout, idle_timeout) and compares, so a request costs two float
+        stores, not a DelayedCall (which doubled the cost of a cached answer).
+        """
+        self._kind = kind
+        if kind is None:
+            return
+        limits = self.site.limits
+        clock = self.site.clock
+        wait = limits.idle_timeout if kind == "idle" else limits.request_timeout
+        self._deadline_at = clock.seconds() + wait
+        if self._timer is None:
+            step = min(limits.request_timeout, limits.idle_timeout)
+            self._timer = clock.callLater(step, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._kind is None or self._lost or self._closing:
+            return
+        clock = self.site.clock
+        remaining = self._deadline_at - clock.seconds()
+        if remaining > 0:
+            limits = self.site.limits
+            step = min(remaining, limits.request_timeout, limits.idle_timeout)
+            self._timer = clock.callLater(step, self._tick)
+        elif self._kind == "idle":
+            self._close()
+        else:
+            self._refuse(408, "request not complete within request_timeout")
+
+    def _stop_timer(self) -> None:
+        self._kind = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self._timer = None if seconds is None else self.site.clock.callLater(seconds, then)
-
-    def _idle(self) -> None:
         self._timer = None
-        self._close()
-
-    def _too_slow(self) -> None:
-        self._timer = None
-        self._refuse(408, "request not complete within request_timeout")
 
     def _progressed(self) -> None:
         self.site.table.progressed(self)
@@ -325,7 +354,7 @@ class FastChannel(Protocol):
 
     def evict(self) -> None:
         """The table needs room: this connection is the idlest."""
-        self._arm(None, self._idle)
+        self._stop_timer()
         if self.transport is not None:
             abort = getattr(self.transport, "abortConnection", None)
             if abort is not None:
@@ -340,7 +369,7 @@ class FastChannel(Protocol):
 
     def _refuse(self, code: int, why: str) -> None:
         """Answer ``code`` with ``Connection: close``; read nothing more."""
-        self._arm(None, self._idle)
+        self._stop_timer()
         self.site.problems.report(str(code), why, self.addr)
         if self.transport is not None and not self._closing:
             self.transport.write(plain_response(code, REFUSALS.get(code, b"")))
@@ -366,7 +395,7 @@ class FastChannel(Protocol):
         while self._buf:
             if not self._in_request:
                 self._in_request = True
-                self._arm(limits.request_timeout, self._too_slow)
+                self._expect("request")
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
                 if b"\r\n" not in self._buf and len(self._buf) > limits.max_url_length + 64:
@@ -400,12 +429,12 @@ class FastChannel(Protocol):
             if isinstance(response, Deferred):
                 # Answer in order: read nothing more until this response is written.
                 self._waiting = True
-                self._arm(None, self._idle)
+                self._expect(None)
                 response.addCallback(self._deliver, keep).addErrback(self._broken)
                 return
             if not self._write(response, keep):
                 return
-        self._arm(limits.idle_timeout, self._idle)
+        self._expect("idle")
 
     def _read_preamble(self) -> bool:
         """``HSMOCSP-CLIENT host port`` from a front; True once read (False: wait/closed)."""
@@ -434,7 +463,7 @@ class FastChannel(Protocol):
         self.transport.write(response)
         self._progressed()
         if not keep:
-            self._arm(None, self._idle)
+            self._stop_timer()
             self._close()
             return False
         return True
@@ -447,7 +476,7 @@ class FastChannel(Protocol):
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         if self._write(response, keep):
-            self._arm(self.site.limits.idle_timeout, self._idle)
+            self._expect("idle")
             if self._buf:
                 self.dataReceived(b"")
 
@@ -458,7 +487,7 @@ class FastChannel(Protocol):
 
     def _hand_over(self) -> None:
         self.site.handed_over += 1
-        self._arm(None, self._idle)
+        self._stop_timer()
         delegate = self.site.full_protocol(self.addr, self._progressed)
         self._delegate = delegate
         delegate.makeConnection(self.transport)
@@ -467,7 +496,7 @@ class FastChannel(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._lost = True
-        self._arm(None, self._idle)
+        self._stop_timer()
         self.site.table.closed(self)
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
