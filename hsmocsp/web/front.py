@@ -11,7 +11,8 @@ other connection (a miss, a nonce to echo, a CA or CRL download, a probe,
 metrics, anything odd) byte for byte to the main process over a private Unix
 socket, from the first request it cannot answer to the end of the connection.
 So the sources, the HSM, the caches' producers and every decision stay in one
-process; fronts hold no secret and never sign.
+process; fronts hold no secret and never sign. A relayed connection starts with one
+line naming the client (``HSMOCSP-CLIENT host port``), for the access log.
 
 The main process pushes every change of each handle's cache down a pipe to
 each front (:class:`~hsmocsp.cache.CacheObserver`): new or refreshed
@@ -27,7 +28,8 @@ Frames on both pipes are the child-process layer's (:mod:`hsmocsp.childproc`: a
 * main -> front, pickles (the front trusts its parent): ``("init", dict)``,
   ``("put", h, key, serial, SignedResponse)``, ``("drop", h, key)``,
   ``("inv", h, serials or None)``;
-* front -> main, JSON arrays: ``["ready", pid]``, ``["stats", {handle: {method: n}}]``.
+* front -> main, JSON arrays: ``["ready", pid]``, ``["stats", {handle: {method: n}}]``,
+  ``["access", [record, ...]]`` (access-log lines, only when the access log is on).
   Not pickle: a front parses untrusted requests, and the main process holds the HSM
   session, so it never executes anything a front sends (as with the signing workers).
 
