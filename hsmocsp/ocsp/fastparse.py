@@ -7,10 +7,12 @@ attacker could send without ever needing a signature (#9.4). So this walk is the
 parser, and every limit is enforced while walking, before any work the limit is
 meant to bound: the 65th CertID ends the walk (:data:`MAX_CERT_IDS`), and so does
 the 17th extension of a list (:data:`MAX_EXTENSIONS`); parts the responder
-ignores (requestorName, the optional signature, extensions it does not know)
-are stepped over by their length, never descended into, so nesting costs
-nothing. pyasn1 is no longer on the request path: it is the reference the walk is
-tested against (tests/unit/test_ocsp_fastparse.py, with hypothesis).
+ignores (the content of requestorName, the optional signature, the values of
+extensions it does not know) are stepped over by their length, never descended
+into, so nesting costs nothing (and a request broken only inside those parts is
+answered where pyasn1 refused it: they are not used). pyasn1 is no longer on the
+request path: it is the reference the walk is tested against
+(tests/unit/test_ocsp_fastparse.py, with hypothesis).
 
 Strict DER only: definite minimal lengths, minimal INTEGERs, single-byte tags,
 no trailing bytes. Anything else is :class:`~hsmocsp.errors.MalformedRequest`
@@ -45,6 +47,14 @@ _BOOLEAN = _der.BOOLEAN
 _OID = _der.OID
 _NULL_PARAMS = b"\x05\x00"
 _NONCE_OID_DER = _der.oid(NONCE_OID)
+
+# GeneralName CHOICE tags: otherName [0], x400Address [3], directoryName [4] and
+# ediPartyName [5] are constructed; rfc822Name [1], dNSName [2], URI [6], iPAddress [7]
+# and registeredID [8] primitive.
+_GENERAL_NAME_TAGS = frozenset(
+    [_der.context(n) for n in (0, 3, 4, 5)]
+    + [_der.context(n, constructed=False) for n in (1, 2, 6, 7, 8)]
+)
 
 # Extensions we understand well enough that a client may mark them critical.
 _KNOWN_REQUEST_EXTENSIONS = frozenset(
@@ -97,7 +107,10 @@ def _parse(der: bytes) -> OCSPRequestInfo:
             raise MalformedRequest(f"unsupported request version {version}")
         pos = stop
         tag, start, stop = _der.read_tlv(der, pos, tbs_end)
-    if tag == _der.context(1):  # requestorName: not used, stepped over
+    if tag == _der.context(1):  # requestorName: not used; its shape is checked, not its content
+        name_tag, _, name_end = _der.read_tlv(der, start, stop)
+        if name_tag not in _GENERAL_NAME_TAGS or name_end != stop:
+            raise MalformedRequest("requestorName is not a GeneralName")
         pos = stop
         tag, start, stop = _der.read_tlv(der, pos, tbs_end)
     if tag != _SEQUENCE:
