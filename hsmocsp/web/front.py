@@ -29,7 +29,8 @@ Frames on both pipes are the child-process layer's (:mod:`hsmocsp.childproc`: a
   ``("put", h, key, serial, SignedResponse)``, ``("drop", h, key)``,
   ``("inv", h, serials or None)``;
 * front -> main, JSON arrays: ``["ready", pid]``, ``["stats", {handle: {method: n}}]``,
-  ``["access", [record, ...]]`` (access-log lines, only when the access log is on).
+  ``["access", [record, ...]]`` (access-log lines, only when the access log is on),
+  ``["refused", {kind: n}]`` (requests the front refused: 408, 413, 414).
   Not pickle: a front parses untrusted requests, and the main process holds the HSM
   session, so it never executes anything a front sends (as with the signing workers).
 
@@ -311,6 +312,7 @@ class FrontSite(Factory):
         self.handed_over = 0
         self.access_log = access_log  # records go to the main process with the counts
         self.access: list[list[Any]] = []
+        self._refused_sent: dict[str, int] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return FastChannel(self, addr)
@@ -349,6 +351,14 @@ class FrontSite(Factory):
     def take_counts(self) -> dict[str, dict[str, int]]:
         counts, self.counts = self.counts, {}
         return counts
+
+    def take_refused(self) -> dict[str, int]:
+        """Requests refused here (408, 413, 414) since the last call, by kind: the main
+        process counts them in its metric (a front logs warnings only)."""
+        totals = dict(self.problems.totals)
+        fresh = {k: n - self._refused_sent.get(k, 0) for k, n in totals.items()}
+        self._refused_sent = totals
+        return {k: n for k, n in fresh.items() if n > 0}
 
 
 def bind_reuseport(host: str, port: int, backlog: int = 1024) -> socket.socket:
@@ -424,6 +434,9 @@ class _Control(Protocol):
             access = self.site.take_access()
             if access:
                 self._send(("access", access))
+            refused = self.site.take_refused()
+            if refused:
+                self._send(("refused", refused))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         assert self.transport is not None

@@ -93,6 +93,8 @@ class _Front:
                 self.pool.count(self.number, message[1])
             elif message[0] == "access" and len(message) == 2:
                 self.pool.access_records(self.number, message[1])
+            elif message[0] == "refused" and len(message) == 2:
+                self.pool.refused(message[1])
             elif message[0] == "ready":
                 log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
                 self.pool.listening_now(self)
@@ -246,6 +248,15 @@ class FrontPool(service.Service):
                 self.metrics.response(handle.name, "successful", str(method), n)
                 self.metrics.front_answered(number, n)
                 handle.cache.stats.hits += n
+
+    def refused(self, counts: Any) -> None:
+        """Requests a front refused, into ``hsmocsp_bad_requests_total`` (checked: only the
+        HTTP refusals a front makes, non-negative integers)."""
+        if not isinstance(counts, dict):
+            return
+        for kind, n in counts.items():
+            if kind in ("400", "408", "413", "414", "431") and isinstance(n, int) and n > 0:
+                self.metrics.bad_request(kind, n)
 
     def access_records(self, number: int, items: Any) -> None:
         """A front's access-log records (checked: a front reads untrusted input)."""

@@ -236,8 +236,8 @@ class Metrics:
         """The open client connections of this process, read at scrape time."""
         self._connections.set_function(lambda: float(count()))
 
-    def bad_request(self, kind: str) -> None:
-        self._bad_requests.labels(kind).inc()
+    def bad_request(self, kind: str, n: int = 1) -> None:
+        self._bad_requests.labels(kind).inc(n)
 
     def front_answered(self, front: int, n: int) -> None:
         self._front_answers.labels(str(front)).inc(n)

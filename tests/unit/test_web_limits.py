@@ -271,3 +271,24 @@ def test_bad_requests_are_counted_in_a_metric() -> None:
         proto.dataReceived(post(b"junk"))
     text = s.app.metrics.render()[1].decode()
     assert 'hsmocsp_bad_requests_total{kind="malformedRequest"} 3.0' in text
+
+
+def test_front_refusals_reach_the_main_metric() -> None:
+    from hsmocsp.web.front import FrontSite, Replica
+    from hsmocsp.web.fronts import FrontPool
+
+    s, clock = site()
+    handle = s.app.handles[0]
+    replica = Replica(handle.name, handle.path, handle.max_age, "echo", clock.seconds)
+    front = FrontSite([replica], clock.seconds, lambda p: None, HttpLimits(), clock)  # type: ignore[arg-type,return-value]
+    for _ in range(2):
+        proto, transport = connect(front)  # type: ignore[arg-type]
+        proto.dataReceived(b"GET /ocsp/" + b"A" * 9000 + b" HTTP/1.1\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 414 ")
+    refused = front.take_refused()
+    assert refused == {"414": 2} and front.take_refused() == {}
+    pool = FrontPool(clock, [handle], s.app.metrics, count=0, host="127.0.0.1", port=1,
+                     backend="/x", limits=HttpLimits())  # fmt: skip
+    pool.refused({**refused, "999": 5, "408": -1, "413": "x"})
+    text = s.app.metrics.render()[1].decode()
+    assert 'hsmocsp_bad_requests_total{kind="414"} 2.0' in text and "999" not in text
