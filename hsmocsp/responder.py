@@ -257,6 +257,7 @@ class Handle:
         self._cert_listeners: list[Callable[[], None]] = []
         self._crl_memo: tuple[bytes, float | None] | None = None
         self._health: Health | None = None
+        self._parts: list[tuple[str, object]] = []
         source.on_change(self.cache.invalidate)
 
     @property
@@ -676,12 +677,14 @@ class Handle:
         * the signer (its token pool's ``health()``; a signer without one counts as ready),
         * the status source (``health()``, else ``ready()``: not ready = degraded),
         * the responder certificate: expired or not yet valid = failed,
-        * each issuer's CRL: past its nextUpdate = degraded.
+        * each issuer's CRL: past its nextUpdate = degraded,
+        * whatever was added with :meth:`depend_on` (the pre-signer: behind its token).
 
         A change of state (not of reason) is logged once, whoever asked.
         """
         now = self._now()
         parts = [_component_health(self.signer, "signer"), _source_health(self.source)]
+        parts += [_component_health(part, what) for what, part in self._parts]
         cert = self._cert
         if now >= cert.not_after:
             parts.append(Health(State.FAILED, f"responder certificate expired: {cert.describe()}"))
@@ -709,6 +712,12 @@ class Handle:
                 why=f" ({health.reason})" if health.reason else "",
             )
         return health
+
+    def depend_on(self, what: str, component: object) -> None:
+        """Count ``component.health()`` in this handle's health, its reason prefixed by
+        ``what``. The service wires the pre-signer here, so a token that cannot keep the
+        responses fresh shows as a degraded handle in /readyz, not only in a metric."""
+        self._parts.append((what, component))
 
     def crl_next_update(self) -> float | None:
         """The earliest nextUpdate of the CRLs the source publishes (None: no CRL, or

@@ -86,6 +86,7 @@ class PresignService(service.Service):
             )
             if self.metrics is not None:
                 self.metrics.watch_presigner(self.handle.name, self.presigner)
+            self.handle.depend_on("pre-signing", self.presigner)
         self.presigner.start()
 
     def stopService(self) -> None:

@@ -345,3 +345,21 @@ def test_a_source_reload_logs_the_capacity_line_again_and_signs_the_change_first
     capacity = [line for line in logged if "capacity" in line]
     assert len(capacity) == 2 and "22 responses" in capacity[1]
     presigner.stop()
+
+
+def test_a_token_that_cannot_keep_up_makes_the_handle_degraded_through_the_service(
+    logged: list[str],
+) -> None:
+    # The same numbers as above, started the way the service starts it: the handle's
+    # health (and so /readyz) must say so, not only the pre-signer's own metric.
+    from hsmocsp.service.service import PresignService
+
+    clock, handle, _signer, _stored = setup(validity=100, serials=range(10, 60), latency=2)
+    assert handle.health().state is State.READY
+    service = PresignService(handle, clock, rate=100, concurrency=1)
+    service.startService()
+    run(clock, 20)
+    health = handle.health()
+    assert health.state is State.DEGRADED
+    assert health.reason.startswith("pre-signing: ") and "does not fit" in health.reason
+    service.stopService()
