@@ -210,6 +210,7 @@ class ResponderService(Sequence):
         for handle in self.handles:
             kept = await handle.restore(store.load(handle.name, handle.key_hash))
             handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
+            handle.depend_on("store", store)
             if kept:
                 log.info("handle {name}: {n} stored responses restored", name=handle.name, n=kept)
         store.start()

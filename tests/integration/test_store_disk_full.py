@@ -9,6 +9,7 @@ the write loop.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -111,6 +112,11 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
         wait_until(lambda: _metric(r, "hsmocsp_store_write_errors_total") >= 2, "failed writes")
         assert _metric(r, "hsmocsp_store_pending_rows") == asked
         assert _metric(r, "hsmocsp_store_ready") == 0
+        # Every handle is degraded (answers still flow: /readyz stays 200) with the reason.
+        code, _, body = http(r.url + "/readyz")
+        states = json.loads(body)["handles"]
+        assert code == 200 and {s["state"] for s in states.values()} == {"degraded"}, states
+        assert all("store: cannot write" in s["reason"] for s in states.values()), states
         assert _rows(db) == 1
         assert r.alive()
         filler.unlink()
@@ -119,9 +125,12 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
         )
         assert _metric(r, "hsmocsp_store_pending_rows") == 0
         assert _metric(r, "hsmocsp_store_ready") == 1
+        wait_until(lambda: json.loads(http(r.url + "/readyz")[2])["state"] == "ready", "ready")
     finally:
         r.stop()
     out = r.output()
-    assert out.count("cannot write") == 1, out
+    # The store says it once; each handle's state-change line repeats the reason once.
+    own = [line for line in out.splitlines() if "cannot write" in line and "handle " not in line]
+    assert len(own) == 1, out
     assert out.count("writing again") == 1, out
     assert "Unhandled error" not in out and "Traceback" not in out, out
