@@ -41,7 +41,7 @@ from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
 from hsmocsp.sources.certdb import CertDB, CertRow, DbConfig, DbThread, Loaded
-from hsmocsp.sources.state import SourceState
+from hsmocsp.sources.state import PresignedOnly, SourceState
 from hsmocsp.status import CertStatus, Status
 
 __all__ = ["CfsslResponseSource", "CfsslSource", "issuer_aki"]
@@ -406,7 +406,7 @@ class CfsslSource:
                 log.warn("{where}: row skipped: {problem}", where=self.where, problem=problem)
 
 
-class CfsslResponseSource:
+class CfsslResponseSource(PresignedOnly):
     """cfssl's ``ocsp_responses`` table (what ``cfssl ocsprefresh`` signs), served as is.
 
     A :class:`~hsmocsp.presigned.PresignedSource` for ``signer: none`` handles, like ``cfssl
@@ -440,34 +440,8 @@ class CfsslResponseSource:
     def responses(self) -> Sequence[PresignedResponse]:
         return self._responses
 
-    @property
-    def generation(self) -> int:
-        return self.state.generation
-
-    @property
-    def checked_at(self) -> float | None:
-        return self.state.checked_at
-
-    def on_change(self, listener: ChangeListener) -> None:
-        self.state.on_change(listener)
-
-    def issuers(self) -> Sequence[x509.Certificate]:
-        return ()
-
-    def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
-        return fail(SourceError(f"{self.where}: holds pre-signed responses, not statuses"))
-
-    def crl_der(self, issuer: x509.Certificate) -> bytes | None:
-        return None
-
-    def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
-        return ()
-
     def ready(self) -> bool:
         return self._started and self.state.health().ready
-
-    def health(self) -> Health:
-        return self.state.health()
 
     def start(self) -> Deferred[None]:
         self._thread.start()

@@ -14,22 +14,19 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError
-from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
-from hsmocsp.sources.state import SourceState
-from hsmocsp.status import CertStatus
+from hsmocsp.sources.state import PresignedOnly, SourceState
 
 __all__ = ["ResponseFileSource", "read_response_file"]
 
@@ -59,7 +56,7 @@ def read_response_file(path: Path) -> tuple[list[PresignedResponse], _Sig]:
     return out, (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-class ResponseFileSource:
+class ResponseFileSource(PresignedOnly):
     """A :class:`~hsmocsp.presigned.PresignedSource` over one ocspdump file."""
 
     def __init__(self, *, path: Path, poll_interval: float = 2.0, reactor: Any = None) -> None:
@@ -85,37 +82,15 @@ class ResponseFileSource:
 
     # --- PresignedSource ------------------------------------------------------------------
 
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
     def responses(self) -> Sequence[PresignedResponse]:
         return self._responses
 
-    @property
-    def generation(self) -> int:
-        return self.state.generation
-
-    @property
-    def checked_at(self) -> float | None:
-        return self.state.checked_at
-
-    def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
-        self.state.on_change(listener)
-
-    def issuers(self) -> Sequence[x509.Certificate]:
-        return ()
-
-    def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
-        return fail(SourceError(f"{self.path}: holds pre-signed responses, not statuses"))
-
-    def crl_der(self, issuer: x509.Certificate) -> bytes | None:
-        return None
-
-    def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
-        return ()
-
     def ready(self) -> bool:
         return self._started
-
-    def health(self) -> Health:
-        return self.state.health()
 
     def start(self) -> Deferred[None]:
         def loaded(result: tuple[list[PresignedResponse], _Sig]) -> None:

@@ -12,12 +12,16 @@ source's health gets worse, one when it is ready again, never one per request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
+from cryptography import x509
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from hsmocsp.errors import SourceError
 from hsmocsp.health import READY, Health, State, worst
+from hsmocsp.status import CertStatus
 
 __all__ = ["ChangeListener", "SourceState"]
 
@@ -156,3 +160,45 @@ class SourceState:
                 state=now.state.label,
                 reason=now.reason,
             )
+
+
+class PresignedOnly:
+    """The status-source answers of a source that holds pre-signed responses only.
+
+    cfssl's ``ocsp_responses`` table and an ``ocspdump`` file serve responses as they
+    are (``signer: none`` handles): they know no statuses, issuers or CRLs. Both answer
+    the :class:`~hsmocsp.sources.StatusSource` protocol the same way, from their
+    :class:`SourceState`; this is that one way.
+    """
+
+    state: SourceState
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def generation(self) -> int:
+        return self.state.generation
+
+    @property
+    def checked_at(self) -> float | None:
+        return self.state.checked_at
+
+    def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
+        self.state.on_change(listener)
+
+    def health(self) -> Health:
+        return self.state.health()
+
+    def issuers(self) -> Sequence[x509.Certificate]:
+        return ()
+
+    def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
+        return fail(SourceError(f"{self.where}: holds pre-signed responses, not statuses"))
+
+    def crl_der(self, issuer: x509.Certificate) -> bytes | None:
+        return None
+
+    def known_serials(self, issuer: x509.Certificate) -> Iterable[int]:
+        return ()
