@@ -655,12 +655,6 @@ class Handle:
         """The handle's clock (the reactor's, or a test's)."""
         return self._now()
 
-    def max_age_for(self, response: SignedResponse) -> int:
-        remaining = response.next_update - self._now()
-        if self.max_age is not None:
-            remaining = min(remaining, self.max_age)
-        return max(0, int(remaining))
-
     def ready(self) -> bool:
         return self.health().ready
 

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from hsmocsp.errors import HsmOcspError, MalformedRequest
+from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus, error_response
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
@@ -214,7 +215,8 @@ class OCSPApp:
             self.metrics.response(handle.name, "successful", method)
             body = outcome.der
             if outcome.cacheable:
-                headers = [(b"Cache-Control", cache_control(handle.max_age_for(outcome)))]
+                max_age = max_age_for(outcome, handle.now(), handle.max_age)
+                headers = [(b"Cache-Control", cache_control(max_age))]
                 headers += validators(outcome)
                 if if_none_match == outcome.etag.encode("ascii"):
                     return 304, headers, b""

@@ -40,6 +40,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import Site
 
 from hsmocsp.errors import HsmOcspError, MalformedRequest
+from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus
 from hsmocsp.responder import Handle, SignedResponse
@@ -129,7 +130,9 @@ class FastSite(Site):
             if self.app.access.enabled:
                 self.app.access.write(access_record(handle.name, name, der, "successful", "hit",
                                                     self.clock.seconds(), 0.0, peer))  # fmt: skip
-            return self.writer.render(response, handle.max_age_for(response), version, keep), keep
+            return self.writer.render(
+                response, max_age_for(response, handle.now(), handle.max_age), version, keep
+            ), keep
         # Not cached (a miss, a nonce, an error): the app decides, we write it.
         self.full_answers += 1
         outcome = self.app.outcome(handle, der)

@@ -60,6 +60,7 @@ from hsmocsp.childproc import FrameError as FrameError  # bad frames, bad payloa
 from hsmocsp.childproc import FrameReader
 from hsmocsp.childproc import encode_frame as _frame
 from hsmocsp.errors import HsmOcspError
+from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.responder import SignedResponse
 from hsmocsp.web.accesslog import RELAY_PREAMBLE
@@ -199,11 +200,6 @@ class Replica:
             return None
         return request.cert_ids[0].der
 
-    def max_age_for(self, response: SignedResponse) -> int:
-        remaining = response.next_update - self.now()
-        if self.max_age is not None:
-            remaining = min(remaining, self.max_age)
-        return max(0, int(remaining))
 
 
 class Relay(Protocol):
@@ -306,6 +302,7 @@ class FrontSite(Factory):
         self.table = ConnectionTable(connection_cap(limits.max_connections))
         self.problems = Problems(clock)
         self.writer = ResponseWriter(now)
+        self._now = now
         self._connect = connect
         self.routes = OcspRoutes([(r.path, r) for r in replicas], limits.max_request_size)
         self.counts: dict[str, dict[str, int]] = {}
@@ -342,7 +339,9 @@ class FrontSite(Factory):
             record = access_record(replica.name, name, der, "successful", "hit",
                                    self.clock.seconds(), 0.0, peer)  # fmt: skip
             self.access.append(record.as_list())
-        return self.writer.render(response, replica.max_age_for(response), version, keep), keep
+        return self.writer.render(
+            response, max_age_for(response, self._now(), replica.max_age), version, keep
+        ), keep
 
     def take_access(self) -> list[list[Any]]:
         access, self.access = self.access, []
