@@ -4,7 +4,10 @@ Renders the Helm chart (defaults and every documented override) and the kustomiz
 validates every object strictly against the Kubernetes 1.29 and 1.33 schemas, then checks what
 schemas cannot see: a volume with two sources (the API server: "may not specify more than 1
 volume type"), a PodDisruptionBudget that allows no eviction for the replica count, a
-Recreate strategy with rollingUpdate, a memory limit below what the config's caches need.
+Recreate strategy with rollingUpdate, a memory limit below what the config's caches need; in
+the replicas topology, a server pod that could reach the token (PIN Secret, PKCS#11 module,
+hostPath device or pcscd socket, PIN variable), a signer with more than one pod or a rolling
+update, an autoscaler whose target has no CPU request or is the signer.
 Validates deploy/skaffold.yaml against skaffold's JSON schema and resolves every path of every
 profile from the repository root, where the docs run skaffold. Checks that every documented
 image build names its --target.
@@ -48,6 +51,10 @@ PER_RESPONSE = 2 * 2**10
 DEFAULT_MAX_CACHED = 1_000_000
 #: Answers ``unknown`` have their own LRU per handle, in the main process only.
 DEFAULT_MAX_UNKNOWN_CACHED = 10_000
+#: A server replica (``--role server``): one Python process, no signing workers, no source.
+SERVER_BASE_MEMORY = 128 * 2**20
+#: Its bounded hot cache (config ``hot_cache_entries``), per HTTP process.
+DEFAULT_HOT_CACHE_ENTRIES = 100_000
 
 #: Fields of a Volume that are not its source.
 VOLUME_NON_SOURCE = {"name"}
@@ -79,11 +86,25 @@ RENDERS = (
     _helm("Recreate", "--set", "strategy.type=Recreate"),
     _helm("values-nitrokey", "-f", "deploy/helm/values-nitrokey.yaml"),
     _helm("values-network-hsm", "-f", "deploy/helm/values-network-hsm.yaml"),
+    # Topology replicas: one signer, N servers, Redis by address or Sentinel.
+    _helm("topology replicas", "--set", "topology=replicas",
+          "--set", "redis.address=redis.example:6379"),
+    _helm("values-nitrokey + values-replicas", "-f", "deploy/helm/values-nitrokey.yaml",
+          "-f", "deploy/helm/values-replicas.yaml"),
+    _helm("replicas, TLS, ACL user, no autoscaler", "-f", "deploy/helm/values-replicas.yaml",
+          "--set", "server.autoscaling.enabled=false", "--set", "redis.tls.enabled=true",
+          "--set", "redis.tls.existingSecret=redis-tls", "--set", "redis.tls.certKey=tls.crt",
+          "--set", "redis.tls.keyKey=tls.key", "--set", "redis.tls.serverName=redis.example"),
     Render("kustomize deploy/k8s", ("{kubectl}", "kustomize", "deploy/k8s")),
     Render("kustomize overlays/dev", ("{kubectl}", "kustomize", "deploy/k8s/overlays/dev")),
     Render("kustomize overlays/debug", ("{kubectl}", "kustomize", "deploy/k8s/overlays/debug")),
     Render("kustomize overlays/nitrokey",
            ("{kubectl}", "kustomize", "deploy/k8s/overlays/nitrokey")),
+    Render("kustomize replicas", ("{kubectl}", "kustomize", "deploy/k8s/replicas")),
+    Render("kustomize overlays/replicas-dev",
+           ("{kubectl}", "kustomize", "deploy/k8s/overlays/replicas-dev")),
+    Render("kustomize overlays/replicas-hpa",
+           ("{kubectl}", "kustomize", "deploy/k8s/overlays/replicas-hpa")),
 )
 
 
@@ -167,16 +188,29 @@ def parse_quantity(text: str | int) -> int:
     return int(float(m.group(1)) * units.get(m.group(2), 1))
 
 
-def needed_memory(config: dict[str, Any]) -> int:
+def role_of(dep: dict[str, Any]) -> str:
+    """``all``, ``signer`` or ``server``: the ``--role`` its main container passes."""
+    spec = dep["spec"]["template"]["spec"]
+    main = next((c for c in spec["containers"] if c["name"] == "hsmocsp"), None)
+    args = [*(main or {}).get("command", []), *(main or {}).get("args", [])]
+    if "--role" in args[:-1]:
+        return str(args[args.index("--role") + 1])
+    return next((a.split("=", 1)[1] for a in args if a.startswith("--role=")), "all")
+
+
+def needed_memory(config: dict[str, Any], role: str = "all") -> int:
     """What the responder's caches can grow to, plus the processes themselves.
 
     Every HTTP process holds a copy of the cached responses; the ``unknown`` answers stay in
-    the main process.
+    the main process. A server replica holds only its bounded hot cache.
     """
+    workers = int(config.get("http_workers", 1))
+    if role == "server":
+        entries = int(config.get("hot_cache_entries", DEFAULT_HOT_CACHE_ENTRIES))
+        return SERVER_BASE_MEMORY + PER_RESPONSE * entries * workers
     handles = (config.get("handles") or {}).values()
     responses = sum(int(h.get("max_cached", DEFAULT_MAX_CACHED)) for h in handles)
     unknown = sum(int(h.get("max_unknown_cached", DEFAULT_MAX_UNKNOWN_CACHED)) for h in handles)
-    workers = int(config.get("http_workers", 1))
     return BASE_MEMORY + PER_RESPONSE * (responses * workers + unknown)
 
 
@@ -200,6 +234,8 @@ def memory_problems(objects: list[dict[str, Any]]) -> list[str]:
     """The responder's memory limit must hold what its config lets the caches grow to."""
     problems = []
     for dep in deployments(objects):
+        if not _is_hsmocsp(dep):
+            continue
         config = _mounted_config(objects, dep)
         if config is None:
             problems.append(f"Deployment {dep['metadata']['name']}: no config ConfigMap found")
@@ -210,8 +246,15 @@ def memory_problems(objects: list[dict[str, Any]]) -> list[str]:
         if limit is None:
             problems.append(f"Deployment {dep['metadata']['name']}: no memory limit")
             continue
-        need = needed_memory(config)
-        if parse_quantity(limit) < need:
+        role = role_of(dep)
+        need = needed_memory(config, role)
+        if parse_quantity(limit) < need and role == "server":
+            problems.append(
+                f"Deployment {dep['metadata']['name']}: memory limit {limit} is below "
+                f"{need / 2**20:.0f} MiB: 128 MiB + 2 KiB x hot_cache_entries (default "
+                f"100,000) x http_workers"
+            )
+        elif parse_quantity(limit) < need:
             problems.append(
                 f"Deployment {dep['metadata']['name']}: memory limit {limit} is below "
                 f"{need / 2**20:.0f} MiB: 256 MiB + 2 KiB x (max_cached (default 1,000,000 "
@@ -220,10 +263,92 @@ def memory_problems(objects: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def _is_hsmocsp(dep: dict[str, Any]) -> bool:
+    """A Deployment running the responder (not e.g. the dev overlay's Redis)."""
+    return any(c["name"] == "hsmocsp" for c in dep["spec"]["template"]["spec"]["containers"])
+
+
+def _under(path: str, mount: str) -> bool:
+    return (path.rstrip("/") + "/").startswith(mount.rstrip("/") + "/")
+
+
+def server_isolation_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """A server pod (``--role server``) must have no way to the token.
+
+    No hostPath volume (a USB device, the node's pcscd socket, a module directory), no
+    device resource or volumeDevice, no privileged container, and nothing mounted where the
+    config's tokens look for their PIN file or PKCS#11 module, no ``pin_env`` variable.
+    """
+    problems = []
+    for dep in deployments(objects):
+        if not _is_hsmocsp(dep) or role_of(dep) != "server":
+            continue
+        name = f"Deployment {dep['metadata']['name']} (--role server)"
+        spec = dep["spec"]["template"]["spec"]
+        config = _mounted_config(objects, dep) or {}
+        tokens = (config.get("tokens") or {}).values()
+        token_paths = [str(t[k]) for t in tokens for k in ("pin_file", "module") if t.get(k)]
+        pin_envs = {str(t["pin_env"]) for t in tokens if t.get("pin_env")}
+        for vol in spec.get("volumes", []):
+            if "hostPath" in vol:
+                problems.append(f"{name}: hostPath volume {vol['name']} "
+                                f"({vol['hostPath'].get('path')}): servers get no node device")
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            where = f"{name}, container {container['name']}"
+            if container.get("securityContext", {}).get("privileged"):
+                problems.append(f"{where}: privileged")
+            if container.get("volumeDevices"):
+                problems.append(f"{where}: volumeDevices")
+            for kind in ("limits", "requests"):
+                for res in container.get("resources", {}).get(kind, {}):
+                    if res not in ("cpu", "memory", "ephemeral-storage") \
+                            and not res.startswith("hugepages-"):
+                        problems.append(f"{where}: device resource {res}")
+            for mount in container.get("volumeMounts", []):
+                for path in token_paths:
+                    if _under(path, mount["mountPath"]):
+                        problems.append(f"{where}: volume {mount['name']} at "
+                                        f"{mount['mountPath']} holds the token's {path}")
+            for env in container.get("env", []):
+                if env["name"] in pin_envs:
+                    problems.append(f"{where}: PIN variable {env['name']}")
+    return problems
+
+
+def signer_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """One signer pod per token, and never two at once (a rolling update starts the new
+    pod before the old one stops)."""
+    problems = []
+    for dep in deployments(objects):
+        if not _is_hsmocsp(dep) or role_of(dep) != "signer":
+            continue
+        name = f"Deployment {dep['metadata']['name']} (--role signer)"
+        if dep["spec"].get("replicas", 1) != 1:
+            problems.append(f"{name}: {dep['spec']['replicas']} replicas; one per token")
+        if dep["spec"].get("strategy", {}).get("type") != "Recreate":
+            problems.append(f"{name}: strategy must be Recreate (never two pods on a token)")
+    for hpa in (o for o in objects if o.get("kind") == "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = next((d for d in deployments(objects) if ref["kind"] == "Deployment"
+                       and d["metadata"]["name"] == ref["name"]), None)
+        name = f"HorizontalPodAutoscaler {hpa['metadata']['name']}"
+        if target is None:
+            problems.append(f"{name}: no Deployment {ref['name']}")
+            continue
+        if role_of(target) != "server":
+            problems.append(f"{name}: scales {ref['name']}, which is not a server")
+        for c in target["spec"]["template"]["spec"]["containers"]:
+            if "cpu" not in c.get("resources", {}).get("requests", {}):
+                problems.append(f"{name}: container {c['name']} of {ref['name']} has no CPU "
+                                "request (utilisation cannot be computed)")
+    return problems
+
+
 def semantic_problems(objects: list[dict[str, Any]]) -> list[str]:
     return [
         *volume_problems(objects), *pdb_problems(objects), *strategy_problems(objects),
-        *memory_problems(objects),
+        *memory_problems(objects), *server_isolation_problems(objects),
+        *signer_problems(objects),
     ]
 
 

@@ -522,7 +522,9 @@ def test_helm_deployment_matches_values_and_routes() -> None:
     ]
     for path in _config_paths(values["config"]):
         assert any((path + "/").startswith(m) for m in mounts), path
-    assert "toYaml .Values.config" in _templates()["configmap.yaml"]
+    # config as given (plus store and signer_url in the replicas topology), as YAML.
+    assert 'include "hsmocsp.config"' in _templates()["configmap.yaml"]
+    assert "deepCopy .Values.config" in _templates()["_helpers.tpl"]
 
 
 # --- skaffold ------------------------------------------------------------------------------
@@ -720,3 +722,183 @@ def test_every_package_is_in_the_wheel() -> None:
     }
     assert found - listed == set()
     assert "twisted.plugins" in listed
+
+
+# --- topology replicas: signer + servers + Redis (issue 11) --------------------------------
+
+REPLICAS_TREES = {
+    "replicas": K8S / "replicas",
+    "replicas-dev": K8S / "overlays" / "replicas-dev",
+    "replicas-hpa": K8S / "overlays" / "replicas-hpa",
+}
+HELM_CACHE = Path.home() / ".cache" / "hsmocsp-deploy" / "tools" / "helm" / "helm"
+
+
+def _helm() -> str:
+    """helm from $HELM, PATH or deploy-check's cache (no download in make test)."""
+    import os
+
+    for candidate in (os.environ.get("HELM"), shutil.which("helm"), str(HELM_CACHE)):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.skip("helm is not installed (make deploy-check caches it)")
+
+
+_helm_rendered: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+
+
+def _helm_render(render: Any, kube: str = "1.33") -> list[dict[str, Any]]:
+    argv = tuple(a.format(helm=_helm(), kube=kube) for a in render.argv)
+    if argv not in _helm_rendered:
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        _helm_rendered[argv] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return _helm_rendered[argv]
+
+
+HELM_RENDERS = {r.name: r for r in checks.RENDERS if r.argv[0] == "{helm}"}
+REPLICA_HELM_RENDERS = sorted(n for n, r in HELM_RENDERS.items() if "replicas" in " ".join(r.argv))
+
+
+def _by_role(objects: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    (dep,) = [d for d in checks.deployments(objects)
+              if checks._is_hsmocsp(d) and checks.role_of(d) == role]
+    return dep
+
+
+def _replica_renders() -> dict[str, Any]:
+    return {**{f"kustomize {k}": v for k, v in REPLICAS_TREES.items()},
+            **{n: HELM_RENDERS[n] for n in REPLICA_HELM_RENDERS}}
+
+
+def _render(what: Any) -> list[dict[str, Any]]:
+    return _kustomize(what) if isinstance(what, Path) else _helm_render(what)
+
+
+@pytest.mark.parametrize("name", sorted(HELM_RENDERS))
+def test_helm_renders_and_validates(name: str) -> None:
+    """The chart as deploy-check renders it (every documented override), strictly valid."""
+    kv = pytest.importorskip("kubernetes_validate")
+    for kube in ("1.29", "1.33"):
+        objects = _helm_render(HELM_RENDERS[name], kube)
+        for obj in objects:
+            kv.validate(obj, kube + ".0", strict=True)
+        assert checks.semantic_problems(objects) == []
+
+
+@pytest.mark.parametrize("which", sorted(REPLICAS_TREES))
+def test_replicas_kustomize_renders_and_validates(which: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    objects = _kustomize(REPLICAS_TREES[which])
+    for version in K8S_VERSIONS:
+        for obj in objects:
+            kv.validate(obj, version, strict=True)
+    assert checks.semantic_problems(objects) == []
+    kinds = sorted(o["kind"] for o in objects)
+    expected = ["ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget", "Service",
+                "Service", "ServiceAccount"]
+    if which == "replicas-dev":  # plus its own Redis
+        expected += ["Deployment", "NetworkPolicy", "Service"]
+    if which == "replicas-hpa":
+        expected += ["HorizontalPodAutoscaler"]
+    assert kinds == sorted(expected)
+
+
+@pytest.mark.parametrize("name", sorted(_replica_renders()))
+def test_replicas_signer_holds_the_token_and_servers_nothing_of_it(name: str) -> None:
+    """One signer pod with the PIN; the servers mount no PIN Secret, module, pcscd socket or
+    device, and the clients' Service selects only them (issue 11)."""
+    objects = _render(_replica_renders()[name])
+    signer, server = _by_role(objects, "signer"), _by_role(objects, "server")
+    assert signer["spec"]["replicas"] == 1
+    assert signer["spec"]["strategy"]["type"] == "Recreate"
+    s_spec, v_spec = signer["spec"]["template"]["spec"], server["spec"]["template"]["spec"]
+    config = checks._mounted_config(objects, server)
+    assert config is not None and config["store"]["kind"] == "redis"
+    assert config["signer_url"].startswith("http://")
+    assert checks._mounted_config(objects, signer) == config  # one file, --role decides
+    # The servers: nothing of the token.
+    secrets = {v["secret"]["secretName"] for v in v_spec["volumes"] if "secret" in v}
+    assert not any("pin" in s for s in secrets), secrets
+    names = {v["name"] for v in v_spec["volumes"]}
+    assert {"hsm-pin", "pkcs11", "pcscd"}.isdisjoint(names)
+    assert not [v for v in v_spec["volumes"] if "hostPath" in v]
+    assert "nodeSelector" not in v_spec or not v_spec["nodeSelector"]
+    assert checks.server_isolation_problems(objects) == []
+    # ... unlike the signer (dev: the PIN is generated into its own volume).
+    if "dev" not in name:
+        s_secrets = {v["secret"]["secretName"] for v in s_spec["volumes"] if "secret" in v}
+        assert any("pin" in s for s in s_secrets), s_secrets
+    # Requests set so that an HPA can scale the servers; the servers serve the clients.
+    main = _main_container(server)
+    assert {"cpu", "memory"} <= set(main["resources"]["requests"])
+    services = [o for o in objects if o["kind"] == "Service"
+                and o["spec"]["selector"] == server["spec"]["selector"]["matchLabels"]]
+    assert services and services[0]["spec"]["ports"][0]["targetPort"] == "http"
+    port = main["ports"][0]["containerPort"]
+    assert port == _listen_port(config)
+    signer_services = [o for o in objects if o["kind"] == "Service"
+                       and o["spec"]["selector"] == signer["spec"]["selector"]["matchLabels"]]
+    (signer_service,) = signer_services
+    m = re.fullmatch(r"http://([^:/]+):(\d+)", config["signer_url"])
+    assert m is not None, config["signer_url"]
+    assert m.group(1) == signer_service["metadata"]["name"]
+    assert int(m.group(2)) == signer_service["spec"]["ports"][0]["port"]
+    for probe in _probe_paths(main):
+        assert probe in _routes()
+
+
+def test_a_server_that_could_reach_the_token_is_found() -> None:
+    """The check above fails for a server given the signer's PIN Secret, module volume,
+    pcscd socket, a device resource or the PIN variable."""
+    objects = _kustomize(REPLICAS_TREES["replicas"])
+    signer = _by_role(objects, "signer")
+    s_spec = signer["spec"]["template"]["spec"]
+    for volume in ("hsm-pin", "pkcs11"):
+        bad = yaml.safe_load(yaml.safe_dump(objects))
+        server = _by_role(bad, "server")
+        spec = server["spec"]["template"]["spec"]
+        spec["volumes"].append(next(v for v in s_spec["volumes"] if v["name"] == volume))
+        mount = next(m for m in _main_container(signer)["volumeMounts"] if m["name"] == volume)
+        _main_container(server)["volumeMounts"].append(mount)
+        (problem,) = checks.server_isolation_problems(bad)
+        assert f"volume {volume} at {mount['mountPath']} holds the token's" in problem
+    bad = yaml.safe_load(yaml.safe_dump(objects))
+    server = _by_role(bad, "server")
+    server["spec"]["template"]["spec"]["volumes"].append(
+        {"name": "pcscd", "hostPath": {"path": "/run/pcscd", "type": "Directory"}})
+    main = _main_container(server)
+    main["resources"]["limits"]["smarter-devices/ttyUSB0"] = 1
+    assert len(checks.server_isolation_problems(bad)) == 2
+    # A signer scaled out or rolled is found too; so is an autoscaler aimed at it.
+    bad = yaml.safe_load(yaml.safe_dump(objects))
+    _by_role(bad, "signer")["spec"]["replicas"] = 2
+    _by_role(bad, "signer")["spec"]["strategy"] = {"type": "RollingUpdate"}
+    bad.append({"kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"},
+                "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "hsmocsp-signer"}}})
+    assert len(checks.signer_problems(bad)) == 3
+
+
+def test_a_server_memory_limit_below_its_hot_cache_is_found() -> None:
+    objects = _kustomize(REPLICAS_TREES["replicas"])
+    assert checks.memory_problems(objects) == []
+    bad = yaml.safe_load(yaml.safe_dump(objects))
+    _main_container(_by_role(bad, "server"))["resources"]["limits"]["memory"] = "256Mi"
+    (problem,) = checks.memory_problems(bad)
+    assert "hsmocsp-server" in problem and "hot_cache_entries" in problem
+
+
+def test_helm_replicas_needs_a_redis() -> None:
+    proc = subprocess.run(
+        [_helm(), "template", "hsmocsp", str(CHART), "--kube-version", "1.33",
+         "--set", "topology=replicas"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "redis.address" in proc.stderr
+
+
+def test_chart_version_bumped_for_the_replicas_topology() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    major, minor, _ = (int(x) for x in chart["version"].split("."))
+    assert (major, minor) >= (0, 3)
+    assert _values()["topology"] == "single"  # existing releases render as before
