@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 DEVPKI := var/devpki
 CONFIG ?= etc/hsmocsp-dev.yaml
 LISTEN ?= tcp:8080:interface=127.0.0.1
-APT_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl openssl gcc libc6-dev golang-cfssl postgresql prometheus
+APT_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl openssl gcc libc6-dev golang-cfssl postgresql prometheus \
+	redis-server redis-sentinel
 BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)

@@ -170,6 +170,52 @@ class HandleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where one Redis (or Sentinel) listens: TCP ``host``/``port``, or a Unix socket."""
+
+    host: str | None = None
+    port: int = 6379
+    unix: Path | None = None
+
+    def __str__(self) -> str:
+        if self.unix is not None:
+            return f"unix:{self.unix}"
+        return f"[{self.host}]:{self.port}" if self.host and ":" in self.host else (
+            f"{self.host}:{self.port}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTLSConfig:
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    server_name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``store:``; ``kind: sqlite`` is today's file in ``data_dir`` (the default when
+    the block is absent), ``kind: redis`` the store shared by a signer and its servers."""
+
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    address: RedisAddress | None = None
+    sentinels: tuple[RedisAddress, ...] = ()
+    master_name: str | None = None
+    database: int = 0
+    key_prefix: str = "hsmocsp:"
+    username: str | None = None
+    password: Secret | None = None
+    tls: StoreTLSConfig | None = None
+    timeout: float = 0.5
+    max_pending: int = 100_000
+
+
+Role = Literal["all", "signer", "server"]
+ROLES: tuple[Role, ...] = ("all", "signer", "server")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     listen: str
@@ -188,6 +234,11 @@ class Config:
     # Access log (hsmocsp/web/accesslog.py): off | combined | json, to a file or the service log.
     access_log: str = "off"
     access_log_file: Path | None = None
+    # Replicas (issue #11, docs/design-replicas.md): what this process is, and the store.
+    role: Role = "all"
+    signer_url: str | None = None
+    hot_cache_entries: int = 100_000
+    store: StoreConfig = StoreConfig()
 
 
 #: Upper bound for ``http_workers`` / ``--workers``: more processes than that is a typo.
@@ -628,8 +679,129 @@ def _access_log_format(r: _Reader) -> str:
     return value
 
 
-def parse_config(file: Path, data: Any) -> Config:
-    """Validate already-loaded YAML ``data`` read from ``file``."""
+def _redis_address(r: _Reader, name: str, text: Any, default_port: int) -> RedisAddress:
+    """``host:port``, ``[v6]:port``, ``host`` (default port) or ``unix:/path``."""
+    if not isinstance(text, str) or not text:
+        raise r.error(name, "must be host:port or unix:/path/to/socket")
+    if text.startswith("unix:"):
+        path = Path(text[len("unix:") :])
+        if not path.is_absolute():
+            path = (r.file.parent / path).resolve()
+        return RedisAddress(unix=path)
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise r.error(name, f"{text!r} is not [v6-address]:port")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:
+        raise r.error(name, f"{text!r} is not host:port (an IPv6 address goes in [brackets])")
+    if not host or any(c in host for c in " /\t\n"):
+        raise r.error(name, f"{text!r} is not host:port or unix:/path")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise r.error(name, f"{text!r}: the port must be a number from 1 to 65535")
+        port = int(port_text)
+    return RedisAddress(host=host, port=port)
+
+
+def _store(r: _Reader) -> StoreConfig:
+    kind = r.string("kind", default="sqlite")
+    if kind == "sqlite":
+        r.finish()  # nothing else applies to the local file
+        return StoreConfig()
+    if kind != "redis":
+        raise r.error("kind", f"{kind!r} is not one of sqlite, redis")
+    address = None
+    if r.has("address"):
+        address = _redis_address(r, "address", r.raw("address"), 6379)
+    sentinels: tuple[RedisAddress, ...] = ()
+    if r.has("sentinels"):
+        raw = r.raw("sentinels")
+        if not isinstance(raw, list) or not raw:
+            raise r.error("sentinels", "must be a list of host:port")
+        sentinels = tuple(_redis_address(r, "sentinels", s, 26379) for s in raw)
+    master_name = r.string("master_name")
+    if (address is None) == (not sentinels):
+        raise r.error("address", "give address, or sentinels with master_name (exactly one)")
+    if sentinels and master_name is None:
+        raise r.error("master_name", "is required with sentinels")
+    if master_name is not None and not sentinels:
+        raise r.error("master_name", "goes with sentinels")
+    prefix = r.string("key_prefix", default="hsmocsp:") or "hsmocsp:"
+    if any(c.isspace() for c in prefix):
+        raise r.error("key_prefix", "must not contain white space")
+    username = r.string("username")
+    password = r.secret("password", required=False)
+    if username is not None and password is None:
+        raise r.error("username", "an ACL user needs password_file or password_env")
+    tls: StoreTLSConfig | None = None
+    if r.has("tls"):
+        t = r.sub("tls")
+        tls = StoreTLSConfig(
+            ca_file=t.path("ca_file"),
+            cert_file=t.path("cert_file"),
+            key_file=t.path("key_file"),
+            server_name=t.string("server_name"),
+        )
+        if (tls.cert_file is None) != (tls.key_file is None):
+            raise t.error("cert_file", "cert_file and key_file go together")
+        t.finish()
+        if address is not None and address.unix is not None:
+            raise r.error("tls", "a Unix socket is not spoken to over TLS")
+    cfg = StoreConfig(
+        kind="redis",
+        address=address,
+        sentinels=sentinels,
+        master_name=master_name,
+        database=r.integer("database", 0, minimum=0),
+        key_prefix=prefix,
+        username=username,
+        password=password,
+        tls=tls,
+        timeout=r.number("timeout", 0.5, minimum=0.01),
+        max_pending=r.integer("max_pending", 100_000, minimum=1),
+    )
+    r.finish()
+    return cfg
+
+
+def _role(r: _Reader, override: str | None) -> Role:
+    """``role`` from the file, or ``--role`` (``override``) instead."""
+    value = r.string("role", default="all")
+    if override is not None:
+        value = override
+    if value not in ROLES:
+        where = f"--role {value}" if override is not None else repr(value)
+        raise r.error("role", f"{where} is not one of {', '.join(ROLES)}")
+    return value
+
+
+def _check_role(r: _Reader, cfg: Config, override: str | None) -> None:
+    """``signer`` and ``server`` share responses through Redis; ``server`` forwards
+    what the store lacks to ``signer_url``."""
+    said = f" (--role {override})" if override is not None else ""
+    if cfg.role in ("signer", "server") and cfg.store.kind != "redis":
+        raise r.error("role", f"{cfg.role}{said} needs a shared store: store.kind: redis")
+    if cfg.role == "server" and cfg.signer_url is None:
+        raise r.error("signer_url", f"is required with role: server{said}")
+
+
+def _signer_url(r: _Reader) -> str | None:
+    url = r.string("signer_url")
+    if url is None:
+        return None
+    if not re.match(r"^https?://[^/\s]+/?$", url):
+        raise r.error("signer_url", f"{url!r} is not like http://host:port (no path)")
+    return url.rstrip("/")
+
+
+def parse_config(file: Path, data: Any, role: str | None = None) -> Config:
+    """Validate already-loaded YAML ``data`` read from ``file``; ``role`` (``--role``)
+    replaces the file's ``role``."""
     r = _Reader(file, "", data)
     tokens: dict[str, TokenConfig] = {}
     if r.has("tokens"):
@@ -672,7 +844,12 @@ def parse_config(file: Path, data: Any) -> Config:
         max_url_length=r.integer("max_url_length", 8192, minimum=256),
         access_log=_access_log_format(r),
         access_log_file=r.path("access_log_file", must_exist=False),
+        role=_role(r, role),
+        signer_url=_signer_url(r),
+        hot_cache_entries=r.integer("hot_cache_entries", 100_000, minimum=1),
+        store=_store(r.sub("store")) if r.has("store") else StoreConfig(),
     )
+    _check_role(r, cfg, role)
     if cfg.http_workers > MAX_HTTP_WORKERS:
         raise r.error("http_workers", f"must be at most {MAX_HTTP_WORKERS}")
     r.finish()
@@ -691,8 +868,8 @@ def _warning_days(r: _Reader, name: str) -> tuple[float, ...]:
     return tuple(sorted((float(v) for v in raw), reverse=True))
 
 
-def load_config(file: Path) -> Config:
-    """Read and validate the YAML configuration at ``file``."""
+def load_config(file: Path, role: str | None = None) -> Config:
+    """Read and validate the YAML configuration at ``file`` (``role``: ``--role``)."""
     try:
         text = file.read_text()
     except OSError as err:
@@ -705,4 +882,4 @@ def load_config(file: Path) -> Config:
         raise ConfigError(
             str(file), where, f"not valid YAML: {getattr(err, 'problem', err)}"
         ) from err
-    return parse_config(file.resolve(), data)
+    return parse_config(file.resolve(), data, role)

@@ -80,6 +80,17 @@ class ResponderCertExpired(HsmOcspError):
     certificate is loaded (SIGHUP or restart)."""
 
 
+class StoreUnavailable(HsmOcspError):
+    """The shared store (Redis) cannot be asked right now: down, unreachable, too slow,
+    or failing over. A server replica then forwards to the signer (-> tryLater if that
+    fails too)."""
+
+
+class StoredValueError(HsmOcspError):
+    """A value read from a store is not a stored response this version can read
+    (corrupt, truncated, unknown format version): treated as a miss, never served."""
+
+
 # --- installation (build time; never while serving) -----------------------------------
 
 

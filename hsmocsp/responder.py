@@ -37,6 +37,7 @@ from hsmocsp.errors import (
     ResponderCertExpired,
     SignerUnavailable,
     SourceUnavailable,
+    StoreUnavailable,
     UnknownIssuer,
 )
 from hsmocsp.health import READY, Health, State, worst
@@ -65,7 +66,7 @@ def ocsp_status_for(failure: Failure) -> ResponseStatus:
         return ResponseStatus.malformedRequest
     if failure.check(UnknownIssuer):
         return ResponseStatus.unauthorized
-    if failure.check(SignerUnavailable, SourceUnavailable, ResponderCertExpired):
+    if failure.check(SignerUnavailable, SourceUnavailable, StoreUnavailable, ResponderCertExpired):
         return ResponseStatus.tryLater
     return ResponseStatus.internalError
 

@@ -22,12 +22,23 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+
+from tests.redisfixtures import (
+    RedisFactory,
+    RedisServer,
+    SentinelSet,
+    TlsFiles,
+    make_tls_files,
+    redis_factory_fixture,
+    start_sentinel_set,
+)
 
 
 class LoggedErrors:
@@ -101,3 +112,36 @@ def _cancel_left_timeouts(reactor: Any, before: set[Any], test: str) -> None:
             f"{test} left {len(left)} connection timeout(s) on the real reactor (cancelled)",
             stacklevel=1,
         )
+
+
+# --- real Redis processes (tests/redisfixtures.py), for every test directory -----------
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """``redis_factory(name, password=..., acl=[...], tls=...)`` starts a redis-server in
+    ``tmp_path``; every one is stopped after the test."""
+    yield from redis_factory_fixture(tmp_path)
+
+
+@pytest.fixture
+def redis_server(redis_factory: RedisFactory) -> RedisServer:
+    """A started redis-server on a free loopback port (``.stop()``/``.start()`` again on
+    the same port for down/back tests)."""
+    return redis_factory()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[SentinelSet]:
+    """A primary, one replica and one sentinel watching it as ``hsmocsp`` (fast failover)."""
+    sentinels = start_sentinel_set(tmp_path / "sentinel")
+    try:
+        yield sentinels
+    finally:
+        sentinels.stop()
+
+
+@pytest.fixture
+def redis_tls(tmp_path: Path) -> TlsFiles:
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    return make_tls_files(tmp_path / "redis-tls")

@@ -14,7 +14,7 @@ from typing import NoReturn
 from twisted.python import usage
 
 from hsmocsp import __version__
-from hsmocsp.config import MAX_HTTP_WORKERS, load_config
+from hsmocsp.config import MAX_HTTP_WORKERS, ROLES, load_config
 from hsmocsp.errors import ConfigError
 
 #: Exit status for a configuration error (sysexits' EX_CONFIG); shared contract.
@@ -28,7 +28,7 @@ def config_error_exit(err: ConfigError) -> NoReturn:
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE [--listen STRPORT]"
+    synopsis = "--config FILE [--listen STRPORT] [--role all|signer|server]"
     longdesc = "Serve OCSP (RFC 6960/5019) for several CAs, signing with a PKCS#11 HSM."
     optParameters = [
         ["config", "c", "etc/hsmocsp.yaml", "YAML configuration file."],
@@ -39,6 +39,14 @@ class Options(usage.Options):
             None,
             "HTTP processes sharing the listening port (SO_REUSEPORT; tcp only); "
             "overrides the config's http_workers.",
+        ],
+        [
+            "role",
+            None,
+            None,
+            "all (one process does everything), signer (holds the tokens, writes the shared "
+            "store) or server (answers from the store, forwards misses to signer_url); "
+            "overrides the config's role.",
         ],
     ]
 
@@ -52,8 +60,10 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         path = Path(self["config"])
+        if self["role"] is not None and self["role"] not in ROLES:
+            raise usage.UsageError(f"--role must be one of {', '.join(ROLES)}")
         try:
-            self["parsed"] = load_config(path)
+            self["parsed"] = load_config(path, role=self["role"])
         except ConfigError as err:
             config_error_exit(err)
         if self["workers"] is not None:

@@ -37,7 +37,7 @@ from hsmocsp.responder import Handle
 from hsmocsp.service.builder import Parts, build
 from hsmocsp.service.listen import Listener, SharedListener, tcp_listen_address
 from hsmocsp.service.tree import Component, Group, Sequence, _all
-from hsmocsp.store import ResponseStore
+from hsmocsp.stores.sqlite import ResponseStore
 from hsmocsp.web.accesslog import open_access_log
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite

@@ -23,7 +23,7 @@ from hsmocsp.ocsp.response import issuer_hashes
 from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.status import CertStatus
-from hsmocsp.store import ResponseStore
+from hsmocsp.stores.sqlite import ResponseStore
 from tests.unit.fakes import CountingSigner
 from tests.unit.test_responder import REVOKED_AT, make, request_for, resolve
 

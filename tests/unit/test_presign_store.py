@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from hsmocsp.presign import Presigner
 from hsmocsp.status import CertStatus, CRLReason
-from hsmocsp.store import ResponseStore
+from hsmocsp.stores.sqlite import ResponseStore
 from tests.unit.test_responder import REVOKED_AT, make, parsed, request_for, resolve
 
 

@@ -21,7 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from hsmocsp.health import State
 from hsmocsp.responder import SignedResponse
-from hsmocsp.store import ResponseStore
+from hsmocsp.stores.sqlite import ResponseStore
 
 T = TypeVar("T")
 START = 1_750_000_000.0
@@ -63,7 +63,7 @@ class Logged:
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("isError") or event.get("log_failure") is not None:
             self.errors.append(formatEvent(event))
-        if event.get("log_namespace", "").startswith("hsmocsp.store"):
+        if event.get("log_namespace", "").startswith("hsmocsp.stores.sqlite"):
             self.lines.append(formatEvent(event))
 
     def __enter__(self) -> Logged:

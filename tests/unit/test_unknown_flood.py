@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from hsmocsp.cache import ResponseCache
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.status import CertStatus
-from hsmocsp.store import ResponseStore
+from hsmocsp.stores.sqlite import ResponseStore
 from tests.unit.test_responder import make, parsed, request_for, resolve
 
 
