@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from twisted.internet import defer, reactor, task, threads  # noqa: E402
 
+from hsmocsp.config import Secret, TokenConfig  # noqa: E402
 from hsmocsp.signing.pkcs11 import Pkcs11Signer  # noqa: E402
 from hsmocsp.signing.pool import KeyRef, TokenPool  # noqa: E402
 from tests.integration.softhsm_helpers import (  # noqa: E402
@@ -163,9 +164,11 @@ async def main(args: argparse.Namespace) -> None:
         results["idle"] = await drive(None, args.seconds, 0)
         print("idle  ", results["idle"], file=sys.stderr)
 
-        pool = TokenPool(
-            module=SOFTHSM_MODULE, token_label="T", slot=None, pin=PIN, workers=args.workers
-        )
+        token = TokenConfig(
+            name="bench", module=Path(SOFTHSM_MODULE), token_label="T", slot=None,
+            pin=Secret(), workers=args.workers, max_queue=1000, sign_timeout=10.0,
+        )  # fmt: skip
+        pool = TokenPool(token, PIN, reactor=reactor)
         await pool.start()
         signer = Pkcs11Signer(pool, KeyRef(label="bench"))
         await signer.start()

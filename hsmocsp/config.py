@@ -464,9 +464,12 @@ def _source(r: _Reader) -> SourceConfig:
             if (tls.cert_file is None) != (tls.key_file is None):
                 raise t.error("cert_file", "cert_file and key_file go together")
             t.finish()
+        mount = r.req_str("mount").strip("/")
+        if not mount:
+            raise r.error("mount", "must name a mount (not only slashes)")
         cfg = VaultSourceConfig(
             address=address.rstrip("/"),
-            mount=r.req_str("mount").strip("/"),
+            mount=mount,
             namespace=r.string("namespace"),
             auth=_vault_auth(r.sub("auth"))
             if r.has("auth")

@@ -8,7 +8,7 @@ naming the key) but starts nothing. Starting is the service tree's job
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -67,19 +67,9 @@ def build_pool(token: TokenConfig, reactor: Any, workers: int | None = None) -> 
     from hsmocsp.signing.pool import TokenPool
 
     pin = token.pin.read(f"tokens.{token.name}.pin")
-    return TokenPool(
-        module=str(token.module),
-        token_label=token.token_label,
-        slot=token.slot,
-        pin=pin,
-        workers=workers or token.workers,
-        max_queue=token.max_queue,
-        timeout=token.sign_timeout,
-        pipeline=token.pipeline,
-        # The workers get the PIN on stdin; they need not inherit it.
-        env_drop=(token.pin.env,) if token.pin.env else (),
-        reactor=reactor,
-    )
+    if workers is not None:
+        token = replace(token, workers=workers)
+    return TokenPool(token, pin, reactor=reactor)
 
 
 def build_signer(h: HandleConfig, pool: TokenPool | None) -> Signer:
@@ -150,7 +140,7 @@ def build_cfssl_source(
 
 
 def build_vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
-    from hsmocsp.sources.vault import VaultSource, VaultTLS
+    from hsmocsp.sources.vault import VaultSource
     from hsmocsp.sources.vaultauth import AppRoleAuth, KubernetesAuth, TokenAuth, VaultAuth
 
     a = src.auth
@@ -165,22 +155,7 @@ def build_vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:
     else:
         assert a.token is not None
         auth = TokenAuth(env=a.token.env, file=a.token.file)
-    tls = None
-    if src.tls is not None:
-        tls = VaultTLS(
-            ca_bundle=src.tls.ca_file, client_cert=src.tls.cert_file, client_key=src.tls.key_file
-        )
-    return VaultSource(
-        address=src.address,
-        mount=src.mount,
-        auth=auth,
-        namespace=src.namespace,
-        tls=tls,
-        cache_ttl=src.cache_ttl,
-        crl_refresh=src.crl_refresh,
-        request_timeout=src.request_timeout,
-        reactor=reactor,
-    )
+    return VaultSource(src, auth, reactor=reactor)
 
 
 def build_handle(

@@ -39,7 +39,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -52,6 +52,9 @@ from hsmocsp.childproc import Backoff, Child, Supervisor, stop_children
 from hsmocsp.errors import PinRefused, SignerError, SignerUnavailable
 from hsmocsp.health import READY, Health, State
 from hsmocsp.signing import wire
+
+if TYPE_CHECKING:
+    from hsmocsp.config import TokenConfig
 
 log = Logger()
 
@@ -281,47 +284,33 @@ class TokenPool:
 
     def __init__(
         self,
-        *,
-        module: str,
-        token_label: str | None,
-        slot: int | None,
+        config: TokenConfig,
         pin: str,
-        workers: int = 2,
-        max_queue: int = 1000,
-        timeout: float = 10.0,
+        *,
+        reactor: Any,
         start_timeout: float = 30.0,
         max_restart_delay: float = 4.0,
-        env_drop: tuple[str, ...] = (),
-        pipeline: int = 2,
         probe_interval: float = 2.0,
-        reactor: Any = None,
     ) -> None:
-        if token_label is None and slot is None:
-            raise SignerError(f"PKCS#11 module {module}: give a token label or a slot")
-        if workers < 1:
-            raise SignerError(f"PKCS#11 module {module}: workers must be at least 1")
-        if max_queue < 0:
-            raise SignerError(f"PKCS#11 module {module}: max_queue must not be negative")
-        if pipeline < 1:
-            raise SignerError(f"PKCS#11 module {module}: pipeline must be at least 1")
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        """``config`` was validated when it was read (label or slot, counts at least 1):
+        it is not checked again here. ``pin`` is the secret ``config.pin`` names, read
+        by the caller (a missing one is a configuration error there, not a pool error).
+        The three timings are not configuration keys: tests shorten them."""
+        self.config = config
         self._reactor = reactor
-        self.module = module
-        self.token_label = token_label
-        self.slot = slot
+        self.module = str(config.module)
+        self.token_label = config.token_label
+        self.slot = config.slot
         self._pin = pin
-        self.workers = workers
-        self.max_queue = max_queue
-        self.timeout = timeout
+        self.workers = config.workers
+        self.max_queue = config.max_queue
+        self.timeout = config.sign_timeout
         self.start_timeout = start_timeout
         self.max_restart_delay = max_restart_delay
-        # Environment variables the workers must not inherit (e.g. the one the
-        # PIN was read from), since /proc/<pid>/environ outlives reading it.
-        self.env_drop = env_drop
-        self.pipeline = pipeline
+        # Environment variables the workers must not inherit (the one the PIN was
+        # read from), since /proc/<pid>/environ outlives reading it.
+        self.env_drop: tuple[str, ...] = (config.pin.env,) if config.pin.env else ()
+        self.pipeline = config.pipeline
         self._live: list[_Worker] = []
         self._queue: collections.deque[_Request] = collections.deque()
         self._ids = itertools.count(1)
@@ -331,7 +320,7 @@ class TokenPool:
         # for a worker that was up starts at once; one that fails to start is
         # retried after 0.1 s doubling up to max_restart_delay; one at a time.
         self._supervisor = Supervisor(
-            reactor, self._spawn_worker, count=workers,
+            reactor, self._spawn_worker, count=self.workers,
             backoff=Backoff(first=0.0, initial=0.1, cap=max_restart_delay), serial=True,
         )  # fmt: skip
         self._spawned: _Worker | None = None

@@ -17,8 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from cryptography import x509
@@ -40,7 +39,10 @@ from hsmocsp.sources.state import ChangeListener, SourceState
 from hsmocsp.sources.vaultauth import VaultAuth, VaultResponse, VaultTransport
 from hsmocsp.status import CertStatus, Status
 
-__all__ = ["VaultSource", "VaultTLS", "vault_serial"]
+__all__ = ["VaultSource", "vault_serial"]
+
+if TYPE_CHECKING:
+    from hsmocsp.config import VaultSourceConfig, VaultTLSConfig
 
 log = Logger()
 
@@ -67,23 +69,15 @@ def vault_serial(serial: int) -> str:
     return text.upper() if len(raw) == 1 else text
 
 
-@dataclass(frozen=True, slots=True)
-class VaultTLS:
-    """TLS to Vault: CA bundle (default: the platform's roots), optional client cert/key."""
-
-    ca_bundle: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-
-
 @implementer(IPolicyForHTTPS)
 class _VaultTLSPolicy:
     """``optionsForClientTLS`` (service-identity hostname checks) with our trust roots."""
 
-    def __init__(self, tls: VaultTLS) -> None:
+    def __init__(self, tls: VaultTLSConfig | None) -> None:
+        """``tls`` None: the platform's roots, no client certificate."""
         try:
-            if tls.ca_bundle is not None:
-                pem = tls.ca_bundle.read_bytes()
+            if tls is not None and tls.ca_file is not None:
+                pem = tls.ca_file.read_bytes()
                 certs = [
                     ssl.Certificate.loadPEM(c.public_bytes(_PEM))
                     for c in x509.load_pem_x509_certificates(pem)
@@ -92,10 +86,10 @@ class _VaultTLSPolicy:
             else:
                 self._trust = ssl.platformTrust()  # type: ignore[no-untyped-call]
             self._client: ssl.PrivateCertificate | None = None
-            if tls.client_cert is not None:
-                key_path = tls.client_key or tls.client_cert
+            if tls is not None and tls.cert_file is not None:
+                key_path = tls.key_file or tls.cert_file
                 self._client = ssl.PrivateCertificate.loadPEM(  # type: ignore[no-untyped-call]
-                    tls.client_cert.read_bytes() + b"\n" + key_path.read_bytes()
+                    tls.cert_file.read_bytes() + b"\n" + key_path.read_bytes()
                 )
         except (OSError, ValueError, OpenSSLError) as err:
             raise SourceError(f"vault tls: cannot load CA bundle or client cert: {err}") from err
@@ -143,40 +137,26 @@ class VaultSource:
 
     def __init__(
         self,
-        *,
-        address: str,
-        mount: str,
+        config: VaultSourceConfig,
         auth: VaultAuth,
-        namespace: str | None = None,
-        tls: VaultTLS | None = None,
-        cache_ttl: float = 60,
-        crl_refresh: float = 300,
-        request_timeout: float = 5,
-        reactor: Any = None,
+        *,
+        reactor: Any,
         http_client: Any = None,
         cache_size: int = 100_000,
         probe_interval: float = 10,
     ) -> None:
-        if not address.startswith(("http://", "https://")):
-            raise SourceError(f"vault address {address!r} must start with http:// or https://")
-        mount = mount.strip("/")
-        if not mount:
-            raise SourceError("vault mount must not be empty")
-        if cache_ttl < 0 or crl_refresh <= 0 or request_timeout <= 0 or probe_interval <= 0:
-            raise SourceError(
-                "vault cache_ttl/crl_refresh/request_timeout/probe_interval must be positive"
-            )
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        """``config`` was validated when it was read (address scheme, mount, positive
+        times). ``auth`` is the authenticator ``config.auth`` describes (tests give
+        one of their own); ``http_client`` a treq-like client (default: treq over a
+        persistent pool with ``config.tls``)."""
+        self.config = config
         self._reactor = reactor
         self._clock: IReactorTime = reactor
-        self.address = address.rstrip("/")
-        self.mount = mount
+        self.address = config.address.rstrip("/")
+        self.mount = config.mount.strip("/")
         self._auth = auth
-        self._cache_ttl = cache_ttl
-        self._crl_refresh = crl_refresh
+        self._cache_ttl = config.cache_ttl
+        self._crl_refresh = config.crl_refresh
         self._probe_interval = probe_interval
         self._cache_size = cache_size
         self._pool: HTTPConnectionPool | None = None
@@ -186,7 +166,7 @@ class VaultSource:
             self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
             self._pool.maxPersistentPerHost = 4
             self._pool._factory = _QuietClientFactory  # no log line per Vault connection
-            policy = _VaultTLSPolicy(tls or VaultTLS()) if address.startswith("https") else None
+            policy = _VaultTLSPolicy(config.tls) if self.address.startswith("https") else None
             agent = (
                 Agent(reactor, contextFactory=policy, pool=self._pool)  # type: ignore[no-untyped-call]
                 if policy is not None
@@ -197,8 +177,8 @@ class VaultSource:
             address=self.address,
             http_client=http_client,
             clock=self._clock,
-            namespace=namespace,
-            timeout=request_timeout,
+            namespace=config.namespace,
+            timeout=config.request_timeout,
         )
         self._issuers: list[x509.Certificate] = []
         self._issuer_ids: dict[str, x509.Certificate] = {}

@@ -24,6 +24,7 @@ from hsmocsp.signing.algorithms import (
 )
 from hsmocsp.signing.pkcs11 import Pkcs11Signer
 from hsmocsp.signing.pool import KeyRef, TokenPool
+from tests.factories import token_pool
 from tests.integration.conftest import SOFTHSM_PIN
 
 try:
@@ -47,15 +48,9 @@ DATA = b"tbsResponseData stand-in \x00\x01\x02" * 20
 
 
 def make_pool(**kwargs: Any) -> TokenPool:
-    options: dict[str, Any] = {
-        "module": SOFTHSM_MODULE,
-        "token_label": "T",
-        "slot": None,
-        "pin": PIN,
-        "workers": 2,
-    }
-    options.update(kwargs)
-    return TokenPool(**options)
+    """A pool on the conftest token ``T``; ``kwargs``: token config fields, ``pin``..."""
+    pool: TokenPool = token_pool(**kwargs)
+    return pool
 
 
 @contextlib.asynccontextmanager
@@ -167,7 +162,7 @@ async def test_pin_not_in_worker_cmdline_or_environment(
     token: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_TOKEN_PIN", PIN)
-    async with started_pool(make_pool(workers=1, env_drop=("TEST_TOKEN_PIN",))) as pool:
+    async with started_pool(make_pool(workers=1, pin_env="TEST_TOKEN_PIN")) as pool:
         (pid,) = pool.worker_pids()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         try:
@@ -197,11 +192,11 @@ async def test_missing_token_and_module(token: Path, tmp_path: Path) -> None:
     err = await expect(make_pool(token_label="absent").start(), SignerError)
     assert "'absent'" in str(err) and "'T'" in str(err)
     missing = str(tmp_path / "libnothing.so")
-    err = await expect(make_pool(module=missing).start(), SignerError)
+    err = await expect(make_pool(module=Path(missing)).start(), SignerError)
     assert missing in str(err)
     not_a_module = tmp_path / "garbage.so"
     not_a_module.write_bytes(b"not an ELF file")
-    err = await expect(make_pool(module=str(not_a_module)).start(), SignerError)
+    err = await expect(make_pool(module=not_a_module).start(), SignerError)
     assert str(not_a_module) in str(err)
     assert PIN not in str(err)
 
@@ -239,7 +234,7 @@ async def test_worker_killed_between_signs(token: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_hung_worker_times_out_and_is_replaced(token: Path) -> None:
-    async with started_pool(make_pool(workers=1, timeout=1.0)) as pool:
+    async with started_pool(make_pool(workers=1, sign_timeout=1.0)) as pool:
         signer = Pkcs11Signer(pool, KeyRef(label="p256"))
         await signer.start()
         (pid,) = pool.worker_pids()

@@ -120,7 +120,7 @@ async def test_cancelled_pipelined_request_does_not_shift_replies(token: Path) -
 
 @pytest_twisted.ensureDeferred
 async def test_hung_worker_times_out_running_and_waiting_requests(token: Path) -> None:
-    async with started_pool(make_pool(pipeline=2, timeout=1.0)) as pool:
+    async with started_pool(make_pool(pipeline=2, sign_timeout=1.0)) as pool:
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGSTOP)
         running = pool.sign(EC, "CKM_ECDSA", b"\x01" * 32)
@@ -155,8 +155,3 @@ async def test_mechanism_without_binary_code_is_refused_by_the_worker(token: Pat
         err = await expect(pool.sign(RSA, "CKM_MD5_RSA_PKCS", b"x"), SignerError)
         assert "not allowed" in str(err)
         await pool.check()
-
-
-def test_pipeline_must_be_positive() -> None:
-    with pytest.raises(SignerError, match="pipeline"):
-        make_pool(pipeline=0)

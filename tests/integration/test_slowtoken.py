@@ -18,7 +18,8 @@ from twisted.internet import defer
 
 from bench import slowtoken
 from hsmocsp.signing.pkcs11 import Pkcs11Signer
-from hsmocsp.signing.pool import KeyRef, TokenPool
+from hsmocsp.signing.pool import KeyRef
+from tests.factories import token_pool
 from tests.integration.conftest import SOFTHSM_PIN
 from tests.integration.softhsm_helpers import softhsm_available
 
@@ -40,7 +41,7 @@ async def test_slow_module_serialises_every_call_across_processes(
         sign_ms=20, login_ms=30, lock=tmp_path / "lock", trace=trace
     ).items():
         monkeypatch.setenv(name, value)  # the workers inherit the environment
-    pool = TokenPool(module=str(module), token_label="T", slot=None, pin=SOFTHSM_PIN, workers=2)
+    pool = token_pool(module=module, pin=SOFTHSM_PIN, workers=2)
     await pool.start()
     try:
         signer = Pkcs11Signer(pool, KeyRef(label="p256"))

@@ -30,6 +30,7 @@ from hsmocsp.errors import PinRefused, SignerError, SignerUnavailable
 from hsmocsp.health import State
 from hsmocsp.signing.pkcs11 import Pkcs11Signer
 from hsmocsp.signing.pool import KeyRef, TokenPool
+from tests.factories import token_pool
 from tests.integration.softhsm_helpers import (
     SOFTHSM_MODULE,
     gen_keypair,
@@ -114,11 +115,9 @@ def captured() -> Iterator[Captured]:
 
 
 def make_pool(**kwargs: Any) -> TokenPool:
-    options: dict[str, Any] = {
-        "module": SOFTHSM_MODULE, "token_label": "F", "slot": None, "pin": PIN, "workers": 2,
-    }
-    options.update(kwargs)
-    return TokenPool(**options)
+    """A pool on this module's fresh token ``F``; ``kwargs`` as for ``token_pool``."""
+    pool: TokenPool = token_pool(**{"token_label": "F", "pin": PIN, **kwargs})
+    return pool
 
 
 def change_pin(conf: Path, old: str, new: str) -> None:

@@ -18,6 +18,7 @@ from hsmocsp.errors import SourceError, SourceUnavailable
 from hsmocsp.sources.vault import VaultSource
 from hsmocsp.sources.vaultauth import AppRoleAuth, TokenAuth
 from hsmocsp.status import Status
+from tests.factories import vault_source
 from tests.integration.conftest_bao import BaoPki, bao, bao_pki  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -26,12 +27,12 @@ pytestmark = pytest.mark.integration
 def make_source(
     pki: BaoPki, auth: Any = None, address: str | None = None, **kw: Any
 ) -> VaultSource:
-    return VaultSource(
-        address=address or pki.server.address,
-        mount=pki.mount,
+    source: VaultSource = vault_source(
+        address or pki.server.address,
         auth=auth or TokenAuth(token=pki.server.root_token),
-        **kw,
+        **{"mount": pki.mount, **kw},
     )
+    return source
 
 
 async def started(src: VaultSource) -> VaultSource:
@@ -237,11 +238,7 @@ async def test_multi_issuer_mount(bao_pki: BaoPki) -> None:
     a_serial = int(api.issue("pki2", issuer_ref="a")["serial_number"].replace(":", ""), 16)
     b_serial = int(api.issue("pki2", issuer_ref="b")["serial_number"].replace(":", ""), 16)
     api.revoke(b_serial, "pki2")
-    src = VaultSource(
-        address=bao_pki.server.address,
-        mount="pki2",
-        auth=TokenAuth(token=bao_pki.server.root_token),
-    )
+    src = make_source(bao_pki, mount="pki2")
     await src.start()
     try:
         by_cn: dict[str, x509.Certificate] = {c.subject.rfc4514_string(): c for c in src.issuers()}

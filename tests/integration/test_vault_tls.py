@@ -13,11 +13,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from hsmocsp.config import VaultTLSConfig
 from hsmocsp.devpki.bao import BaoServer, setup_dev_pki
 from hsmocsp.errors import SourceError, SourceUnavailable
-from hsmocsp.sources.vault import VaultSource, VaultTLS
+from hsmocsp.sources.vault import VaultSource
 from hsmocsp.sources.vaultauth import TokenAuth
 from hsmocsp.status import Status
+from tests.factories import vault_source
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +36,13 @@ def tls_bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaoServer]:
 
 
 def _source(server: BaoServer, address: str, ca: Path) -> VaultSource:
-    return VaultSource(
-        address=address,
-        mount="pki",
+    source: VaultSource = vault_source(
+        address,
         auth=TokenAuth(token=server.root_token),
-        tls=VaultTLS(ca_bundle=ca),
+        tls=VaultTLSConfig(ca_file=ca, cert_file=None, key_file=None),
         request_timeout=3,
     )
+    return source
 
 
 @pytest_twisted.ensureDeferred

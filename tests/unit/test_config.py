@@ -66,6 +66,22 @@ def test_valid_config_resolves_paths_relative_to_file(folder: Path) -> None:
         (("pin_env: TEST_PIN", "pin: 1234"), "tokens.hsm.pin", "not read from the config"),
         (("token_label: t", "slot: -1"), "tokens.hsm.slot", "non-negative"),
         (("token_label: t", "workers: 2"), "tokens.hsm.token_label", "exactly one"),
+        # Checked here once, not again by TokenPool:
+        (
+            ("pin_env: TEST_PIN", "pin_env: TEST_PIN\n    pipeline: 0"),
+            "tokens.hsm.pipeline",
+            "least 1",
+        ),
+        (
+            ("pin_env: TEST_PIN", "pin_env: TEST_PIN\n    workers: 0"),
+            "tokens.hsm.workers",
+            "least 1",
+        ),
+        (
+            ("pin_env: TEST_PIN", "pin_env: TEST_PIN\n    max_queue: 0"),
+            "tokens.hsm.max_queue",
+            "least 1",
+        ),
         (
             ("    path: /ocsp", "    path: /ocsp\n    colour: blue"),
             "handles.root.colour",

@@ -23,11 +23,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.config import load_config
+from hsmocsp.errors import ConfigError, SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health, State
 from hsmocsp.sources.vault import VaultSource, vault_serial
 from hsmocsp.sources.vaultauth import AppRoleAuth, KubernetesAuth, TokenAuth, VaultTransport
 from hsmocsp.status import CRLReason, Status
+from tests.factories import vault_source
 
 T = TypeVar("T")
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -208,13 +210,8 @@ class Env:
         self.clock = task.Clock()
         self.clock.advance(NOW.timestamp())
         self.stub = StubTreq(self.fake.app.resource())
-        self.source = VaultSource(
-            address="http://vault.test:8200",
-            mount="pki",
-            auth=auth or TokenAuth(token=TOKEN),
-            reactor=self.clock,
-            http_client=self.stub,
-            **kw,
+        self.source: VaultSource = vault_source(
+            auth=auth or TokenAuth(token=TOKEN), reactor=self.clock, http_client=self.stub, **kw
         )
         self.transport = VaultTransport(
             address="http://vault.test:8200", http_client=self.stub, clock=self.clock
@@ -407,23 +404,30 @@ def test_bad_crl_signature_fails_start() -> None:
 
 def test_missing_mount_is_a_clear_start_error() -> None:
     env = Env()
-    env.source = VaultSource(
-        address="http://vault.test:8200",
-        mount="nope",
-        auth=TokenAuth(token=TOKEN),
-        reactor=env.clock,
-        http_client=env.stub,
+    env.source = vault_source(
+        mount="nope", auth=TokenAuth(token=TOKEN), reactor=env.clock, http_client=env.stub
     )
     with pytest.raises(SourceError) as info:
         env.start()
     assert "'nope'" in str(info.value) and "no CA certificate" in str(info.value)
 
 
-def test_bad_config_values() -> None:
-    with pytest.raises(SourceError):
-        VaultSource(address="vault:8200", mount="pki", auth=TokenAuth(token=TOKEN))
-    with pytest.raises(SourceError):
-        VaultSource(address="http://v", mount="/", auth=TokenAuth(token=TOKEN))
+def test_bad_config_values(tmp_path: Path) -> None:
+    """Checked once, where the configuration is read (the source trusts its config)."""
+    for source, key in (
+        ("{kind: vault, address: 'vault:8200', mount: pki}", "address"),
+        ("{kind: vault, address: 'http://v', mount: /}", "mount"),
+    ):
+        cfg = tmp_path / "hsmocsp.yaml"
+        cfg.write_text(
+            "handles:\n  v:\n    path: /v\n    signer: {key: k.pem}\n"
+            f"    responder_cert: r.pem\n    source: {source}\n"
+        )
+        (tmp_path / "k.pem").write_text("x")
+        (tmp_path / "r.pem").write_text("x")
+        with pytest.raises(ConfigError) as info:
+            load_config(cfg)
+        assert f"handles.v.source.{key}" in str(info.value)
 
 
 # --- auth methods ---------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Config objects and components for tests: each test states only what it cares about.
+
+Components take the config objects the configuration layer builds (validated there,
+once); these factories fill in the defaults that layer would, so a test that needs a
+pool with one worker writes ``token_pool(workers=1)``, not fifteen arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hsmocsp.config import Secret, TokenConfig, VaultAuthConfig, VaultSourceConfig
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+#: The PIN of the conftest token fixtures (tests.integration.conftest.SOFTHSM_PIN).
+SOFTHSM_PIN = "1234"
+
+
+def token_config(**fields: Any) -> TokenConfig:
+    """A token as ``tokens:`` would give it (defaults: SoftHSM, label ``T``, 2 workers).
+
+    ``pin_env`` names the variable the PIN is read from (the workers must not see it).
+    """
+    pin_env = fields.pop("pin_env", None)
+    base = TokenConfig(
+        name="t",
+        module=Path(SOFTHSM_MODULE),
+        token_label="T",
+        slot=None,
+        pin=Secret(env=pin_env),
+        workers=2,
+        max_queue=1000,
+        sign_timeout=10.0,
+    )
+    return replace(base, **fields)
+
+
+def token_pool(
+    pin: str = SOFTHSM_PIN,
+    *,
+    reactor: Any = None,
+    start_timeout: float = 30.0,
+    max_restart_delay: float = 4.0,
+    probe_interval: float = 2.0,
+    **fields: Any,
+) -> Any:
+    """A :class:`~hsmocsp.signing.pool.TokenPool` (not started) on ``token_config(**fields)``."""
+    from hsmocsp.signing.pool import TokenPool
+
+    return TokenPool(
+        token_config(**fields),
+        pin,
+        reactor=_reactor(reactor),
+        start_timeout=start_timeout,
+        max_restart_delay=max_restart_delay,
+        probe_interval=probe_interval,
+    )
+
+
+def vault_config(address: str = "http://vault.test:8200", **fields: Any) -> VaultSourceConfig:
+    """A ``kind: vault`` source as the configuration layer gives it (mount ``pki``).
+
+    The authenticator is passed to the source beside its config: ``auth`` here is only
+    what the file said, a token from ``VAULT_TOKEN``.
+    """
+    base = VaultSourceConfig(
+        address=address,
+        mount="pki",
+        namespace=None,
+        auth=VaultAuthConfig(method="token", token=Secret(env="VAULT_TOKEN")),
+        tls=None,
+        cache_ttl=60.0,
+        crl_refresh=300.0,
+        request_timeout=5.0,
+    )
+    return replace(base, **fields)
+
+
+def vault_source(
+    address: str = "http://vault.test:8200",
+    *,
+    auth: Any,
+    reactor: Any = None,
+    http_client: Any = None,
+    cache_size: int = 100_000,
+    probe_interval: float = 10,
+    **fields: Any,
+) -> Any:
+    """A :class:`~hsmocsp.sources.vault.VaultSource` (not started) on ``vault_config``."""
+    from hsmocsp.sources.vault import VaultSource
+
+    return VaultSource(
+        vault_config(address, **fields),
+        auth,
+        reactor=_reactor(reactor),
+        http_client=http_client,
+        cache_size=cache_size,
+        probe_interval=probe_interval,
+    )
+
+
+def _reactor(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        return default_reactor
+    return reactor
