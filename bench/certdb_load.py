@@ -33,7 +33,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
 from hsmocsp.sources.certdb import SCHEMA, DbConfig, connect_writable, create_schema
-from hsmocsp.sources.cfssl import CfsslSource
+from tests.factories import cfssl_source
 from tests.unit.test_crl import make_ca
 
 reactor: Any = _reactor
@@ -93,7 +93,7 @@ class Lateness:
 async def measure(cfg: DbConfig, issuer: x509.Certificate, first_serial: str, pg: bool) -> None:
     late = Lateness()
     late.loop.start(0.01)
-    source = CfsslSource(db=cfg, issuer=issuer, poll_interval=0.5, reactor=reactor)
+    source = cfssl_source(cfg, issuer, poll_interval=0.5, reactor=reactor)
     t0 = time.monotonic()
     await source.start()
     load = time.monotonic() - t0

@@ -80,7 +80,7 @@ def reactor_lateness(path: Path, extra_row: str) -> tuple[float, float, int]:
     from twisted.internet import reactor, task
     from twisted.internet.defer import Deferred, ensureDeferred
 
-    from hsmocsp.sources.openssl import OpenSSLSource
+    from tests.factories import openssl_source
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
@@ -109,9 +109,7 @@ def reactor_lateness(path: Path, extra_row: str) -> tuple[float, float, int]:
     result: list[float] = []
 
     async def run() -> None:
-        src = OpenSSLSource(
-            issuer=ca, index_path=path, crl_path=None, poll_interval=3600, reactor=reactor
-        )
+        src = openssl_source(ca, path, poll_interval=3600, reactor=reactor)
         await src.start()
         with path.open("a", encoding="ascii") as f:
             f.write(extra_row)

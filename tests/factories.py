@@ -11,7 +11,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hsmocsp.config import Secret, TokenConfig, VaultAuthConfig, VaultSourceConfig
+from hsmocsp.config import (
+    CfsslSourceConfig,
+    OpenSSLSourceConfig,
+    Secret,
+    TokenConfig,
+    VaultAuthConfig,
+    VaultSourceConfig,
+)
+from hsmocsp.sources.certdb import DbConfig
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 #: The PIN of the conftest token fixtures (tests.integration.conftest.SOFTHSM_PIN).
@@ -107,3 +115,41 @@ def _reactor(reactor: Any) -> Any:
 
         return default_reactor
     return reactor
+
+
+def openssl_source(
+    issuer: Any,
+    index: Path,
+    crl: Path | None = None,
+    *,
+    poll_interval: float = 2.0,
+    reactor: Any = None,
+    **runtime: Any,
+) -> Any:
+    """An :class:`~hsmocsp.sources.openssl.OpenSSLSource` (not started) on ``index``/``crl``.
+
+    ``runtime``: ``run_in_thread``, ``read_index``, ``max_changed``.
+    """
+    from hsmocsp.sources.openssl import OpenSSLSource
+
+    config = OpenSSLSourceConfig(index=index, crl=crl, poll_interval=poll_interval)
+    return OpenSSLSource(config, issuer, reactor=_reactor(reactor), **runtime)
+
+
+def cfssl_config(db: DbConfig, **fields: Any) -> CfsslSourceConfig:
+    """A ``kind: cfssl`` source on the certdb ``db`` (poll 2 s, full re-read hourly)."""
+    base = CfsslSourceConfig(
+        db_config=Path("db-config.json"),
+        db=db,
+        poll_interval=2.0,
+        full_reload=3600.0,
+        lookup_timeout=5.0,
+    )
+    return replace(base, **fields)
+
+
+def cfssl_source(db: DbConfig, issuer: Any, *, reactor: Any = None, **fields: Any) -> Any:
+    """A :class:`~hsmocsp.sources.cfssl.CfsslSource` (not started) on ``cfssl_config``."""
+    from hsmocsp.sources.cfssl import CfsslSource
+
+    return CfsslSource(cfssl_config(db, **fields), issuer, reactor=_reactor(reactor))

@@ -102,13 +102,7 @@ def build_source(h: HandleConfig, issuer: x509.Certificate | None, reactor: Any)
         from hsmocsp.sources.openssl import OpenSSLSource
 
         assert issuer is not None
-        return OpenSSLSource(
-            issuer=issuer,
-            index_path=src.index,
-            crl_path=src.crl,
-            poll_interval=src.poll_interval,
-            reactor=reactor,
-        )
+        return OpenSSLSource(src, issuer, reactor=reactor)
     assert isinstance(src, VaultSourceConfig)
     return build_vault_source(src, reactor)
 
@@ -123,20 +117,13 @@ def build_cfssl_source(
     if isinstance(src, ResponseFileSourceConfig):
         from hsmocsp.sources.responsefile import ResponseFileSource
 
-        return ResponseFileSource(path=src.path, poll_interval=src.poll_interval, reactor=reactor)
+        return ResponseFileSource(src, reactor=reactor)
     from hsmocsp.sources.cfssl import CfsslResponseSource, CfsslSource
 
     if h.signer is None:
-        return CfsslResponseSource(db=src.db, poll_interval=src.poll_interval, reactor=reactor)
+        return CfsslResponseSource(src, reactor=reactor)
     assert issuer is not None
-    return CfsslSource(
-        db=src.db,
-        issuer=issuer,
-        poll_interval=src.poll_interval,
-        full_reload=src.full_reload,
-        lookup_timeout=src.lookup_timeout,
-        reactor=reactor,
-    )
+    return CfsslSource(src, issuer, reactor=reactor)
 
 
 def build_vault_source(src: VaultSourceConfig, reactor: Any) -> StatusSource:

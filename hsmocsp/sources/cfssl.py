@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
@@ -40,11 +40,14 @@ from twisted.python.failure import Failure
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
-from hsmocsp.sources.certdb import CertDB, CertRow, DbConfig, DbThread, Loaded
+from hsmocsp.sources.certdb import CertDB, CertRow, DbThread, Loaded
 from hsmocsp.sources.state import PresignedOnly, SourceState
 from hsmocsp.status import CertStatus, Status
 
 __all__ = ["CfsslResponseSource", "CfsslSource", "issuer_aki"]
+
+if TYPE_CHECKING:
+    from hsmocsp.config import CfsslSourceConfig
 
 log = Logger()
 
@@ -77,19 +80,10 @@ class CfsslSource:
     """A :class:`~hsmocsp.sources.StatusSource` over cfssl's ``certificates`` table."""
 
     def __init__(
-        self,
-        *,
-        db: DbConfig,
-        issuer: x509.Certificate,
-        poll_interval: float = 2.0,
-        full_reload: float = 3600.0,
-        lookup_timeout: float = 5.0,
-        reactor: Any = None,
+        self, config: CfsslSourceConfig, issuer: x509.Certificate, *, reactor: Any
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        db = config.db
+        self.config = config
         self._reactor = reactor
         self.db_config = db
         self._db = CertDB(db)
@@ -100,9 +94,9 @@ class CfsslSource:
         self._lookups = DbThread(self._lookup_db, reactor, name="hsmocsp-certdb-lookups")
         self._issuer = issuer
         self._aki = issuer_aki(issuer)
-        self._poll_interval = poll_interval
-        self._full_reload = full_reload
-        self._lookup_timeout = lookup_timeout
+        self._poll_interval = config.poll_interval
+        self._full_reload = config.full_reload
+        self._lookup_timeout = config.lookup_timeout
         self._good: set[int] = set()
         self._revoked: dict[int, CertStatus] = {}
         self._rowid_wm = 0
@@ -415,16 +409,13 @@ class CfsslResponseSource(PresignedOnly):
     database is down the responses loaded keep being served until they expire.
     """
 
-    def __init__(self, *, db: DbConfig, poll_interval: float = 2.0, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+    def __init__(self, config: CfsslSourceConfig, *, reactor: Any) -> None:
+        db = config.db
         self._reactor = reactor
         self.db_config = db
         self._db = CertDB(db)
         self._thread = DbThread(self._db, reactor, name="hsmocsp-certdb-responses")
-        self._poll_interval = poll_interval
+        self._poll_interval = config.poll_interval
         self._responses: list[PresignedResponse] = []
         self._signature: tuple[object, ...] | None = None
         self.state = SourceState(db.describe() + " ocsp_responses", reactor)

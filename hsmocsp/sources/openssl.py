@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -44,6 +44,9 @@ from hsmocsp.sources.indexproc import IndexSig, ProcessIndexReader
 from hsmocsp.sources.indexproc import read_index as read_index_now
 from hsmocsp.sources.state import ChangeListener, SourceState
 from hsmocsp.status import CertStatus
+
+if TYPE_CHECKING:
+    from hsmocsp.config import OpenSSLSourceConfig
 
 __all__ = ["IndexReader", "OpenSSLSource", "ThreadRunner"]
 
@@ -154,24 +157,19 @@ class OpenSSLSource:
 
     def __init__(
         self,
-        *,
+        config: OpenSSLSourceConfig,
         issuer: x509.Certificate,
-        index_path: Path,
-        crl_path: Path | None,
-        poll_interval: float = 2.0,
-        reactor: IReactorTime | None = None,
+        *,
+        reactor: IReactorTime,
         run_in_thread: ThreadRunner | None = None,
         read_index: IndexReader | None = None,
         max_changed: int = 100_000,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        assert reactor is not None
+        index_path, crl_path = config.index, config.crl
+        self.config = config
         self._issuer = issuer
         self._reactor = reactor
-        self._poll_interval = poll_interval
+        self._poll_interval = config.poll_interval
         self._max_changed = max_changed
         self._run = run_in_thread if run_in_thread is not None else _default_runner(reactor)
         if read_index is None:

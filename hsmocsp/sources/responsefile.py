@@ -16,7 +16,7 @@ import binascii
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -27,6 +27,9 @@ from twisted.python.failure import Failure
 from hsmocsp.errors import SourceError
 from hsmocsp.presigned import PresignedResponse, parse_presigned
 from hsmocsp.sources.state import PresignedOnly, SourceState
+
+if TYPE_CHECKING:
+    from hsmocsp.config import ResponseFileSourceConfig
 
 __all__ = ["ResponseFileSource", "read_response_file"]
 
@@ -59,14 +62,11 @@ def read_response_file(path: Path) -> tuple[list[PresignedResponse], _Sig]:
 class ResponseFileSource(PresignedOnly):
     """A :class:`~hsmocsp.presigned.PresignedSource` over one ocspdump file."""
 
-    def __init__(self, *, path: Path, poll_interval: float = 2.0, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+    def __init__(self, config: ResponseFileSourceConfig, *, reactor: Any) -> None:
+        path = config.path
         self._reactor = reactor
         self.path = path
-        self._poll_interval = poll_interval
+        self._poll_interval = config.poll_interval
         self._responses: list[PresignedResponse] = []
         self._sig: _Sig | None = None
         self._failed_sig: _Sig | None = None

@@ -33,9 +33,10 @@ from hsmocsp.sources.certdb import (
     parse_when,
     read_db_config,
 )
-from hsmocsp.sources.cfssl import CfsslSource, issuer_aki
+from hsmocsp.sources.cfssl import issuer_aki
 from hsmocsp.sources.responsefile import read_response_file
 from hsmocsp.status import CRLReason, Status
+from tests.factories import cfssl_source
 from tests.unit.test_crl import make_ca
 
 GO_ZERO = "0001-01-01 00:00:00+00:00"
@@ -208,7 +209,7 @@ async def test_source_over_sqlite_certdb(tmp_path: Path) -> None:
     db.add(2, aki, "revoked", 1, "2026-01-02 03:04:05")
     db.add(3, "ffff")  # another CA's row in a shared certdb
     db.add("not-a-serial")
-    source = CfsslSource(db=db.config(), issuer=ca, poll_interval=0.05, reactor=reactor)
+    source = cfssl_source(db.config(), ca, poll_interval=0.05, reactor=reactor)
     changes: list[frozenset[int] | None] = []
     source.on_change(changes.append)
     await source.start()
@@ -247,7 +248,7 @@ async def test_database_gone_known_serials_served_new_ones_try_later(tmp_path: P
     ca, _ = make_ca("cfssl unit CA")
     db = CertDb(tmp_path)
     db.add(1)
-    source = CfsslSource(db=db.config(), issuer=ca, poll_interval=0.05, reactor=reactor)
+    source = cfssl_source(db.config(), ca, poll_interval=0.05, reactor=reactor)
     await source.start()
     try:
         # The database file goes away (both connections are reopened from its path).
@@ -285,7 +286,7 @@ async def test_source_without_tables_says_which_migration(tmp_path: Path) -> Non
     path = tmp_path / "empty.sqlite"
     sqlite3.connect(path).close()
     cfg = DbConfig(path, "sqlite3", str(path), sqlite_path=path)
-    source = CfsslSource(db=cfg, issuer=ca, reactor=reactor)
+    source = cfssl_source(cfg, ca, reactor=reactor)
     with pytest.raises(SourceError, match="migration 001"):
         await source.start()
 

@@ -26,6 +26,7 @@ from hsmocsp.sources.indexproc import read_index
 from hsmocsp.sources.openssl import IndexReader, OpenSSLSource
 from hsmocsp.status import CertStatus, CRLReason, Status
 from tests.conftest import LoggedErrors
+from tests.factories import openssl_source
 from tests.unit.test_crl import REVOKED_AT, make_ca, make_crl
 
 POLL = 2.0
@@ -80,10 +81,10 @@ class Env:
         return der
 
     def source(self, *, crl: bool = True, read_index: IndexReader | None = None) -> OpenSSLSource:
-        src = OpenSSLSource(
-            issuer=self.ca,
-            index_path=self.index,
-            crl_path=self.crl if crl else None,
+        src: OpenSSLSource = openssl_source(
+            self.ca,
+            self.index,
+            self.crl if crl else None,
             poll_interval=POLL,
             reactor=self.clock,
             read_index=read_index,
@@ -373,9 +374,7 @@ def test_index_and_crl_change_together(env: Env) -> None:
 
 
 def test_too_many_changes_give_none(env: Env) -> None:
-    src = OpenSSLSource(
-        issuer=env.ca, index_path=env.index, crl_path=None, reactor=env.clock, max_changed=2
-    )
+    src = openssl_source(env.ca, env.index, reactor=env.clock, max_changed=2)
     src.on_change(env.changes.append)
     _result(src.start())
     env.write_index(BASE + "".join(row("V", "", s) for s in range(0x10, 0x20)))
@@ -420,8 +419,7 @@ async def _started_on_reactor(tmp_path: Path) -> tuple[OpenSSLSource, x509.Certi
     ca, _key = make_ca()
     index = tmp_path / "index.txt"
     index.write_text(BASE)
-    src = OpenSSLSource(issuer=ca, index_path=index, crl_path=None, poll_interval=3600.0,
-                        reactor=reactor)  # fmt: skip
+    src = openssl_source(ca, index, poll_interval=3600.0, reactor=reactor)
     await src.start()
     return src, ca, index
 
