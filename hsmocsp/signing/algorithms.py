@@ -17,21 +17,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from hsmocsp.errors import SignerError
 
-# sha{256,384,512}WithRSAEncryption: 1.2.840.113549.1.1.{11,12,13}, parameters NULL.
+# sha256WithRSAEncryption: 1.2.840.113549.1.1.11, parameters NULL. RSA keys sign with
+# SHA-256 only: no configuration key ever chose another digest (an ``rsa_hash`` signer
+# option did, reached only from tests; removed), and every OCSP client verifies it.
 SHA256_WITH_RSA_DER = bytes.fromhex("300d06092a864886f70d01010b0500")
-SHA384_WITH_RSA_DER = bytes.fromhex("300d06092a864886f70d01010c0500")
-SHA512_WITH_RSA_DER = bytes.fromhex("300d06092a864886f70d01010d0500")
 
 # ecdsa-with-SHA{256,384,512}: 1.2.840.10045.4.3.{2,3,4}, parameters absent.
 ECDSA_WITH_SHA256_DER = bytes.fromhex("300a06082a8648ce3d040302")
 ECDSA_WITH_SHA384_DER = bytes.fromhex("300a06082a8648ce3d040303")
 ECDSA_WITH_SHA512_DER = bytes.fromhex("300a06082a8648ce3d040304")
-
-_RSA: dict[str, tuple[str, bytes, hashes.HashAlgorithm]] = {
-    "sha256": ("CKM_SHA256_RSA_PKCS", SHA256_WITH_RSA_DER, hashes.SHA256()),
-    "sha384": ("CKM_SHA384_RSA_PKCS", SHA384_WITH_RSA_DER, hashes.SHA384()),
-    "sha512": ("CKM_SHA512_RSA_PKCS", SHA512_WITH_RSA_DER, hashes.SHA512()),
-}
 
 # Curve -> (AlgorithmIdentifier, digest). The digest follows the curve size so the
 # hash is never weaker than the key (FIPS 186-4 / CA/B practice).
@@ -40,8 +34,6 @@ _EC: dict[str, tuple[bytes, hashes.HashAlgorithm]] = {
     "secp384r1": (ECDSA_WITH_SHA384_DER, hashes.SHA384()),
     "secp521r1": (ECDSA_WITH_SHA512_DER, hashes.SHA512()),
 }
-
-RSA_HASHES = tuple(_RSA)
 
 
 @dataclass(frozen=True)
@@ -63,23 +55,19 @@ class SignatureAlgorithm:
         return self.mechanism == "CKM_ECDSA"
 
 
-def choose_algorithm(public_key: PublicKeyTypes, rsa_hash: str = "sha256") -> SignatureAlgorithm:
+def choose_algorithm(public_key: PublicKeyTypes) -> SignatureAlgorithm:
     """Pick (mechanism, AlgorithmIdentifier DER, digest) for ``public_key``.
 
-    RSA -> PKCS#1 v1.5 with ``rsa_hash`` (default SHA-256); P-256/P-384/P-521 ->
+    RSA -> PKCS#1 v1.5 with SHA-256; P-256/P-384/P-521 ->
     ECDSA with SHA-256/384/512. Anything else is a :class:`SignerError`: an OCSP
     client would not verify it, so we refuse at start-up rather than per request.
     """
     if isinstance(public_key, rsa.RSAPublicKey):
-        try:
-            mechanism, der, digest = _RSA[rsa_hash.lower()]
-        except KeyError:
-            raise SignerError(
-                f"unsupported RSA hash {rsa_hash!r}; use one of {', '.join(RSA_HASHES)}"
-            ) from None
         if public_key.key_size < 2048:
             raise SignerError(f"RSA key of {public_key.key_size} bits is too small (< 2048)")
-        return SignatureAlgorithm(mechanism, der, digest, prehash=False)
+        return SignatureAlgorithm(
+            "CKM_SHA256_RSA_PKCS", SHA256_WITH_RSA_DER, hashes.SHA256(), prehash=False
+        )
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         try:
             der, digest = _EC[public_key.curve.name]

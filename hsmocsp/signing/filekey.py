@@ -34,12 +34,10 @@ class FileSigner:
         *,
         password_env: str | None = None,
         password_file: str | None = None,
-        rsa_hash: str = "sha256",
     ) -> None:
         self._path = path
         self._password_env = password_env
         self._password_file = password_file
-        self._rsa_hash = rsa_hash
         self._key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None
         self._algorithm: SignatureAlgorithm | None = None
 
@@ -148,7 +146,7 @@ class FileSigner:
                 f"{self._path}: unsupported key type {type(key).__name__}; use RSA or EC"
             )
         try:
-            algorithm = choose_algorithm(key.public_key(), self._rsa_hash)
+            algorithm = choose_algorithm(key.public_key())
         except SignerError as err:
             raise SignerError(f"{self._path}: {err}") from err
         self._key = key

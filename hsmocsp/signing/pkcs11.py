@@ -22,22 +22,13 @@ from hsmocsp.signing.pool import KeyRef, TokenPool
 class Pkcs11Signer:
     """Implements :class:`hsmocsp.signing.Signer` for one key of a (shared) pool.
 
-    With ``owns_pool=True`` the signer starts and stops the pool itself, which
-    suits a single-key setup; otherwise the pool's owner does.
+    The pool is started and stopped by its owner (the service tree), never by a
+    signer: several keys share one pool.
     """
 
-    def __init__(
-        self,
-        pool: TokenPool,
-        key: KeyRef,
-        *,
-        rsa_hash: str = "sha256",
-        owns_pool: bool = False,
-    ) -> None:
+    def __init__(self, pool: TokenPool, key: KeyRef) -> None:
         self._pool = pool
         self._key = key
-        self._rsa_hash = rsa_hash
-        self._owns_pool = owns_pool
         self._public_key: PublicKeyTypes | None = None
         self._algorithm: SignatureAlgorithm | None = None
 
@@ -68,24 +59,20 @@ class Pkcs11Signer:
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        if self._owns_pool:
-            await self._pool.start()
         spki = await self._pool.public_key(self._key)
         try:
             public_key = serialization.load_der_public_key(spki)
         except ValueError as err:
             raise SignerError(f"{self!r}: token returned an unreadable public key") from err
         try:
-            algorithm = choose_algorithm(public_key, self._rsa_hash)
+            algorithm = choose_algorithm(public_key)
         except SignerError as err:
             raise SignerError(f"{self!r}: {err}") from err
         self._public_key = public_key
         self._algorithm = algorithm
 
     def stop(self) -> Deferred[None]:
-        if self._owns_pool:
-            return self._pool.stop()
-        return defer.succeed(None)
+        return defer.succeed(None)  # the pool is its owner's to stop
 
     def sign(self, data: bytes) -> Deferred[bytes]:
         try:

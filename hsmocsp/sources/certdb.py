@@ -360,9 +360,6 @@ class CertDB:
                     bad.append(str(err))
         return out
 
-    def all_rows(self, conn: Any, bad: list[str]) -> list[CertRow]:
-        return self._decode(self._select(conn), bad)
-
     def load_all(self, conn: Any, aki: str, bad: list[str]) -> Loaded:
         """The whole table as statuses of the CA with key id ``aki`` (or an empty AKI).
 

@@ -6,9 +6,8 @@ background, so a revocation shows up at the next CRL refresh even for cached ser
 so revoked answers carry the CRL's reason code (Vault's own cert endpoint has none).
 
 When Vault cannot be reached and no fresh entry exists, ``status`` fails with
-:class:`SourceUnavailable` (-> tryLater); :meth:`VaultSource.last_known` keeps the last
-status seen per serial for the signed-response cache above, which decides what it may
-still serve.
+:class:`SourceUnavailable` (-> tryLater); what the handle already signed stays in its
+response cache, which decides what it may still serve.
 """
 
 from __future__ import annotations
@@ -181,7 +180,6 @@ class VaultSource:
             timeout=config.request_timeout,
         )
         self._issuers: list[x509.Certificate] = []
-        self._issuer_ids: dict[str, x509.Certificate] = {}
         self._crl_paths: list[tuple[x509.Certificate, str]] = []
         self._crls: dict[bytes, CRLInfo] = {}
         self._revoked: dict[int, CertStatus] = {}
@@ -235,7 +233,13 @@ class VaultSource:
         return sorted(set(self._cache) | set(self._revoked))
 
     def last_known(self, serial: int) -> CertStatus | None:
-        """The last status seen for ``serial``, however old (for the signed-response cache)."""
+        """The last status seen for ``serial``, however old.
+
+        Reached only from tests, on purpose: it is their window on the lookup cache
+        (an entry survives a Vault outage; one un-held by ``removeFromCRL`` is dropped,
+        not guessed). Nothing in the service reads it: the handle's response cache
+        decides what is still served.
+        """
         entry = self._cache.get(serial)
         if entry is not None:
             return entry.status
@@ -335,7 +339,6 @@ class VaultSource:
         m = self.mount
         resp = await self._get(f"{m}/issuers?list=true", token)
         issuers: list[x509.Certificate] = []
-        ids: dict[str, x509.Certificate] = {}
         crl_paths: list[tuple[x509.Certificate, str]] = []
         if resp.code == 200:
             keys = (resp.json().get("data") or {}).get("keys")
@@ -344,7 +347,6 @@ class VaultSource:
             for issuer_id in keys:
                 ref = quote(issuer_id, safe="")
                 cert = await self._fetch_cert(f"{m}/issuer/{ref}/der", token)
-                ids[issuer_id] = cert
                 if not any(_same_ca(cert, c) for c in issuers):
                     issuers.append(cert)
                 crl_paths.append((cert, f"{m}/issuer/{ref}/crl/der"))
@@ -359,7 +361,7 @@ class VaultSource:
             )
         if not issuers:
             raise SourceError(f"{self._where()}: the mount has no issuer")
-        self._issuers, self._issuer_ids, self._crl_paths = issuers, ids, crl_paths
+        self._issuers, self._crl_paths = issuers, crl_paths
         self._issuer_keys = {c: c.public_bytes(Encoding.DER) for c in issuers}
 
     async def _fetch_cert(self, path: str, token: str) -> x509.Certificate:

@@ -253,14 +253,6 @@ class TokenAuth(_Renewer):
                 raise SourceError("vault token: empty token")
             self._token = token.strip()
 
-    @classmethod
-    def from_env(cls, name: str = "VAULT_TOKEN") -> TokenAuth:
-        return cls(env=name)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TokenAuth:
-        return cls(file=path)
-
     def __repr__(self) -> str:
         where = f"file={str(self._file)!r}" if self._file else f"env={self._env!r}"
         return f"TokenAuth({where})"

@@ -135,29 +135,6 @@ async def test_key_by_label_and_by_id_are_the_same(token: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_rsa_sha384_option(token: Path) -> None:
-    async with started_pool(make_pool(workers=1)) as pool:
-        signer = Pkcs11Signer(pool, KeyRef(label="rsa"), rsa_hash="sha384")
-        await signer.start()
-        signature = await signer.sign(DATA)
-        public = signer.public_key()
-        assert isinstance(public, rsa.RSAPublicKey)
-        public.verify(signature, DATA, padding.PKCS1v15(), hashes.SHA384())
-
-
-@pytest_twisted.ensureDeferred
-async def test_owning_signer_starts_and_stops_pool(token: Path) -> None:
-    pool = make_pool(workers=1)
-    signer = Pkcs11Signer(pool, KeyRef(label="p384"), owns_pool=True)
-    await signer.start()
-    pids = pool.worker_pids()
-    assert len(pids) == 1
-    await signer.sign(DATA)
-    await signer.stop()
-    assert all(gone(pid) for pid in pids)
-
-
-@pytest_twisted.ensureDeferred
 async def test_pin_not_in_worker_cmdline_or_environment(
     token: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

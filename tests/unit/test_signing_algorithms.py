@@ -18,8 +18,6 @@ from hsmocsp.signing import algorithms as alg
     ("der", "oid", "null_params"),
     [
         (alg.SHA256_WITH_RSA_DER, "1.2.840.113549.1.1.11", True),
-        (alg.SHA384_WITH_RSA_DER, "1.2.840.113549.1.1.12", True),
-        (alg.SHA512_WITH_RSA_DER, "1.2.840.113549.1.1.13", True),
         (alg.ECDSA_WITH_SHA256_DER, "1.2.840.10045.4.3.2", False),
         (alg.ECDSA_WITH_SHA384_DER, "1.2.840.10045.4.3.3", False),
         (alg.ECDSA_WITH_SHA512_DER, "1.2.840.10045.4.3.4", False),
@@ -47,11 +45,6 @@ def test_choose_rsa(rsa_key: rsa.RSAPrivateKey) -> None:
     assert (a.mechanism, a.algorithm_identifier_der, a.prehash) == (
         "CKM_SHA256_RSA_PKCS", alg.SHA256_WITH_RSA_DER, False)
     assert isinstance(a.digest, hashes.SHA256) and not a.is_ecdsa
-    a = alg.choose_algorithm(rsa_key.public_key(), "SHA384")
-    assert a.mechanism == "CKM_SHA384_RSA_PKCS"
-    assert a.algorithm_identifier_der == alg.SHA384_WITH_RSA_DER
-    with pytest.raises(SignerError, match="md5"):
-        alg.choose_algorithm(rsa_key.public_key(), "md5")
 
 
 @pytest.mark.parametrize(

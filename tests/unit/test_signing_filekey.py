@@ -78,15 +78,6 @@ def test_ec_signature_verifies(
     key.public_key().verify(signature, DATA, ec.ECDSA(digest))  # DER Ecdsa-Sig-Value
 
 
-def test_rsa_sha512_option(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
-    signer = FileSigner(str(write_key(tmp_path / "k.pem", rsa_key)), rsa_hash="sha512")
-    result(signer.start())
-    assert signer.signature_algorithm_der == alg.SHA512_WITH_RSA_DER
-    signature = result(signer.sign(DATA))
-    assert isinstance(signature, bytes)
-    rsa_key.public_key().verify(signature, DATA, padding.PKCS1v15(), hashes.SHA512())
-
-
 def test_password_from_env_and_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rsa_key: rsa.RSAPrivateKey
 ) -> None:
