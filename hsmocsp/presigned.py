@@ -15,14 +15,15 @@ in one request the first is answered, as cfssl does.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509 import ocsp
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from hsmocsp.cache import ResponseCache
 from hsmocsp.errors import HsmOcspError, SignerError, UnknownIssuer, UnsupportedHashAlgorithm
@@ -30,6 +31,9 @@ from hsmocsp.health import READY, Health
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, cert_id_der, parse_request
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.sources import StatusSource
+
+if TYPE_CHECKING:
+    from hsmocsp.config import HandleConfig
 
 __all__ = ["NoSigner", "PresignedHandle", "PresignedResponse", "PresignedSource", "parse_presigned"]
 
@@ -118,30 +122,16 @@ class PresignedHandle(Handle):
     """A handle that answers from a :class:`PresignedSource` only."""
 
     def __init__(
-        self,
-        *,
-        name: str,
-        path: str,
-        source: PresignedSource,
-        now: Callable[[], float],
-        max_age: float | None = None,
-        publish_ca: str | None = None,
-        publish_crl: str | None = None,
-        max_cached: int = 1_000_000,
+        self, config: HandleConfig, *, source: PresignedSource, clock: IReactorTime
     ) -> None:
         super().__init__(
-            name=name,
-            path=path,
+            # Nonces cannot be echoed by a response signed elsewhere, in advance.
+            replace(config, validity=NO_NEXT_UPDATE_TTL, nonce="ignore"),
             source=source,
             signer=NoSigner(),
             responder_cert=None,  # signs nothing, embeds nothing, never expires
-            validity=NO_NEXT_UPDATE_TTL,
-            max_age=max_age,
-            nonce_policy="ignore",
-            now=now,
-            cache=ResponseCache(now, max_entries=max_cached),
-            publish_ca=publish_ca,
-            publish_crl=publish_crl,
+            clock=clock,
+            cache=ResponseCache(clock.seconds, max_entries=config.max_cached),
         )
         self.presigned_source = source
         self._keys: dict[bytes, bytes] = {}

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +26,7 @@ from twisted.internet.defer import (
     gatherResults,
     succeed,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,7 +42,6 @@ from hsmocsp.errors import (
     UnknownIssuer,
 )
 from hsmocsp.health import READY, Health, State, worst
-from hsmocsp.ocsp import der as _der
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, parse_request
 from hsmocsp.ocsp.response import (
     ResponseStatus,
@@ -54,6 +54,9 @@ from hsmocsp.ocsp.response import (
 from hsmocsp.signing import Signer
 from hsmocsp.sources import StatusSource
 from hsmocsp.status import CertStatus
+
+if TYPE_CHECKING:
+    from hsmocsp.config import HandleConfig
 
 log = Logger()
 
@@ -206,25 +209,23 @@ class Handle:
 
     def __init__(
         self,
+        config: HandleConfig,
         *,
-        name: str,
-        path: str,
         source: StatusSource,
         signer: Signer,
         responder_cert: x509.Certificate | None,
-        validity: float,
-        refresh_fraction: float = 0.5,
-        max_age: float | None = None,
-        nonce_policy: str = "echo",
-        now: Callable[[], float],
+        clock: IReactorTime,
         cache: ResponseCache[SignedResponse] | None = None,
-        publish_ca: str | None = None,
-        publish_crl: str | None = None,
         on_signed: Callable[[str, float], None] | None = None,
         queue_depth: Callable[[], int] | None = None,
     ) -> None:
-        self.name = name
-        self.path = path
+        """``config`` was validated when it was read; ``responder_cert`` is the
+        certificate its ``responder_cert`` file holds (loaded by the builder, which names
+        the key if it cannot). ``cache`` defaults to one sized by ``max_cached`` and
+        ``max_unknown_cached``; ``queue_depth`` is the signing queue's (metrics)."""
+        self.config = config
+        self.name = config.name
+        self.path = config.path
         self.source = source
         self.signer = signer
         self._cert = (
@@ -232,22 +233,29 @@ class Handle:
             if responder_cert is not None
             else ResponderCert.absent()
         )
-        self.validity = validity
-        self.refresh_fraction = refresh_fraction
-        self.max_age = max_age
-        self.nonce_policy = nonce_policy
-        self._now = now
+        self.validity = config.validity
+        self.refresh_fraction = config.refresh_fraction
+        self.max_age = config.max_age
+        self.nonce_policy: str = config.nonce
+        self._now = now = clock.seconds
         # "is not None": an empty cache is falsy (it has a length), and ``cache or ...``
         # silently replaced the configured one (max_cached, max_unknown_cached) by defaults.
         self.cache: ResponseCache[SignedResponse] = (
-            cache if cache is not None else ResponseCache(now, transient=SignedResponse.is_unknown)
+            cache
+            if cache is not None
+            else ResponseCache(
+                now,
+                max_entries=config.max_cached,
+                transient=SignedResponse.is_unknown,
+                max_transient=config.max_unknown_cached,
+            )
         )
         self._issuer_index: dict[tuple[str, bytes, bytes], x509.Certificate] = {}
         self._indexed_issuers: tuple[x509.Certificate, ...] = ()
         self._key_hash = b""
         self._certs_der: tuple[bytes, ...] = ()
-        self.publish_ca = publish_ca
-        self.publish_crl = publish_crl
+        self.publish_ca = config.publish_ca
+        self.publish_crl = config.publish_crl
         self._on_signed = on_signed
         self.queue_depth = queue_depth or (lambda: 0)
         self.signatures = 0
@@ -400,15 +408,6 @@ class Handle:
                 if value.refresh_at > now:
                     self.cache.put(key, serial, dataclasses.replace(value, refresh_at=now))
         return stale
-
-    def cert_id_for_key(self, key: bytes) -> tuple[CertID, x509.Certificate] | None:
-        """The CertID and issuer behind a cache key (the CertID's DER), to re-sign it."""
-        wrapped = _der.sequence(_der.sequence(_der.sequence(_der.sequence(key))))
-        try:
-            cid = parse_request(wrapped).cert_ids[0]
-            return cid, self.issuer_for(cid)
-        except HsmOcspError:
-            return None
 
     def issuer_for(self, cert_id: CertID) -> x509.Certificate:
         issuers = self.source.issuers()

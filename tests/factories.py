@@ -13,6 +13,8 @@ from typing import Any
 
 from hsmocsp.config import (
     CfsslSourceConfig,
+    FileKeyConfig,
+    HandleConfig,
     OpenSSLSourceConfig,
     Secret,
     TokenConfig,
@@ -153,3 +155,50 @@ def cfssl_source(db: DbConfig, issuer: Any, *, reactor: Any = None, **fields: An
     from hsmocsp.sources.cfssl import CfsslSource
 
     return CfsslSource(cfssl_config(db, **fields), issuer, reactor=_reactor(reactor))
+
+
+def handle_config(**fields: Any) -> HandleConfig:
+    """A handle as ``handles:`` would give it: ``t`` at ``/ocsp``, validity 3600 s.
+
+    Its ``signer``/``source`` entries are placeholders: a test hands the handle the
+    signer and source objects it built itself.
+    """
+    base = HandleConfig(
+        name="t",
+        path="/ocsp",
+        issuer=None,
+        responder_cert=None,
+        signer=FileKeyConfig(key=Path("responder.key"), password=None),
+        source=OpenSSLSourceConfig(index=Path("index.txt"), crl=None, poll_interval=2.0),
+        validity=3600.0,
+        max_age=None,
+        refresh_fraction=0.5,
+        nonce="echo",
+        publish_ca=None,
+        publish_crl=None,
+    )
+    return replace(base, **fields)
+
+
+def handle(
+    *,
+    source: Any,
+    signer: Any,
+    responder_cert: Any,
+    clock: Any,
+    cache: Any = None,
+    queue_depth: Any = None,
+    **fields: Any,
+) -> Any:
+    """A :class:`~hsmocsp.responder.Handle` (not prepared) on ``handle_config(**fields)``."""
+    from hsmocsp.responder import Handle
+
+    return Handle(
+        handle_config(**fields),
+        source=source,
+        signer=signer,
+        responder_cert=responder_cert,
+        clock=clock,
+        cache=cache,
+        queue_depth=queue_depth,
+    )

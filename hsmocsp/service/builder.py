@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
-from hsmocsp.cache import ResponseCache
 from hsmocsp.config import (
     CfsslSourceConfig,
     Config,
@@ -26,7 +25,7 @@ from hsmocsp.config import (
     VaultSourceConfig,
 )
 from hsmocsp.errors import ConfigError
-from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.responder import Handle
 from hsmocsp.signing import Signer
 from hsmocsp.sources import StatusSource
 
@@ -156,37 +155,15 @@ def build_handle(
     if h.signer is None:
         from hsmocsp.presigned import PresignedHandle, PresignedSource
 
-        return PresignedHandle(
-            name=h.name,
-            path=h.path,
-            source=cast(PresignedSource, source),
-            now=reactor.seconds,
-            max_age=h.max_age,
-            publish_ca=h.publish_ca,
-            publish_crl=h.publish_crl,
-            max_cached=h.max_cached,
-        )
+        return PresignedHandle(h, source=cast(PresignedSource, source), clock=reactor)
     assert responder is not None
     return Handle(
-        queue_depth=pool.queue_depth if pool is not None else None,
-        name=h.name,
-        path=h.path,
+        h,
         source=source,
         signer=signer,
         responder_cert=responder,
-        validity=h.validity,
-        refresh_fraction=h.refresh_fraction,
-        max_age=h.max_age,
-        nonce_policy=h.nonce,
-        now=reactor.seconds,
-        publish_ca=h.publish_ca,
-        publish_crl=h.publish_crl,
-        cache=ResponseCache(
-            reactor.seconds,
-            max_entries=h.max_cached,
-            transient=SignedResponse.is_unknown,
-            max_transient=h.max_unknown_cached,
-        ),
+        clock=reactor,
+        queue_depth=pool.queue_depth if pool is not None else None,
     )
 
 

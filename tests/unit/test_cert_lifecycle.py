@@ -26,6 +26,7 @@ from hsmocsp.ocsp.response import ResponseStatus
 from hsmocsp.presign import Presigner
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.status import CertStatus
+from tests.factories import handle as make_handle
 from tests.unit.fakes import VECTORS, CountingSigner, DictSource, der, load_cert
 from tests.unit.test_responder import request_for, resolve
 
@@ -64,10 +65,9 @@ def make(
 ) -> tuple[Handle, DictSource, CountingSigner]:
     source = DictSource(load_cert("ca.pem"), {n: CertStatus.good() for n in range(1, 6)})
     signer = CountingSigner()
-    handle = Handle(
-        name="t", path="/ocsp", source=source, signer=signer, responder_cert=cert,
-        validity=validity, now=clock.seconds,
-    )  # fmt: skip
+    handle: Handle = make_handle(
+        source=source, signer=signer, responder_cert=cert, validity=validity, clock=clock
+    )
     handle.prepare()
     return handle, source, signer
 

@@ -16,6 +16,7 @@ from hsmocsp.ocsp.request import make_cert_id, parse_request
 from hsmocsp.ocsp.response import ResponseStatus, issuer_hashes
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.status import CertStatus, CRLReason
+from tests.factories import handle as make_handle
 from tests.unit.fakes import CountingSigner, DictSource, load_cert
 
 REVOKED_AT = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -36,9 +37,9 @@ def make(
         },
     )
     signer = CountingSigner(key)
-    handle = Handle(
-        name="t", path="/ocsp", source=source, signer=signer,
-        responder_cert=load_cert(responder), validity=validity, now=clock.seconds,
+    handle: Handle = make_handle(
+        source=source, signer=signer, responder_cert=load_cert(responder), validity=validity,
+        clock=clock,
     )  # fmt: skip
     handle.prepare()
     return handle, source, signer

@@ -18,9 +18,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from hsmocsp.cache import ResponseCache
-from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.responder import SignedResponse
 from hsmocsp.status import CertStatus
 from hsmocsp.stores.sqlite import ResponseStore
+from tests.factories import handle as make_handle
 from tests.unit.test_responder import make, parsed, request_for, resolve
 
 
@@ -132,8 +133,8 @@ def test_handle_keeps_the_cache_it_is_given_even_empty() -> None:
     clock.advance(1_750_000_000)
     handle, source, signer = make(clock)
     given: ResponseCache[SignedResponse] = ResponseCache(clock.seconds, max_entries=5)
-    again = Handle(
-        name="t", path="/ocsp", source=source, signer=signer, cache=given,
-        responder_cert=handle.responder_cert, validity=60, now=clock.seconds,
+    again = make_handle(
+        source=source, signer=signer, cache=given, responder_cert=handle.responder_cert,
+        validity=60, clock=clock,
     )  # fmt: skip
     assert again.cache is given
