@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,6 +40,7 @@ from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
 from hsmocsp.sources.certdb import CertDB, CertRow, DbThread, Loaded
+from hsmocsp.sources.poller import Poller
 from hsmocsp.sources.state import PresignedOnly, SourceState
 from hsmocsp.status import CertStatus, Status
 
@@ -94,7 +94,6 @@ class CfsslSource:
         self._lookups = DbThread(self._lookup_db, reactor, name="hsmocsp-certdb-lookups")
         self._issuer = issuer
         self._aki = issuer_aki(issuer)
-        self._poll_interval = config.poll_interval
         self._full_reload = config.full_reload
         self._lookup_timeout = config.lookup_timeout
         self._good: set[int] = set()
@@ -106,8 +105,7 @@ class CfsslSource:
         self.state = SourceState(db.describe(), reactor)
         self._loaded_at = 0.0
         self._started = False
-        self._polling: Deferred[None] | None = None
-        self._timer: IDelayedCall | None = None
+        self._poller = Poller(self._poll, config.poll_interval, reactor, name=self.where)
         self._bad_seen: set[str] = set()
 
     def __repr__(self) -> str:
@@ -161,7 +159,7 @@ class CfsslSource:
                 revoked=len(self._revoked),
                 aki=self._aki,
             )
-            self._schedule()
+            self._poller.start()
 
         def failed(failure: Failure) -> Failure:
             self._thread.stop()
@@ -172,16 +170,14 @@ class CfsslSource:
 
     def stop(self) -> Deferred[None]:
         self._started = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._poller.stop()
         self._thread.stop()
         self._lookups.stop()
         return succeed(None)
 
     def refresh(self) -> Deferred[None]:
-        """Poll now (SIGHUP); never fails."""
-        return self._poll()
+        """Poll now (SIGHUP), or join the poll in progress; never fails."""
+        return self._poller.now()
 
     def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
         if not _same_ca(issuer, self._issuer):
@@ -226,22 +222,12 @@ class CfsslSource:
     def _ours(self, aki: str) -> bool:
         return aki == "" or aki == self._aki
 
-    def _schedule(self) -> None:
-        if self._started:
-            self._timer = self._reactor.callLater(self._poll_interval, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        self._poll().addBoth(lambda _: self._schedule())
-
     def _poll(self) -> Deferred[None]:
-        """One incremental poll (or the periodic full re-read); never fails."""
+        """One incremental poll (or the periodic full re-read); never fails.
+
+        Run by :attr:`_poller`, one at a time."""
         if not self._started:
             return succeed(None)
-        if self._polling is not None:
-            waiter: Deferred[None] = Deferred()
-            self._polling.addBoth(lambda _: waiter.callback(None))
-            return waiter
         now = self._reactor.seconds()
         if self._full_reload > 0 and now - self._loaded_at >= self._full_reload:
             d = self._full_load()
@@ -249,15 +235,12 @@ class CfsslSource:
             d = self._incremental(now)
 
         def done(result: Failure | None) -> None:
-            self._polling = None
             if isinstance(result, Failure):
                 if not isinstance(result.value, SourceUnavailable | SourceError):
                     log.failure("{where}: poll failed unexpectedly", result, where=self.where)
                 self._unreachable(result.getErrorMessage())
 
-        self._polling = d
-        d.addBoth(done)
-        return d
+        return d.addBoth(done)
 
     def _incremental(self, now: float) -> Deferred[None]:
         db = self._db
@@ -415,13 +398,11 @@ class CfsslResponseSource(PresignedOnly):
         self.db_config = db
         self._db = CertDB(db)
         self._thread = DbThread(self._db, reactor, name="hsmocsp-certdb-responses")
-        self._poll_interval = config.poll_interval
         self._responses: list[PresignedResponse] = []
         self._signature: tuple[object, ...] | None = None
         self.state = SourceState(db.describe() + " ocsp_responses", reactor)
         self._started = False
-        self._polling = False
-        self._timer: IDelayedCall | None = None
+        self._poller = Poller(self._poll, config.poll_interval, reactor, name=self.where)
         self._bad_seen: set[str] = set()
 
     @property
@@ -442,7 +423,7 @@ class CfsslResponseSource(PresignedOnly):
             self.state.loaded()
             log.info("{where}: {n} pre-signed responses", where=self.where,
                      n=len(self._responses))  # fmt: skip
-            self._schedule()
+            self._poller.start()
 
         def failed(failure: Failure) -> Failure:
             self._thread.stop()
@@ -452,14 +433,12 @@ class CfsslResponseSource(PresignedOnly):
 
     def stop(self) -> Deferred[None]:
         self._started = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._poller.stop()
         self._thread.stop()
         return succeed(None)
 
     def refresh(self) -> Deferred[None]:
-        return self._poll()
+        return self._poller.now()
 
     def _load(self) -> Deferred[None]:
         db = self._db
@@ -497,21 +476,12 @@ class CfsslResponseSource(PresignedOnly):
 
         return self._thread.run(work).addCallback(install)
 
-    def _schedule(self) -> None:
-        if self._started:
-            self._timer = self._reactor.callLater(self._poll_interval, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        self._poll().addBoth(lambda _: self._schedule())
-
     def _poll(self) -> Deferred[None]:
-        if not self._started or self._polling:
+        """One look at the table (run by :attr:`_poller`, one at a time); never fails."""
+        if not self._started:
             return succeed(None)
-        self._polling = True
 
         def done(result: Failure | None) -> None:
-            self._polling = False
             if isinstance(result, Failure):
                 why = result.getErrorMessage()
                 if not isinstance(result.value, SourceUnavailable | SourceError):

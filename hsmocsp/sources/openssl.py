@@ -30,18 +30,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorThreads, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health
-from hsmocsp.inflight import OneAtATime
 from hsmocsp.sources.crl import CRLInfo, load_crl
 from hsmocsp.sources.index import IndexData
 from hsmocsp.sources.indexproc import IndexSig, ProcessIndexReader
 from hsmocsp.sources.indexproc import read_index as read_index_now
+from hsmocsp.sources.poller import Poller
 from hsmocsp.sources.state import ChangeListener, SourceState
 from hsmocsp.status import CertStatus
 
@@ -169,7 +168,6 @@ class OpenSSLSource:
         self.config = config
         self._issuer = issuer
         self._reactor = reactor
-        self._poll_interval = config.poll_interval
         self._max_changed = max_changed
         self._run = run_in_thread if run_in_thread is not None else _default_runner(reactor)
         if read_index is None:
@@ -190,8 +188,7 @@ class OpenSSLSource:
         # The source logs each file problem itself (once per distinct problem, with
         # the file and line), so the shared state only keeps count and health.
         self.state = SourceState(f"index {index_path}", reactor, log_changes=False)
-        self._loop: LoopingCall | None = None
-        self._reloading: OneAtATime[None] = OneAtATime()
+        self._poller = Poller(self._poll, config.poll_interval, reactor, name=f"index {index_path}")
 
     # --- StatusSource -------------------------------------------------------------
 
@@ -213,12 +210,10 @@ class OpenSSLSource:
     def stop(self) -> Deferred[None]:
         """Stop polling; a parse in progress is abandoned, fires once it has ended."""
         self._stopping = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._poller.stop()
         if self._reading is not None:
             self._reading.cancel()
-        return self._reloading.wait()
+        return self._poller.wait()
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return (self._issuer,)
@@ -279,11 +274,9 @@ class OpenSSLSource:
         return self.check_now()
 
     def check_now(self) -> Deferred[None]:
-        """Look for changed files now (e.g. on SIGHUP) instead of at the next poll."""
-        if self._reloading.running:
-            return self._reloading.wait()
-        d = self._poll()
-        return d if d is not None else succeed(None)
+        """Look for changed files now (e.g. on SIGHUP) instead of at the next poll, or
+        wait for the reload in progress; never fails."""
+        return self._poller.now()
 
     # --- loading --------------------------------------------------------------------
 
@@ -327,12 +320,8 @@ class OpenSSLSource:
             crl=_describe_crl(snapshot.crl),
         )
         self._warn_crl(snapshot.crl)
-        loop = LoopingCall(self._poll)
-        loop.clock = self._reactor
-        self._loop = loop
-        loop.start(self._poll_interval, now=False).addErrback(
-            lambda f: self._log.failure("OpenSSL source poll loop died", f)
-        )
+        if not self._stopping:
+            self._poller.start()
 
     def _stat(self, watched: _Watched) -> _Sig | None:
         try:
@@ -350,8 +339,9 @@ class OpenSSLSource:
         return sig
 
     def _poll(self) -> Deferred[None] | None:
-        """One polling round; returns a Deferred while a reload runs (LoopingCall waits)."""
-        if self._reloading.running or self._snapshot is None:
+        """One polling round (run by :attr:`_poller`, one at a time); returns a Deferred
+        while a reload runs."""
+        if self._snapshot is None or self._stopping:
             return None
         index_sig = self._stat(self._index)
         load_index = index_sig is not None and self._index.wants_load(index_sig)
@@ -367,11 +357,8 @@ class OpenSSLSource:
             return None
         current = self._snapshot
 
-        def reload() -> Deferred[None]:
-            d = Deferred.fromCoroutine(self._reload(current, load_index, load_crl))
-            return d.addCallback(self._apply).addErrback(self._reload_crashed)
-
-        return self._reloading.run(reload)
+        d = Deferred.fromCoroutine(self._reload(current, load_index, load_crl))
+        return d.addCallback(self._apply).addErrback(self._reload_crashed)
 
     async def _reload(self, current: _Snapshot, load_index: bool, load_crl: bool) -> _Outcome:
         """Parse what changed (index in a child, CRL in a thread), then diff in a thread."""

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError
 from hsmocsp.presigned import PresignedResponse, parse_presigned
+from hsmocsp.sources.poller import Poller
 from hsmocsp.sources.state import PresignedOnly, SourceState
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ class ResponseFileSource(PresignedOnly):
         path = config.path
         self._reactor = reactor
         self.path = path
-        self._poll_interval = config.poll_interval
         self._responses: list[PresignedResponse] = []
         self._sig: _Sig | None = None
         self._failed_sig: _Sig | None = None
@@ -74,8 +73,7 @@ class ResponseFileSource(PresignedOnly):
         self.state = SourceState(f"response file {path}", reactor, log_changes=False)
         self._started = False
         self._problem = ""
-        self._timer: IDelayedCall | None = None
-        self._loading: Deferred[None] | None = None
+        self._poller = Poller(self._check, config.poll_interval, reactor, name=str(path))
 
     def __repr__(self) -> str:
         return f"ResponseFileSource({str(self.path)!r})"
@@ -100,32 +98,24 @@ class ResponseFileSource(PresignedOnly):
             log.info(
                 "{path}: {n} pre-signed responses", path=str(self.path), n=len(self._responses)
             )
-            self._schedule()
+            self._poller.start()
 
         return deferToThread(read_response_file, self.path).addCallback(loaded)
 
     def stop(self) -> Deferred[None]:
         self._started = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._poller.stop()
         return succeed(None)
 
     def refresh(self) -> Deferred[None]:
-        return self._check()
+        """Look at the file now, or join the look in progress; never fails."""
+        return self._poller.now()
 
     # --- polling --------------------------------------------------------------------------
 
-    def _schedule(self) -> None:
-        if self._started:
-            self._timer = self._reactor.callLater(self._poll_interval, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        self._check().addBoth(lambda _: self._schedule())
-
     def _check(self) -> Deferred[None]:
-        if not self._started or self._loading is not None:
+        """One look at the file (run by :attr:`_poller`, one at a time); never fails."""
+        if not self._started:
             return succeed(None)
         try:
             st = os.stat(self.path)
@@ -143,7 +133,6 @@ class ResponseFileSource(PresignedOnly):
             return succeed(None)
 
         def done(result: tuple[list[PresignedResponse], _Sig] | Failure) -> None:
-            self._loading = None
             if isinstance(result, Failure):
                 self._failed_sig = sig
                 self._report(f"{result.getErrorMessage()}; serving the last good file")
@@ -158,9 +147,7 @@ class ResponseFileSource(PresignedOnly):
             log.info("{path}: reloaded, {n} responses", path=str(self.path),
                      n=len(self._responses))  # fmt: skip
 
-        d = deferToThread(read_response_file, self.path)
-        self._loading = d.addBoth(done)
-        return self._loading
+        return deferToThread(read_response_file, self.path).addBoth(done)
 
     def _install(self, responses: list[PresignedResponse], sig: _Sig) -> None:
         self._responses = responses

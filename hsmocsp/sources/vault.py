@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL.SSL import Error as OpenSSLError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
@@ -32,8 +32,9 @@ from zope.interface import implementer
 
 from hsmocsp.errors import HsmOcspError, SourceError, SourceUnavailable, UnknownIssuer
 from hsmocsp.health import Health
-from hsmocsp.inflight import OneAtATime, OnePerKey
+from hsmocsp.inflight import OnePerKey
 from hsmocsp.sources.crl import CRLInfo, load_crl, merged_revocations
+from hsmocsp.sources.poller import Poller
 from hsmocsp.sources.state import ChangeListener, SourceState
 from hsmocsp.sources.vaultauth import VaultAuth, VaultResponse, VaultTransport
 from hsmocsp.status import CertStatus, Status
@@ -156,7 +157,6 @@ class VaultSource:
         self._auth = auth
         self._cache_ttl = config.cache_ttl
         self._crl_refresh = config.crl_refresh
-        self._probe_interval = probe_interval
         self._cache_size = cache_size
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
@@ -187,9 +187,20 @@ class VaultSource:
         self._lookups: OnePerKey[int, tuple[CertStatus, _Signer]] = OnePerKey()
         self.state = SourceState(self._where(), self._clock)
         self._started = False
-        self._timer: IDelayedCall | None = None
-        self._probe_timer: IDelayedCall | None = None
-        self._refreshing: OneAtATime[None] = OneAtATime()
+        # The CRLs are fetched again before their nextUpdate (the round says when);
+        # sys/health is asked every probe_interval.
+        self._crl_poller = Poller(
+            lambda: Deferred.fromCoroutine(self._refresh_crls()),
+            self._crl_refresh,
+            self._clock,
+            name=f"{self._where()} CRL refresh",
+        )
+        self._prober = Poller(
+            lambda: Deferred.fromCoroutine(self._probe_once()),
+            probe_interval,
+            self._clock,
+            name=f"{self._where()} probe",
+        )
         self._stopped = False
         self._issuer_keys: dict[x509.Certificate, bytes] = {}
         self._skis: dict[x509.Certificate, bytes] = {}
@@ -252,10 +263,8 @@ class VaultSource:
     def stop(self) -> Deferred[None]:
         self._started = False
         self._stopped = True
-        for timer in (self._timer, self._probe_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._timer = self._probe_timer = None
+        self._crl_poller.stop()
+        self._prober.stop()
         self._auth.stop()
         if self._pool is not None:
             closing: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
@@ -297,11 +306,10 @@ class VaultSource:
         await self.refresh_crl()
 
     def refresh_crl(self) -> Deferred[None]:
-        """Fetch every issuer's CRL now (also what the background timer does).
-
-        Never fails after start-up: errors are logged and retried by the timer.
-        """
-        return self._refreshing.run(lambda: Deferred.fromCoroutine(self._refresh_crls()))
+        """Fetch every issuer's CRL now (also what the background poller does), or join
+        the fetch in progress. Never fails: errors are reported to :attr:`state` and
+        retried by the poller."""
+        return self._crl_poller.now()
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -318,10 +326,12 @@ class VaultSource:
                 f"{self._where()}: token lookup: HTTP {resp.code} {resp.errors()}"
             )
         await self._load_issuers(token)
-        await self._refresh_crls(initial=True)
+        next_refresh = await self._refresh_crls(initial=True)
         self._started = True
         self.state.loaded()
-        self._schedule_probe()
+        if not self._stopped:
+            self._crl_poller.start(next_refresh)
+            self._prober.start()
         log.info("{where}: serving {n} issuer(s)", where=self._where(), n=len(self._issuers))
 
     async def _get(self, path: str, token: str | None) -> VaultResponse:
@@ -381,11 +391,12 @@ class VaultSource:
 
     # --- CRLs ---------------------------------------------------------------------------
 
-    async def _refresh_crls(self, initial: bool = False) -> None:
+    async def _refresh_crls(self, initial: bool = False) -> float:
         """Fetch and verify every issuer's CRL; on start-up a failure is fatal.
 
         Later, nothing escapes: a failure is reported to :attr:`state` (logged once
         per episode) and retried after ``CRL_RETRY``; the last good CRLs stay.
+        Returns the delay before the next refresh (the poller's).
         """
         ticket = self.state.attempt()
         try:
@@ -405,8 +416,7 @@ class VaultSource:
             # A bad CRL (SourceError) does not mean Vault is down.
             area = _VAULT if isinstance(err, SourceUnavailable) else _CRL
             self.state.problem(area, f"CRL refresh failed: {err}", ticket=ticket)
-            self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
-            return
+            return min(self._crl_refresh, CRL_RETRY)
         except Exception:
             if initial:
                 raise
@@ -415,13 +425,12 @@ class VaultSource:
             self.state.problem(
                 _CRL, "CRL refresh failed unexpectedly (see the log)", ticket=ticket
             )
-            self._schedule_refresh(min(self._crl_refresh, CRL_RETRY))
-            return
+            return min(self._crl_refresh, CRL_RETRY)
         self.state.solved(_VAULT, ticket=ticket)
         self.state.solved(_CRL, ticket=ticket)
         self.state.confirmed()
         self._apply_crls(fetched, initial)
-        self._schedule_refresh(self._next_refresh())
+        return self._next_refresh()
 
     async def _fetch_crl(self, issuer: x509.Certificate, path: str, token: str) -> CRLInfo | None:
         resp = await self._get(path, token)
@@ -473,37 +482,16 @@ class VaultSource:
                 delay = min(delay, nxt.timestamp() - now)
         return max(CRL_MIN_INTERVAL if delay < self._crl_refresh else 0.0, delay)
 
-    def _schedule_refresh(self, delay: float) -> None:
-        if self._stopped:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._clock.callLater(delay, self._timed_refresh)
-
-    def _timed_refresh(self) -> None:
-        self._timer = None
-        if self._started:
-            self.refresh_crl()
-
     # --- probing ------------------------------------------------------------------------
 
-    def _schedule_probe(self) -> None:
-        if not self._stopped:
-            self._probe_timer = self._clock.callLater(self._probe_interval, self._probe)
-
-    def _probe(self) -> None:
-        """Ask Vault's ``sys/health`` every ``probe_interval`` seconds, so that a handle
-        nobody queries learns that Vault is gone (and back) as soon as a busy one would.
+    async def _probe_once(self) -> None:
+        """Ask Vault's ``sys/health`` (every ``probe_interval`` seconds, by the poller), so
+        that a handle nobody queries learns that Vault is gone (and back) as soon as a
+        busy one would.
 
         Only a failure changes health here: coming back is confirmed by a CRL refresh,
         which also needs our token, so a reachable Vault that refuses us stays degraded.
         """
-        self._probe_timer = None
-        d = Deferred.fromCoroutine(self._probe_once())
-        d.addErrback(lambda f: log.failure("{where}: probe failed", f, where=self._where()))
-        d.addBoth(lambda _: self._schedule_probe())
-
-    async def _probe_once(self) -> None:
         ticket = self.state.attempt()
         try:
             resp = await self._transport.request("GET", _HEALTH_PATH, token=None)
