@@ -27,7 +27,7 @@ once and shown by ``health()``/``ready()``, and the next successful poll or look
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +37,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
-from hsmocsp.health import Health
 from hsmocsp.presigned import PresignedResponse, parse_presigned
 from hsmocsp.sources.certdb import CertDB, CertRow, DbThread, Loaded
 from hsmocsp.sources.poller import Poller
-from hsmocsp.sources.state import PresignedOnly, SourceState
+from hsmocsp.sources.state import PresignedOnly, SourceState, StateBacked
 from hsmocsp.status import CertStatus, Status
 
 __all__ = ["CfsslResponseSource", "CfsslSource", "issuer_aki"]
@@ -60,7 +59,6 @@ UNKNOWN_RECHECK_FOR = 24 * 3600.0
 #: Serials per re-check query.
 RECHECK_BATCH = 500
 
-ChangeListener = Callable[[frozenset[int] | None], None]
 
 
 def issuer_aki(issuer: x509.Certificate) -> str:
@@ -76,8 +74,12 @@ def _same_ca(a: x509.Certificate, b: x509.Certificate) -> bool:
     return a == b or (a.subject == b.subject and a.public_key() == b.public_key())
 
 
-class CfsslSource:
-    """A :class:`~hsmocsp.sources.StatusSource` over cfssl's ``certificates`` table."""
+class CfsslSource(StateBacked):
+    """A :class:`~hsmocsp.sources.StatusSource` over cfssl's ``certificates`` table.
+
+    Health: DEGRADED while the database cannot be reached (serials loaded are still
+    answered, new ones get tryLater); FAILED before the first load.
+    """
 
     def __init__(
         self, config: CfsslSourceConfig, issuer: x509.Certificate, *, reactor: Any
@@ -115,18 +117,7 @@ class CfsslSource:
     def where(self) -> str:
         return self.db_config.describe()
 
-    # --- StatusSource -------------------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        return self.state.generation
-
-    @property
-    def checked_at(self) -> float | None:
-        return self.state.checked_at
-
-    def on_change(self, listener: ChangeListener) -> None:
-        self.state.on_change(listener)
+    # --- StatusSource (generation, checked_at, on_change, health: StateBacked) ------------
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return (self._issuer,)
@@ -141,9 +132,6 @@ class CfsslSource:
 
     def ready(self) -> bool:
         return self._started and self.state.health().ready
-
-    def health(self) -> Health:
-        return self.state.health()
 
     def start(self) -> Deferred[None]:
         self._thread.start()

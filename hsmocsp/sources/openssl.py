@@ -35,13 +35,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import SourceError, SourceUnavailable, UnknownIssuer
-from hsmocsp.health import Health
 from hsmocsp.sources.crl import CRLInfo, load_crl
 from hsmocsp.sources.index import IndexData
 from hsmocsp.sources.indexproc import IndexSig, ProcessIndexReader
 from hsmocsp.sources.indexproc import read_index as read_index_now
 from hsmocsp.sources.poller import Poller
-from hsmocsp.sources.state import ChangeListener, SourceState
+from hsmocsp.sources.state import SourceState, StateBacked
 from hsmocsp.status import CertStatus
 
 if TYPE_CHECKING:
@@ -139,7 +138,7 @@ class _Outcome:
     crl_error: tuple[_Sig | None, str] | None = None
 
 
-class OpenSSLSource:
+class OpenSSLSource(StateBacked):
     """A :class:`~hsmocsp.sources.StatusSource` for one CA managed by ``openssl ca``.
 
     ``reactor`` provides time (and the thread pool and child processes, if
@@ -150,6 +149,9 @@ class OpenSSLSource:
     can spawn one and no ``run_in_thread`` was given, else through
     ``run_in_thread``. ``max_changed`` caps the set handed to change
     listeners: beyond it they get ``None`` ("anything may have changed").
+
+    Health: DEGRADED while the index or CRL file is missing or does not parse (the
+    last good data is served); FAILED before the first load.
     """
 
     _log = Logger()
@@ -190,15 +192,7 @@ class OpenSSLSource:
         self.state = SourceState(f"index {index_path}", reactor, log_changes=False)
         self._poller = Poller(self._poll, config.poll_interval, reactor, name=f"index {index_path}")
 
-    # --- StatusSource -------------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        return self.state.generation
-
-    @property
-    def checked_at(self) -> float | None:
-        return self.state.checked_at
+    # --- StatusSource (generation, checked_at, on_change, health: StateBacked) ----
 
     def start(self) -> Deferred[None]:
         """Load both files (off the reactor thread), then start polling.
@@ -241,14 +235,6 @@ class OpenSSLSource:
 
     def ready(self) -> bool:
         return self._snapshot is not None
-
-    def on_change(self, listener: ChangeListener) -> None:
-        self.state.on_change(listener)
-
-    def health(self) -> Health:
-        """READY; DEGRADED while the index or CRL file is missing or does not parse (the
-        last good data is served); FAILED before the first load."""
-        return self.state.health()
 
     # --- extras ---------------------------------------------------------------------
 

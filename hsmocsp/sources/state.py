@@ -23,7 +23,7 @@ from hsmocsp.errors import SourceError
 from hsmocsp.health import READY, Health, State, worst
 from hsmocsp.status import CertStatus
 
-__all__ = ["ChangeListener", "SourceState"]
+__all__ = ["ChangeListener", "PresignedOnly", "SourceState", "StateBacked"]
 
 ChangeListener = Callable[[frozenset[int] | None], None]
 
@@ -162,20 +162,12 @@ class SourceState:
             )
 
 
-class PresignedOnly:
-    """The status-source answers of a source that holds pre-signed responses only.
-
-    cfssl's ``ocsp_responses`` table and an ``ocspdump`` file serve responses as they
-    are (``signer: none`` handles): they know no statuses, issuers or CRLs. Both answer
-    the :class:`~hsmocsp.sources.StatusSource` protocol the same way, from their
-    :class:`SourceState`; this is that one way.
-    """
+class StateBacked:
+    """``generation``, ``checked_at``, ``on_change`` and ``health`` of a source, answered
+    from its :class:`SourceState` (the same four answers for every source; each source's
+    class docstring says what makes it degraded)."""
 
     state: SourceState
-
-    @property
-    def where(self) -> str:
-        raise NotImplementedError
 
     @property
     def generation(self) -> int:
@@ -185,11 +177,25 @@ class PresignedOnly:
     def checked_at(self) -> float | None:
         return self.state.checked_at
 
-    def on_change(self, listener: Callable[[frozenset[int] | None], None]) -> None:
+    def on_change(self, listener: ChangeListener) -> None:
         self.state.on_change(listener)
 
     def health(self) -> Health:
         return self.state.health()
+
+
+class PresignedOnly(StateBacked):
+    """The status-source answers of a source that holds pre-signed responses only.
+
+    cfssl's ``ocsp_responses`` table and an ``ocspdump`` file serve responses as they
+    are (``signer: none`` handles): they know no statuses, issuers or CRLs. Both answer
+    the :class:`~hsmocsp.sources.StatusSource` protocol the same way, from their
+    :class:`SourceState`; this is that one way.
+    """
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return ()

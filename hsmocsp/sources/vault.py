@@ -31,11 +31,10 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from hsmocsp.errors import HsmOcspError, SourceError, SourceUnavailable, UnknownIssuer
-from hsmocsp.health import Health
 from hsmocsp.inflight import OnePerKey
 from hsmocsp.sources.crl import CRLInfo, load_crl, merged_revocations
 from hsmocsp.sources.poller import Poller
-from hsmocsp.sources.state import ChangeListener, SourceState
+from hsmocsp.sources.state import SourceState, StateBacked
 from hsmocsp.sources.vaultauth import VaultAuth, VaultResponse, VaultTransport
 from hsmocsp.status import CertStatus, Status
 
@@ -132,8 +131,13 @@ def _same_ca(a: x509.Certificate, b: x509.Certificate) -> bool:
     return a == b or (a.subject == b.subject and a.public_key() == b.public_key())
 
 
-class VaultSource:
-    """A :class:`~hsmocsp.sources.StatusSource` over one Vault/OpenBao PKI mount."""
+class VaultSource(StateBacked):
+    """A :class:`~hsmocsp.sources.StatusSource` over one Vault/OpenBao PKI mount.
+
+    Health: DEGRADED while Vault cannot be reached or refuses us (cached statuses are
+    still answered, new serials get tryLater) or while its CRL is unusable (the last
+    good one is kept); FAILED before the first load.
+    """
 
     def __init__(
         self,
@@ -208,24 +212,7 @@ class VaultSource:
     def __repr__(self) -> str:
         return f"VaultSource({self.address!r}, mount={self.mount!r})"
 
-    # --- StatusSource -------------------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        return self.state.generation
-
-    @property
-    def checked_at(self) -> float | None:
-        return self.state.checked_at
-
-    def on_change(self, listener: ChangeListener) -> None:
-        self.state.on_change(listener)
-
-    def health(self) -> Health:
-        """READY; DEGRADED while Vault cannot be reached or refuses us (cached statuses
-        are still answered, new serials get tryLater) or while its CRL is unusable
-        (the last good one is kept); FAILED before the first load."""
-        return self.state.health()
+    # --- StatusSource (generation, checked_at, on_change, health: StateBacked) ------------
 
     def issuers(self) -> Sequence[x509.Certificate]:
         return tuple(self._issuers)
