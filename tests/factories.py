@@ -202,3 +202,17 @@ def handle(
         cache=cache,
         queue_depth=queue_depth,
     )
+
+
+def file_signer(
+    path: str | Path, *, password_env: str | None = None, password_file: str | Path | None = None
+) -> Any:
+    """A :class:`~hsmocsp.signing.filekey.FileSigner` (not started) on the key at ``path``."""
+    from hsmocsp.signing.filekey import FileSigner
+
+    password = None
+    if password_env is not None or password_file is not None:
+        password = Secret(
+            env=password_env, file=Path(password_file) if password_file is not None else None
+        )
+    return FileSigner(FileKeyConfig(key=Path(path), password=password))

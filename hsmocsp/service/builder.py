@@ -80,12 +80,7 @@ def build_signer(h: HandleConfig, pool: TokenPool | None) -> Signer:
     if isinstance(h.signer, FileKeyConfig):
         from hsmocsp.signing.filekey import FileSigner
 
-        pw = h.signer.password
-        return FileSigner(
-            str(h.signer.key),
-            password_env=pw.env if pw else None,
-            password_file=str(pw.file) if pw and pw.file else None,
-        )
+        return FileSigner(h.signer)
     from hsmocsp.signing.pkcs11 import Pkcs11Signer
     from hsmocsp.signing.pool import KeyRef
 

@@ -8,6 +8,7 @@ Deferred instead of paying a thread hop.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -19,25 +20,25 @@ from hsmocsp.errors import SignerError
 from hsmocsp.health import READY, Health, State
 from hsmocsp.signing.algorithms import SignatureAlgorithm, choose_algorithm
 
+if TYPE_CHECKING:
+    from hsmocsp.config import FileKeyConfig
+
 
 class FileSigner:
     """Implements :class:`hsmocsp.signing.Signer` with a PEM private key file.
 
-    The password, if any, comes from the environment variable ``password_env``
-    or the first line of ``password_file`` -- never from the configuration file
-    itself, so configs can be committed and shown.
+    ``config`` is the handle's ``signer: {key: ...}``. The password, if any, comes
+    from the environment variable or the first line of the file ``config.password``
+    names -- never from the configuration file itself, so configs can be committed
+    and shown.
     """
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        password_env: str | None = None,
-        password_file: str | None = None,
-    ) -> None:
-        self._path = path
-        self._password_env = password_env
-        self._password_file = password_file
+    def __init__(self, config: FileKeyConfig) -> None:
+        self.config = config
+        self._path = str(config.key)
+        password = config.password
+        self._password_env = password.env if password is not None else None
+        self._password_file = password.file if password is not None else None
         self._key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None
         self._algorithm: SignatureAlgorithm | None = None
 

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from twisted.internet.defer import Deferred, succeed
 
+from hsmocsp.config import FileKeyConfig
 from hsmocsp.health import READY, Health, State
 from hsmocsp.signing.filekey import FileSigner
 from hsmocsp.status import CertStatus
@@ -25,7 +26,7 @@ class CountingSigner:
     """Wraps a real FileSigner; counts calls; can hold signatures back (``hold=True``)."""
 
     def __init__(self, key: str = "responder_rsa.key") -> None:
-        self.inner = FileSigner(str(VECTORS / key))
+        self.inner = FileSigner(FileKeyConfig(key=VECTORS / key, password=None))
         self.inner.start()
         self.calls = 0
         self.hold = False

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 
 from hsmocsp.errors import SignerError
 from hsmocsp.signing import algorithms as alg
-from hsmocsp.signing.filekey import FileSigner
+from tests.factories import file_signer
 
 DATA = b"\x30\x03\x02\x01\x00 tbsResponseData"
 
@@ -48,7 +48,7 @@ def rsa_key() -> rsa.RSAPrivateKey:
 
 
 def test_rsa_signature_verifies(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
-    signer = FileSigner(str(write_key(tmp_path / "k.pem", rsa_key)))
+    signer = file_signer(str(write_key(tmp_path / "k.pem", rsa_key)))
     assert result(signer.start()) is None
     assert signer.signature_algorithm_der == alg.SHA256_WITH_RSA_DER
     signature = result(signer.sign(DATA))
@@ -70,7 +70,7 @@ def test_ec_signature_verifies(
     tmp_path: Path, curve: ec.EllipticCurve, der: bytes, digest: hashes.HashAlgorithm
 ) -> None:
     key = ec.generate_private_key(curve)
-    signer = FileSigner(str(write_key(tmp_path / "k.pem", key)))
+    signer = file_signer(str(write_key(tmp_path / "k.pem", key)))
     result(signer.start())
     assert signer.signature_algorithm_der == der
     signature = result(signer.sign(DATA))
@@ -83,9 +83,9 @@ def test_password_from_env_and_file(
 ) -> None:
     path = str(write_key(tmp_path / "k.pem", rsa_key, b"s3cret-pass"))
     monkeypatch.setenv("KEYPASS", "s3cret-pass")
-    assert result(FileSigner(path, password_env="KEYPASS").start()) is None
+    assert result(file_signer(path, password_env="KEYPASS").start()) is None
     (tmp_path / "pass").write_text("s3cret-pass\n")
-    assert result(FileSigner(path, password_file=str(tmp_path / "pass")).start()) is None
+    assert result(file_signer(path, password_file=str(tmp_path / "pass")).start()) is None
 
 
 def test_wrong_or_missing_password(
@@ -93,33 +93,33 @@ def test_wrong_or_missing_password(
 ) -> None:
     path = str(write_key(tmp_path / "k.pem", rsa_key, b"s3cret-pass"))
     monkeypatch.setenv("KEYPASS", "wrong-pass")
-    err = failure_of(FileSigner(path, password_env="KEYPASS").start())
+    err = failure_of(file_signer(path, password_env="KEYPASS").start())
     assert isinstance(err, SignerError) and path in str(err)
     assert "wrong-pass" not in str(err)
-    err = failure_of(FileSigner(path).start())
+    err = failure_of(file_signer(path).start())
     assert isinstance(err, SignerError) and path in str(err)
     monkeypatch.delenv("KEYPASS")
-    err = failure_of(FileSigner(path, password_env="KEYPASS").start())
+    err = failure_of(file_signer(path, password_env="KEYPASS").start())
     assert isinstance(err, SignerError) and "KEYPASS" in str(err)
-    err = failure_of(FileSigner(path, password_file=str(tmp_path / "nope")).start())
+    err = failure_of(file_signer(path, password_file=str(tmp_path / "nope")).start())
     assert isinstance(err, SignerError) and "nope" in str(err)
 
 
 def test_bad_files(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.pem")
-    err = failure_of(FileSigner(missing).start())
+    err = failure_of(file_signer(missing).start())
     assert isinstance(err, SignerError) and missing in str(err)
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-    err = failure_of(FileSigner(str(garbage)).start())
+    err = failure_of(file_signer(str(garbage)).start())
     assert isinstance(err, SignerError) and str(garbage) in str(err)
     ed = write_key(tmp_path / "ed.pem", ed25519.Ed25519PrivateKey.generate())
-    err = failure_of(FileSigner(str(ed)).start())
+    err = failure_of(file_signer(str(ed)).start())
     assert isinstance(err, SignerError) and "Ed25519" in str(err) and str(ed) in str(err)
 
 
 def test_not_started(tmp_path: Path) -> None:
-    signer = FileSigner(str(tmp_path / "k.pem"))
+    signer = file_signer(str(tmp_path / "k.pem"))
     assert isinstance(failure_of(signer.sign(DATA)), SignerError)
     assert isinstance(failure_of(signer.check()), SignerError)
     with pytest.raises(SignerError, match="not started"):
