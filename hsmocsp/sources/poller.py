@@ -14,7 +14,8 @@ flag or waiter list there). This is the one loop:
   CRL before its ``nextUpdate``); ``None`` means ``interval``;
 * a poll that raises is a bug or an outage the poll did not handle itself: it is logged
   with its traceback once per run of failures (not once per poll), and the next run
-  comes after ``retry.delay(failures)`` (back-off) instead of ``interval``;
+  comes after ``retry.delay(failures)`` (back-off: the child-process layer's
+  :class:`~hsmocsp.childproc.Backoff`, so there is one back-off) instead of ``interval``;
 * :meth:`Poller.stop` cancels the timer; a poll already running finishes (its owner
   cancels its own work if it must) and :meth:`Poller.wait` fires when it has;
 * time comes from the clock it is given (``task.Clock`` in tests).
@@ -23,36 +24,22 @@ flag or waiter list there). This is the one loop:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from hsmocsp.childproc import Backoff
 from hsmocsp.inflight import OneAtATime
 
-__all__ = ["Poll", "Poller", "Retry"]
+__all__ = ["Poll", "Poller"]
 
 log = Logger()
 
 #: One poll: returns (or fires with) the delay before the next one; anything but a
 #: number (``None``) means the interval.
 Poll = Callable[[], "Deferred[Any] | float | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """The pause after a failed poll: ``first``, then growing by ``factor`` per further
-    failure in a row, never above ``cap`` (``factor`` 1: a constant retry delay)."""
-
-    first: float
-    cap: float
-    factor: float = 2.0
-
-    def delay(self, failures: int) -> float:
-        """The pause after ``failures`` failed polls in a row (>= 1)."""
-        return float(min(self.cap, self.first * self.factor ** max(0, failures - 1)))
 
 
 class Poller:
@@ -65,7 +52,7 @@ class Poller:
         clock: IReactorTime,
         *,
         name: str,
-        retry: Retry | None = None,
+        retry: Backoff | None = None,
     ) -> None:
         self._poll = poll
         self.interval = interval

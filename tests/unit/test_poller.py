@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from hsmocsp.sources.poller import Poller, Retry
+from hsmocsp.childproc import Backoff
+from hsmocsp.sources.poller import Poller
 from tests.conftest import LoggedErrors
 
 
@@ -34,7 +35,7 @@ class Polls:
         self.held.pop(0).callback(self.delay)
 
 
-def make(interval: float = 2.0, retry: Retry | None = None) -> tuple[Clock, Polls, Poller]:
+def make(interval: float = 2.0, retry: Backoff | None = None) -> tuple[Clock, Polls, Poller]:
     clock = Clock()
     polls = Polls(clock)
     return clock, polls, Poller(polls, interval, clock, name="test", retry=retry)
@@ -113,7 +114,7 @@ def test_stop_cancels_the_timer_and_wait_sees_the_running_poll_end() -> None:
 
 
 def test_a_failing_poll_backs_off_logs_once_and_recovers(logged_errors: LoggedErrors) -> None:
-    clock, polls, poller = make(interval=10.0, retry=Retry(first=1.0, cap=4.0))
+    clock, polls, poller = make(interval=10.0, retry=Backoff(first=1.0, initial=2.0, cap=4.0))
     polls.fail = RuntimeError("db gone")
     poller.start(1.0)
     clock.pump([0.5] * 32)  # until 16.0
