@@ -126,6 +126,16 @@ class ResponseCache(Generic[V]):
         hit = self._hit(key)
         return None if hit is None else hit[1]
 
+    def entry(self, key: bytes) -> tuple[int, V] | None:
+        """``(serial, value)`` of the lasting (not transient) entry for ``key``, even an
+        expired one; None if there is none. A dict lookup, nothing more."""
+        return self._entries.get(key)
+
+    def count_hits(self, n: int) -> None:
+        """Answers served from this cache's values elsewhere (the HTTP fronts' hot caches,
+        a pre-signed handle's lookups), counted with the hits of :meth:`get`."""
+        self.stats.hits += n
+
     def items(self) -> list[tuple[bytes, int, V]]:
         """Every lasting entry as ``(key, serial, value)`` (a copy; expired ones included;
         transient ones not: they are what observers never see)."""

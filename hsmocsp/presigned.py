@@ -181,7 +181,7 @@ class PresignedHandle(Handle):
         found = self.cache.peek(key)
         if found is None:
             raise UnknownIssuer(f"handle {self.name}: no pre-signed response for this CertID")
-        self.cache.stats.hits += 1
+        self.cache.count_hits(1)
         return found
 
     def respond_der(self, der: bytes) -> Deferred[SignedResponse] | SignedResponse:

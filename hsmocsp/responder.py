@@ -256,7 +256,9 @@ class Handle:
         self._certs_der: tuple[bytes, ...] = ()
         self.publish_ca = config.publish_ca
         self.publish_crl = config.publish_crl
-        self._on_signed = on_signed
+        self._signed_listeners: list[Callable[[str, float], None]] = (
+            [on_signed] if on_signed is not None else []
+        )
         self.queue_depth = queue_depth or (lambda: 0)
         self.signatures = 0
         # Raw request bytes -> the CertID they asked about, for single-CertID requests
@@ -384,6 +386,11 @@ class Handle:
         for listener in list(self._cert_listeners):
             listener()
         return True
+
+    def on_signature(self, listener: Callable[[str, float], None]) -> None:
+        """Call ``listener(handle name, seconds)`` after each signature this handle made
+        (the metrics' signing-latency histogram)."""
+        self._signed_listeners.append(listener)
 
     def on_certificate_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after the responder certificate changed (then ask
@@ -629,8 +636,10 @@ class Handle:
 
         def assemble(signature: bytes) -> SignedResponse:
             self.signatures += 1
-            if self._on_signed is not None:
-                self._on_signed(self.name, self._now() - started)
+            if self._signed_listeners:
+                took = self._now() - started
+                for listener in self._signed_listeners:
+                    listener(self.name, took)
             # The certificate may have been renewed while the HSM signed (same key, so the
             # signature holds): embed the current one unless it would end before nextUpdate.
             embedded = self._cert if self._cert.not_after >= next_ts else cert
@@ -654,6 +663,11 @@ class Handle:
     def now(self) -> float:
         """The handle's clock (the reactor's, or a test's)."""
         return self._now()
+
+    def count_hits(self, n: int) -> None:
+        """``n`` answers served elsewhere from this handle's responses (the HTTP fronts'
+        hot caches), counted in ``hsmocsp_cache_hits_total`` with the main process's."""
+        self.cache.count_hits(n)
 
     def ready(self) -> bool:
         return self.health().ready

@@ -139,7 +139,7 @@ class ResponderService(Sequence):
             max_url_length=cfg.max_url_length,
         )
         for handle in self.handles:
-            handle._on_signed = self.app.metrics.signed
+            handle.on_signature(self.app.metrics.signed)
         for name, pool in self.pools.items():
             self.app.metrics.watch_token(name, pool.health)
         self.store: ResponseStore | None = None

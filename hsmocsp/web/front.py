@@ -4,49 +4,57 @@ Measured (docs/performance.md): with every answer cached, the one reactor
 process is the ceiling, a full core of Python at ~50k req/s while other cores
 idle. ``--workers N`` starts N-1 *front* processes next to it, each listening
 on the same address with ``SO_REUSEPORT`` (the kernel spreads connections over
-the N sockets). A front is only an HTTP server over a replica of the signed
-responses: it answers a plain OCSP GET/POST whose CertID it holds (the same
-fast path and the same header bytes as the main process), and relays every
-other connection (a miss, a nonce to echo, a CA or CRL download, a probe,
-metrics, anything odd) byte for byte to the main process over a private Unix
-socket, from the first request it cannot answer to the end of the connection.
-So the sources, the HSM, the caches' producers and every decision stay in one
-process; fronts hold no secret and never sign. A relayed connection starts with one
-line naming the client (``HSMOCSP-CLIENT host port``), for the access log.
+the N sockets). A front is only an HTTP server over a bounded hot cache of
+signed responses (:mod:`hsmocsp.hotcache`, ``hot_cache_entries`` per handle,
+least recently used out first): it answers a plain OCSP GET/POST whose CertID it
+holds (the same fast path and the same header bytes as the main process), and
+relays every other connection (a miss, a nonce to echo, a CA or CRL download, a
+probe, metrics, anything odd) byte for byte to the main process over a private
+Unix socket, from the first request it cannot answer to the end of the
+connection. So the sources, the HSM, the caches' producers and every decision
+stay in one process; fronts hold no secret and never sign. A relayed connection
+starts with one line naming the client (``HSMOCSP-CLIENT host port``), for the
+access log.
 
-The main process pushes every change of each handle's cache down a pipe to
-each front (:class:`~hsmocsp.cache.CacheObserver`): new or refreshed
-responses, drops, and invalidations (a revocation reaches the fronts in the
-same reactor turn that the main cache drops the old answer, then one pipe
-write later they drop it too). A front never serves an answer past its
-refresh point: that request is relayed, so the main process sees the demand
-and refreshes it.
+A front holds only what its clients ask for (#11: it used to hold a copy of every
+cache, ~2.4 KiB per entry per front). On a miss it could serve from a cache, it
+relays the connection *and* asks the main process for that key (``want``, at most
+once a second per key); the main process answers with a ``put`` when it holds a
+servable answer, now or as soon as one is stored (the relayed request usually
+makes it). Invalidations are still sent to every front (a revocation reaches the
+fronts in the same reactor turn that the main cache drops the old answer, then one
+pipe write later they drop it too), and a renewed responder certificate empties
+them. A front never serves an answer past its refresh point: that request is
+relayed, so the main process sees the demand and refreshes it, and the front asks
+again for the refreshed one.
 
 Frames on both pipes are the child-process layer's (:mod:`hsmocsp.childproc`: a
 4-byte big-endian length and a payload):
 
 * main -> front, pickles (the front trusts its parent): ``("init", dict)``,
-  ``("put", h, key, serial, SignedResponse)``, ``("drop", h, key)``,
-  ``("inv", h, serials or None)``;
+  ``("put", h, key, serial, SignedResponse)``, ``("inv", h, serials or None)``;
 * front -> main, JSON arrays: ``["ready", pid]``, ``["stats", {handle: {method: n}}]``,
   ``["access", [record, ...]]`` (access-log lines, only when the access log is on),
-  ``["refused", {kind: n}]`` (requests the front refused: 408, 413, 414).
+  ``["refused", {kind: n}]`` (requests the front refused: 408, 413, 414),
+  ``["want", h, base64 key]``, ``["held", n]`` (responses it holds, when it changed).
   Not pickle: a front parses untrusted requests, and the main process holds the HSM
-  session, so it never executes anything a front sends (as with the signing workers).
+  session, so it never executes anything a front sends (as with the signing workers);
+  a ``want`` is checked (known handle, bounded base64) and costs it dict operations.
 
 Run as ``python -m hsmocsp.web.front``, by :mod:`hsmocsp.web.fronts` only.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
 import signal
 import socket
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -59,9 +67,7 @@ from twisted.python.failure import Failure
 from hsmocsp.childproc import FrameError as FrameError  # bad frames, bad payloads alike
 from hsmocsp.childproc import FrameReader
 from hsmocsp.childproc import encode_frame as _frame
-from hsmocsp.errors import HsmOcspError
-from hsmocsp.hotcache import max_age_for
-from hsmocsp.ocsp.request import parse_request
+from hsmocsp.hotcache import DEFAULT_ENTRIES, RequestCache, max_age_for
 from hsmocsp.responder import SignedResponse
 from hsmocsp.web.accesslog import RELAY_PREAMBLE
 from hsmocsp.web.fastpath import (
@@ -79,7 +85,6 @@ __all__ = ["FrameDecoder", "FrontSite", "Replica", "encode_frame", "encode_repor
 log = Logger()
 
 MAX_FRAME = 64 << 20
-_MISSING = object()
 
 SERVICE_UNAVAILABLE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -132,74 +137,74 @@ class FrameDecoder:
             yield message
 
 
-@dataclass
 class Replica:
-    """One handle's signed responses, as the main process last said they were."""
+    """One handle as a front sees it: where it is served, and a bounded hot cache of the
+    answers this front's clients asked for (:class:`~hsmocsp.hotcache.RequestCache`)."""
 
-    name: str
-    path: str
-    max_age: int | None
-    nonce_policy: str
-    now: Callable[[], float]
-    max_memo: int = 100_000
-    entries: dict[bytes, tuple[int, SignedResponse]] = field(default_factory=dict)
-    by_serial: dict[int, set[bytes]] = field(default_factory=dict)
-    _parsed: dict[bytes, bytes | None] = field(default_factory=dict)
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        max_age: float | None,
+        nonce_policy: str,
+        now: Callable[[], float],
+        max_entries: int = DEFAULT_ENTRIES,
+        index: int = 0,
+    ) -> None:
+        self.index = index  # the handle's place in the main process's list (for ``want``)
+        self.name = name
+        self.path = path
+        self.max_age = max_age
+        self.nonce_policy = nonce_policy
+        self.now = now
+        self.cache: RequestCache[SignedResponse] = RequestCache(now, nonce_policy, max_entries)
+
+    def __len__(self) -> int:
+        return len(self.cache.cache)
 
     def put(self, key: bytes, serial: int, value: SignedResponse) -> None:
-        self.drop(key)
-        self.entries[key] = (serial, value)
-        self.by_serial.setdefault(serial, set()).add(key)
-
-    def drop(self, key: bytes) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            keys = self.by_serial.get(old[0])
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self.by_serial[old[0]]
+        self.cache.cache.put(key, serial, value)
 
     def invalidate(self, serials: frozenset[int] | None) -> None:
-        if serials is None:
-            self.entries.clear()
-            self.by_serial.clear()
-            return
-        for serial in serials:
-            for key in self.by_serial.pop(serial, ()):
-                self.entries.pop(key, None)
+        self.cache.cache.invalidate(serials)
+
+    def find(self, der: bytes) -> tuple[bytes | None, SignedResponse | None]:
+        """``(key, answer)`` for these request bytes: the answer if this process may
+        serve it, else None (key None: no cached answer could ever do)."""
+        return self.cache.find(der)
 
     def lookup(self, der: bytes) -> SignedResponse | None:
         """The answer to these request bytes if this process may serve it, else None."""
-        key = self._parsed.get(der, _MISSING)
-        if key is _MISSING:
-            key = self._cache_key(der)
-            if key is not None and key in self.entries:
-                # Only what we can answer: bytes nobody can (a flood of random serials
-                # or garbage) must not grow this map.
-                if len(self._parsed) >= self.max_memo:
-                    self._parsed.clear()
-                self._parsed[der] = key
-        if key is None:
-            return None
-        assert isinstance(key, bytes)
-        hit = self.entries.get(key)
-        if hit is None or self.now() >= hit[1].refresh_at or not hit[1].cacheable:
-            return None  # the main process answers (and refreshes)
-        return hit[1]
+        return self.cache.find(der)[1]
 
-    def _cache_key(self, der: bytes) -> bytes | None:
-        """The main cache's key (the CertID's DER) for a request we could serve."""
-        try:
-            request = parse_request(der)
-        except HsmOcspError:
-            return None  # malformed: the main process says so
-        if len(request.cert_ids) != 1:
-            return None
-        if request.nonce is not None and self.nonce_policy != "ignore":
-            return None
-        return request.cert_ids[0].der
 
+class Wants:
+    """Which misses a front has asked the main process for, so that a key asked many
+    times (a popular certificate past its refresh point, a flood of one unknown serial)
+    costs one ``want`` per ``again`` seconds, not one per request. Bounded: the oldest
+    are forgotten first (then simply asked again)."""
+
+    def __init__(self, now: Callable[[], float], again: float = 1.0,
+                 max_entries: int = 10_000) -> None:  # fmt: skip
+        self._now = now
+        self.again = again
+        self.max_entries = max_entries
+        self._asked: OrderedDict[tuple[int, bytes], float] = OrderedDict()
+
+    def should_ask(self, index: int, key: bytes) -> bool:
+        now = self._now()
+        item = (index, key)
+        asked = self._asked.get(item)
+        if asked is not None and now - asked < self.again:
+            return False
+        self._asked[item] = now
+        self._asked.move_to_end(item)
+        while len(self._asked) > self.max_entries:
+            self._asked.popitem(last=False)
+        return True
+
+    def answered(self, index: int, key: bytes) -> None:
+        self._asked.pop((index, key), None)
 
 
 class Relay(Protocol):
@@ -295,8 +300,10 @@ class FrontSite(Factory):
         limits: HttpLimits,
         clock: IReactorTime,
         access_log: bool = False,
+        on_miss: Callable[[Replica, bytes], None] | None = None,
     ) -> None:
         self.replicas = replicas
+        self.on_miss = on_miss  # a request this front could answer if it held the key
         self.limits = limits
         self.clock = clock
         self.table = ConnectionTable(connection_cap(limits.max_connections))
@@ -328,8 +335,10 @@ class FrontSite(Factory):
         if routed is None:
             return None
         replica, der = routed
-        response = replica.lookup(der)
+        key, response = replica.find(der)
         if response is None:
+            if key is not None and self.on_miss is not None:
+                self.on_miss(replica, key)
             return None
         keep = keep_alive(version, headers)
         by_method = self.counts.setdefault(replica.name, {})
@@ -383,6 +392,8 @@ class _Control(Protocol):
         self._reactor = reactor
         self._decoder = FrameDecoder(trusted=True)
         self._replicas: list[Replica] = []
+        self._wants = Wants(reactor.seconds)
+        self._held_sent = -1
         self.site: FrontSite | None = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -390,17 +401,24 @@ class _Control(Protocol):
             kind = message[0]
             if kind == "put":
                 self._replicas[message[1]].put(message[2], message[3], message[4])
-            elif kind == "drop":
-                self._replicas[message[1]].drop(message[2])
+                self._wants.answered(message[1], message[2])
             elif kind == "inv":
                 self._replicas[message[1]].invalidate(message[2])
             elif kind == "init":
                 self._init(message[1])
 
+    def want(self, replica: Replica, key: bytes) -> None:
+        """A miss on a request a cached answer could serve: ask the main process for it
+        (it answers with a ``put`` when it has a servable answer, now or once signed)."""
+        if self._wants.should_ask(replica.index, key):
+            self._send(("want", replica.index, base64.b64encode(key).decode("ascii")))
+
     def _init(self, init: dict[str, Any]) -> None:
         now = self._reactor.seconds
+        hot = int(init.get("hot_cache_entries", DEFAULT_ENTRIES))
         self._replicas = [
-            Replica(h["name"], h["path"], h["max_age"], h["nonce"], now) for h in init["handles"]
+            Replica(h["name"], h["path"], h["max_age"], h["nonce"], now, hot, index)
+            for index, h in enumerate(init["handles"])
         ]
         endpoint = UNIXClientEndpoint(self._reactor, init["backend"])
 
@@ -409,7 +427,8 @@ class _Control(Protocol):
             return connected
 
         self.site = FrontSite(self._replicas, now, connect, HttpLimits(**init["limits"]),
-                              self._reactor, access_log=bool(init.get("access")))  # fmt: skip
+                              self._reactor, access_log=bool(init.get("access")),
+                              on_miss=self.want)  # fmt: skip
         self.site.noisy = False
         try:
             sock = bind_reuseport(init["host"], init["port"])
@@ -423,7 +442,13 @@ class _Control(Protocol):
         self._send(("ready", os.getpid()))
         from twisted.internet.task import LoopingCall
 
-        LoopingCall(self._report).start(1.0, now=False)
+        reports = LoopingCall(self._report)
+        reports.clock = self._reactor
+        reports.start(1.0, now=False)
+
+    def held(self) -> int:
+        """Responses this front holds now (every handle's hot cache)."""
+        return sum(len(replica) for replica in self._replicas)
 
     def _report(self) -> None:
         if self.site is not None:
@@ -436,6 +461,10 @@ class _Control(Protocol):
             refused = self.site.take_refused()
             if refused:
                 self._send(("refused", refused))
+            held = self.held()
+            if held != self._held_sent:
+                self._held_sent = held
+                self._send(("held", held))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         assert self.transport is not None

@@ -3,31 +3,41 @@
 See :mod:`hsmocsp.web.front` for what a front does. Here: each front is a
 child process (``python -m hsmocsp.web.front``) given, on its stdin, an init
 message (where to listen, where the main process's private socket is, the
-handles) and then every change of every handle's cache, starting with a
-snapshot of what the caches hold. A front that exits is started again after
-a second (growing to 30 s while it keeps failing); stopping closes their pipes
-(they exit) and kills any still there after a grace period. The processes,
-pipes, framing and restarts are the child-process layer's
-(:mod:`hsmocsp.childproc`). Their answer counts come back once a second and are
-added to the main process's metrics, so ``/metrics`` covers every process.
+handles, the size of its hot cache). Nothing more is pushed unasked but
+invalidations (a revocation reaches every front in the same reactor turn as the
+main cache): a front asks for the answer to a request it had to relay
+(``want``), and gets it (``put``) at once if this process holds a servable one,
+else as soon as one is stored (a bounded table of pending wants per handle;
+answering a want costs a few dict operations, whatever key a front asks for).
+So a front's memory follows what its clients ask, bounded by
+``hot_cache_entries``, not the size of the main cache times the fronts (#11).
+
+A front that exits is started again after a second (growing to 30 s while it
+keeps failing); stopping closes their pipes (they exit) and kills any still
+there after a grace period. The processes, pipes, framing and restarts are the
+child-process layer's (:mod:`hsmocsp.childproc`). Their answer counts come back
+once a second and are added to the main process's metrics, so ``/metrics``
+covers every process.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import functools
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import cooperate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.childenv import minimal_env
 from hsmocsp.childproc import Backoff, Child, FrameError, Supervisor, stop_children
 from hsmocsp.health import READY, Health, State
+from hsmocsp.hotcache import DEFAULT_ENTRIES, servable
 from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.web.accesslog import AccessLog, AccessRecord
 from hsmocsp.web.front import MAX_FRAME, decode_report, encode_frame
@@ -40,21 +50,24 @@ RESPAWN_DELAY = 1.0
 MAX_RESPAWN_DELAY = 30.0
 STABLE_AFTER = 10.0  # a front that ran this long gets the short delay again
 STOP_GRACE = 5.0
-SNAPSHOT_CHUNK = 500
+MAX_PENDING = 10_000  # wants waiting for an answer, per handle
+MAX_WANT_KEY = 1024  # base64 characters: a CertID's DER is ~100 bytes
 
 
 class _Feed:
-    """A :class:`~hsmocsp.cache.CacheObserver` for one handle: tells every front."""
+    """A :class:`~hsmocsp.cache.CacheObserver` for one handle: answers pending wants,
+    tells every front of invalidations."""
 
     def __init__(self, pool: FrontPool, index: int) -> None:
         self._pool = pool
         self._index = index
 
     def stored(self, key: bytes, serial: int, value: SignedResponse) -> None:
-        self._pool.broadcast(encode_frame(("put", self._index, key, serial, value)))
+        self._pool.stored(self._index, key, serial, value)
 
     def dropped(self, key: bytes) -> None:
-        self._pool.broadcast(encode_frame(("drop", self._index, key)))
+        """Nothing to tell: a front never serves past the refresh point, which comes
+        before the main cache drops an entry; a status change comes as an invalidation."""
 
     def invalidated(self, serials: frozenset[int] | None) -> None:
         self._pool.broadcast(encode_frame(("inv", self._index, serials)))
@@ -78,7 +91,6 @@ class _Front:
         self.pid = self.child.pid
         self.child.write(encode_frame(("init", self.pool.init_message())))
         self.live = True
-        self.pool.send_snapshot(self)
 
     def send(self, frame: bytes) -> None:
         if self.live:
@@ -95,6 +107,10 @@ class _Front:
                 self.pool.access_records(self.number, message[1])
             elif message[0] == "refused" and len(message) == 2:
                 self.pool.refused(message[1])
+            elif message[0] == "want" and len(message) == 3:
+                self.pool.want(self, *_want(message[1], message[2], len(self.pool.handles)))
+            elif message[0] == "held" and len(message) == 2:
+                self.pool.held(self.number, message[1])
             elif message[0] == "ready":
                 log.info("HTTP front {n} (pid {pid}) listening", n=self.number, pid=message[1])
                 self.pool.listening_now(self)
@@ -107,6 +123,15 @@ class _Front:
     def _ended(self, reason: Failure) -> None:
         self.live = False
         self.pool.ended(self, reason)
+
+
+def _want(index: Any, key: Any, handles: int) -> tuple[int, bytes]:
+    """A front's ``want`` checked: a known handle's index, a key of bounded size."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < handles:
+        raise ValueError("no such handle")
+    if not isinstance(key, str) or len(key) > MAX_WANT_KEY:
+        raise ValueError("not a cache key")
+    return index, base64.b64decode(key, validate=True)
 
 
 class FrontPool(service.Service):
@@ -124,8 +149,10 @@ class FrontPool(service.Service):
         backend: str,
         limits: HttpLimits,
         access: AccessLog | None = None,
+        hot_cache_entries: int = DEFAULT_ENTRIES,
     ) -> None:
         self.reactor = reactor
+        self.hot_cache_entries = hot_cache_entries
         self.handles = list(handles)
         self.metrics = metrics
         self.count_wanted = count
@@ -144,6 +171,11 @@ class FrontPool(service.Service):
         self._stopping = False
         self._feeds = [_Feed(self, i) for i in range(len(self.handles))]
         self.listening: set[int] = set()  # fronts that have bound the port and said so
+        # Per handle: key -> the fronts that asked for it and got no answer yet (bounded,
+        # oldest forgotten first: a front asks again a second later).
+        self._pending: list[dict[bytes, set[int]]] = [{} for _ in self.handles]
+        self.holding: dict[int, int] = {}  # responses each front says it holds
+        self._watching_certificates = False
         self._all_listened = False
 
     # --- readiness ---------------------------------------------------------------------
@@ -183,6 +215,7 @@ class FrontPool(service.Service):
             "backend": self.backend,
             "limits": dataclasses.asdict(self.limits),
             "access": self.access.enabled,
+            "hot_cache_entries": self.hot_cache_entries,
             "handles": [
                 {"name": h.name, "path": h.path, "max_age": h.max_age, "nonce": h.nonce_policy}
                 for h in self.handles
@@ -194,7 +227,17 @@ class FrontPool(service.Service):
         self._stopping = False
         for handle, feed in zip(self.handles, self._feeds, strict=True):
             handle.cache.observers.append(feed)
+        if not self._watching_certificates:
+            self._watching_certificates = True
+            for index, handle in enumerate(self.handles):
+                handle.on_certificate_change(functools.partial(self._certificate_changed, index))
         self._supervisor.run()
+
+    def _certificate_changed(self, index: int) -> None:
+        """A renewed responder certificate: the main cache makes the old responses due for
+        refresh (re-signed first); the fronts forget them and ask again."""
+        if self.running:
+            self.broadcast(encode_frame(("inv", index, None)))
 
     def _spawn(self, number: int) -> None:
         """The supervisor's: start front ``number``."""
@@ -206,29 +249,43 @@ class FrontPool(service.Service):
             del self.fronts[number]
             raise
 
-    def send_snapshot(self, front: _Front) -> None:
-        """Every cached response to a new front, a chunk per reactor turn.
+    def want(self, front: _Front, index: int, key: bytes) -> None:
+        """Front ``front`` relayed a request for ``key``: send it the answer if one can be
+        served now, else when it is stored. Only dict operations: a front asking for random
+        keys (it parses untrusted requests) makes no other work here."""
+        cache = self.handles[index].cache
+        entry = cache.entry(key)
+        if entry is not None and servable(entry[1], self.reactor.seconds()):
+            front.send(encode_frame(("put", index, key, entry[0], entry[1])))
+            return
+        if entry is None and cache.current(key) is not None:
+            return  # an answer kept apart (an unknown serial): never given to fronts
+        pending = self._pending[index]
+        waiting = pending.get(key)
+        if waiting is None:
+            if len(pending) >= MAX_PENDING:
+                del pending[next(iter(pending))]
+            waiting = pending[key] = set()
+        waiting.add(front.number)
 
-        An entry is sent only if it is still the cache's current value when
-        its chunk goes out: one replaced or invalidated meanwhile has already
-        reached the front as a later message and must not be overwritten.
-        """
+    def stored(self, index: int, key: bytes, serial: int, value: SignedResponse) -> None:
+        """A response was stored in handle ``index``'s cache: to the fronts that want it."""
+        pending = self._pending[index]
+        if key not in pending:
+            return
+        if not servable(value, self.reactor.seconds()):
+            return  # due for refresh already (a renewed certificate): wait for the new one
+        frame = encode_frame(("put", index, key, serial, value))
+        for number in pending.pop(key):
+            front = self.fronts.get(number)
+            if front is not None:
+                front.send(frame)
 
-        def chunks() -> Any:
-            for index, handle in enumerate(self.handles):
-                items = handle.cache.items()
-                for start in range(0, len(items), SNAPSHOT_CHUNK):
-                    if not front.live:
-                        return
-                    frames = [
-                        encode_frame(("put", index, key, serial, value))
-                        for key, serial, value in items[start : start + SNAPSHOT_CHUNK]
-                        if handle.cache.current(key) is value
-                    ]
-                    front.send(b"".join(frames))
-                    yield None
-
-        cooperate(chunks())
+    def held(self, number: int, n: Any) -> None:
+        """How many responses front ``number`` holds (checked: a non-negative integer)."""
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            self.holding[number] = n
+            self.metrics.front_held(number, n)
 
     def broadcast(self, frame: bytes) -> None:
         for front in self.fronts.values():
@@ -247,7 +304,7 @@ class FrontPool(service.Service):
                     continue
                 self.metrics.response(handle.name, "successful", str(method), n)
                 self.metrics.front_answered(number, n)
-                handle.cache.stats.hits += n
+                handle.count_hits(n)
 
     def refused(self, counts: Any) -> None:
         """Requests a front refused, into ``hsmocsp_bad_requests_total`` (checked: only the
@@ -271,6 +328,7 @@ class FrontPool(service.Service):
         if self.fronts.get(front.number) is front:
             del self.fronts[front.number]
             self.listening.discard(front.number)
+            self.holding.pop(front.number, None)
         if self._stopping:
             return
         self._supervisor.ended(front.number)

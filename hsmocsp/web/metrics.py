@@ -122,6 +122,12 @@ class Metrics:
             ["front"],
             registry=self.registry,
         )
+        self._front_held = Gauge(
+            "hsmocsp_front_hot_cache_entries",
+            "Signed responses each extra HTTP process holds (bounded by hot_cache_entries)",
+            ["front"],
+            registry=self.registry,
+        )
         self.registry.register(_HandleCounters(handles))
         cache_size = Gauge(
             "hsmocsp_cache_entries", "Signed responses held", ["handle"], registry=self.registry
@@ -241,6 +247,9 @@ class Metrics:
 
     def front_answered(self, front: int, n: int) -> None:
         self._front_answers.labels(str(front)).inc(n)
+
+    def front_held(self, front: int, n: int) -> None:
+        self._front_held.labels(str(front)).set(n)
 
     def signed(self, handle: str, seconds: float) -> None:
         self._sign_latency.labels(handle).observe(seconds)

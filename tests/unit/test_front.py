@@ -67,7 +67,8 @@ def setup(
 
 
 class _Feed:
-    """The cache observer of fronts.py, minus the pipe: frames straight into the replica."""
+    """Every stored response straight into the replica, through the frame codec (the real
+    pool sends only what a front asks for: tests/unit/test_front_feed.py)."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
@@ -82,7 +83,7 @@ class _Feed:
         self.replica.put(k, s, v)
 
     def dropped(self, key: bytes) -> None:
-        self.replica.drop(self._through_pipe(("drop", key))[1])
+        pass  # not sent to fronts: they stop at the refresh point, before any drop
 
     def invalidated(self, serials: frozenset[int] | None) -> None:
         self.replica.invalidate(self._through_pipe(("inv", serials))[1])

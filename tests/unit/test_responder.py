@@ -262,3 +262,14 @@ def test_nonce_request_under_signer_saturation_gets_cached_response() -> None:
     backlog[0] = 3  # signatures are queueing: answer from the cache, without the nonce
     assert resolve(handle.respond_der(request_for(1, nonce=True))) is cached
     assert signer.calls == 2
+
+
+def test_signature_listeners_are_told_each_signature() -> None:
+    clock = Clock()
+    clock.advance(1_750_000_000)
+    handle, _, _ = make(clock)
+    told: list[tuple[str, float]] = []
+    handle.on_signature(lambda name, seconds: told.append((name, seconds)))
+    resolve(handle.respond_der(request_for(1)))
+    resolve(handle.respond_der(request_for(1)))  # a cache hit: no signature
+    assert told == [("t", 0.0)]
