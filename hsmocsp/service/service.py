@@ -230,6 +230,7 @@ class ResponderService(Sequence):
             backend=backend,
             limits=self.limits,
             access=self.app.access,
+            hot_cache_entries=self.cfg.hot_cache_entries,
         )
         # Not ready before every front has bound the port (the kernel hands them
         # connections from then on); later, a front being restarted only degrades.

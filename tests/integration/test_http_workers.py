@@ -29,6 +29,7 @@ from tests.integration.harness import Responder, http, openssl_ocsp
 pytestmark = pytest.mark.integration
 
 CONNECTIONS = 60
+HOT = 2  # hot_cache_entries: each front holds at most this many responses per handle
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def workers(devpki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     work = tmp_path_factory.mktemp("workers")
     env = dict(dev_env(devpki), HSMOCSP_TEST_SECRET="not-for-fronts")
     r = Responder(
-        config=level1_config(devpki, work), env=env, workdir=work,
-        extra_args=("--workers", "3"),
+        config=level1_config(devpki, work, extra=f"hot_cache_entries: {HOT}"), env=env,
+        workdir=work, extra_args=("--workers", "3"),
     )  # fmt: skip
     r.start()
     yield r
@@ -71,11 +72,11 @@ def _statuses(r: Responder, der: bytes) -> set[ocsp.OCSPCertStatus]:
     return seen
 
 
-def _front_answers(r: Responder) -> dict[str, float]:
+def _front_answers(r: Responder, metric: str = "hsmocsp_front_answers_total") -> dict[str, float]:
     text = http(r.url + "/metrics")[2].decode()
     out = {}
     for line in text.splitlines():
-        if line.startswith("hsmocsp_front_answers_total{"):
+        if line.startswith(metric + "{"):
             label = line.split('front="', 1)[1].split('"', 1)[0]
             out[label] = float(line.rsplit(" ", 1)[1])
     return out
@@ -210,3 +211,28 @@ def test_fronts_stop_with_the_main_process(devpki: DevPki, tmp_path: Path) -> No
     assert len(pids) == 1
     r.stop()
     _wait(lambda: not os.path.exists(f"/proc/{pids[0]}"), "the front to exit", timeout=10)
+
+
+def test_a_front_holds_at_most_hot_cache_entries(workers: Responder, devpki: DevPki) -> None:
+    # Four certificates asked many times each, on new connections: every front sees each
+    # of them (the kernel spreads connections), answers from its hot cache once it got
+    # them, and holds no more than hot_cache_entries (the main process holds all four).
+    leaves = [issue_leaf(devpki, f"hot-{n}") for n in range(3)] + [devpki.good_pem]
+    ders = [_request(leaf, devpki.ca_pem) for leaf in leaves]
+    for der in ders:
+        _wait(lambda der=der: _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD},
+              "the new leaves to be known")  # fmt: skip
+
+    def held() -> dict[str, float]:
+        return _front_answers(workers, "hsmocsp_front_hot_cache_entries")
+
+    _wait(lambda: len(held()) == 2 and all(n == HOT for n in held().values()),
+          "both fronts to hold a full hot cache")  # fmt: skip
+    answered = _front_answers(workers)
+    for der in ders:  # more asks: still bounded, still answered (and verified by openssl above)
+        assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+    # A front reports what it holds with its answer counts (once a second, when it changed):
+    # once both have reported answers since, their held counts are as of after the asks.
+    _wait(lambda: all(_front_answers(workers)[n] > answered[n] for n in answered),
+          "both fronts to report again")  # fmt: skip
+    assert all(n == HOT for n in held().values()), held()
