@@ -1,5 +1,6 @@
 # hsmocsp: two commands for a newcomer on Debian.
 #   make run   - install what is missing, build the dev PKI, serve on http://127.0.0.1:8080
+#   make run-replicas - the same, plus Redis: a signer on :8080, two servers on :8081, :8082
 #   make test  - install what is missing, run the whole test suite
 # Both are idempotent: a second run installs and rebuilds nothing that exists.
 
@@ -10,13 +11,15 @@ BIN := $(VENV)/bin
 DEVPKI := var/devpki
 CONFIG ?= etc/hsmocsp-dev.yaml
 LISTEN ?= tcp:8080:interface=127.0.0.1
+REPLICAS_CONFIG ?= etc/hsmocsp-replicas.yaml
 APT_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl openssl gcc libc6-dev golang-cfssl postgresql prometheus \
 	redis-server redis-sentinel
 BENCH_PACKAGES := wrk nginx-light golang-cfssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test reliability fuzz deps venv devpki lint bench bench-slow bench-token clean distclean \
+.PHONY: run run-replicas test reliability fuzz deps venv devpki lint bench bench-slow bench-token \
+	clean distclean \
 	deploy-check deploy-lock
 
 deps: .deps.stamp
@@ -48,6 +51,13 @@ devpki: venv
 
 run: devpki
 	$(BIN)/python -m hsmocsp.devpki.run --dir $(DEVPKI) --config $(CONFIG) --listen '$(LISTEN)'
+
+# The signer + servers topology on one machine (issue 11): everything `make run` does, plus a
+# redis-server (data and socket in var/redis/), the signer on :8080 and two servers on
+# :8081 and :8082, from $(CONFIG) with $(REPLICAS_CONFIG) laid over it. Ctrl-C stops all.
+run-replicas: devpki
+	$(BIN)/python -m hsmocsp.devpki.run --dir $(DEVPKI) --config $(CONFIG) --listen '$(LISTEN)' \
+	  --replicas $(REPLICAS_CONFIG)
 
 # Lint first, so pytest's summary is the last line CI reads.
 test: venv lint

@@ -12,8 +12,18 @@
 4. runs ``twistd --nodaemon hsmocsp`` with ``SOFTHSM2_CONF`` set, forwarding SIGINT and
    SIGTERM to it, and stops OpenBao when it exits.
 
-twistd and bao run in their own sessions so a Ctrl-C reaches them once, through us, in
-order: the responder stops first, then the Vault it reads from.
+``make run-replicas`` adds ``--replicas etc/hsmocsp-replicas.yaml`` (issue 11): before step 4
+it starts a ``redis-server`` (:class:`~hsmocsp.devpki.redisdev.DevRedis`) on the Unix socket
+that file's ``store.address`` names (data and socket under ``var/redis``), writes
+``<dir>/replicas.yaml`` -- the ``--config`` file with the keys of the ``--replicas`` file
+laid over it, every relative path made absolute -- and runs three responders from it: the
+signer (``--role signer`` on ``--listen``) and one server per ``--server-listen``
+(``--role server``, 127.0.0.1:8081 and :8082 by default; no ``SOFTHSM2_CONF``: a server
+touches no token). The handles stay defined once, in the ``--config`` file.
+
+twistd, redis-server and bao run in their own sessions so a Ctrl-C reaches them once,
+through us, in order: the responders stop first, then Redis, then the Vault they read from.
+If one responder exits by itself, the others are stopped too.
 """
 
 from __future__ import annotations
@@ -29,22 +39,28 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import yaml
+
 from hsmocsp.devpki.bao import BaoError, find_bao
 from hsmocsp.devpki.cfsslca import CfsslLevel, build_cfssl_level
 from hsmocsp.devpki.opensslca import DevPki, build_level1
+from hsmocsp.devpki.redisdev import DevRedis
 from hsmocsp.devpki.tools import DevPkiError, MissingToolError, terminate, write_private
 from hsmocsp.devpki.vaultpki import VaultPki, build_vault_levels
 
-__all__ = ["PersistentBao", "check_commands", "main"]
+__all__ = ["PersistentBao", "check_commands", "main", "replicas_config"]
 
 REPO = Path(__file__).resolve().parents[2]
 BAO_HOST = "127.0.0.1"
 BAO_PORT = 8200
 README_CHECKS = "README.md, section 'Check it with `openssl ocsp`'"
+README_REPLICA_CHECKS = "README.md, section 'Signer and two servers: `make run-replicas`'"
+SERVER_LISTEN = ("tcp:8081:interface=127.0.0.1", "tcp:8082:interface=127.0.0.1")
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -278,36 +294,151 @@ def check_commands(
     return "\n".join(lines) + "\n"
 
 
-def _run_twistd(dev: DevPki, config: Path, listen: str) -> int:
-    """twistd in the foreground (own session); SIGINT/SIGTERM are forwarded to it."""
+@dataclass(frozen=True)
+class ResponderSpec:
+    """One ``twistd --nodaemon hsmocsp`` the runner starts: its name in messages, its extra
+    arguments (``--listen``, ``--role``) and its environment."""
+
+    name: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+
+
+def _twistd_argv(config: Path, args: Sequence[str]) -> list[str]:
     twistd = Path(sys.executable).with_name("twistd")
-    env = dict(os.environ, SOFTHSM2_CONF=str(dev.softhsm_conf), PYTHONPATH=str(REPO))
-    argv = [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "hsmocsp",
-            "--config", str(config), "--listen", listen]  # fmt: skip
+    return [str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "hsmocsp",
+            "--config", str(config), *args]  # fmt: skip
+
+
+def _run_responders(config: Path, specs: Sequence[ResponderSpec]) -> int:
+    """The responders in the foreground (own sessions); SIGINT/SIGTERM are forwarded.
+
+    Returns 0 after a stop we were asked for, else the status of the first responder that
+    exited by itself (the others are then stopped).
+    """
     procs: list[subprocess.Popen[bytes]] = []
     asked_to_stop: list[int] = []
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        asked_to_stop.append(signum)
+    def stop_all() -> None:
         # Always SIGTERM: a twistd started while SIGINT was ignored (a background job of
         # a non-interactive shell) keeps ignoring SIGINT, but stops cleanly on SIGTERM.
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+    def forward(signum: int, frame: FrameType | None) -> None:
+        asked_to_stop.append(signum)
+        stop_all()
+
     # Handlers first: a caught signal is reset to the default in the child at exec.
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        procs.append(
-            subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-        )
-        code = procs[0].wait()
+        for spec in specs:
+            if asked_to_stop:
+                break
+            procs.append(subprocess.Popen(
+                _twistd_argv(config, spec.args), env=spec.env, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            ))  # fmt: skip
+        first: tuple[str, int] | None = None
+        while any(proc.poll() is None for proc in procs):
+            for spec, proc in zip(specs, procs, strict=False):
+                code = proc.poll()
+                if code is not None and first is None and not asked_to_stop:
+                    first = (spec.name, code)
+                    if len(procs) > 1:
+                        print(f"hsmocsp run: {spec.name} exited with status {code}; "
+                              "stopping the others", file=sys.stderr, flush=True)  # fmt: skip
+                    stop_all()
+            time.sleep(0.1)
+        if first is None:
+            first = (specs[0].name, procs[0].returncode) if procs else ("", 0)
+        code = first[1]
         # twistd re-raises the SIGTERM we forwarded once it has shut down cleanly: that
         # is the stop the user asked for, not a failure.
-        return 0 if asked_to_stop and code == -signal.SIGTERM else code
+        if asked_to_stop and all(p.returncode in (0, -signal.SIGTERM) for p in procs):
+            return 0
+        return code
     finally:
+        for proc in procs:
+            terminate(proc, 30.0)
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def _run_twistd(dev: DevPki, config: Path, listen: str) -> int:
+    """``make run``: one responder, every role in one process."""
+    env = dict(os.environ, SOFTHSM2_CONF=str(dev.softhsm_conf), PYTHONPATH=str(REPO))
+    return _run_responders(config, [ResponderSpec("hsmocsp", ("--listen", listen), env)])
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    """``value`` with every relative path (``./x``, ``../x``, ``unix:../x``) made absolute
+    from ``base``, the directory of the file it was read from."""
+    if isinstance(value, dict):
+        return {k: _absolute(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    if isinstance(value, str):
+        prefix = "unix:" if value.startswith("unix:") else ""
+        rest = value[len(prefix):]
+        if rest.startswith(("./", "../")):
+            return prefix + str((base / rest).resolve())
+    return value
+
+
+def replicas_config(config: Path, overrides: Path, out: Path) -> dict[str, Any]:
+    """Write ``out``: ``config`` with the top-level keys of ``overrides`` laid over it.
+
+    Both files' relative paths are made absolute (they are relative to their own files),
+    so ``out`` may live anywhere. Returns the merged mapping.
+    """
+    merged: dict[str, Any] = {}
+    for path in (config, overrides):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise DevPkiError(f"{path}: {err}") from err
+        if not isinstance(data, dict):
+            raise DevPkiError(f"{path}: not a mapping")
+        merged.update(_absolute(data, path.resolve().parent))
+    store = merged.get("store")
+    if not isinstance(store, dict) or not str(store.get("address", "")).startswith("unix:/"):
+        raise DevPkiError(
+            f"{overrides}: store.address must be unix:<path of the dev Redis socket>"
+        )
+    if not str(merged.get("signer_url", "")).startswith("http://"):
+        raise DevPkiError(f"{overrides}: signer_url must be the signer's http:// URL")
+    out.write_text(
+        "# written by hsmocsp.devpki.run for make run-replicas: "
+        f"{config} with the keys of {overrides}\n" + yaml.safe_dump(merged, sort_keys=False)
+    )
+    return merged
+
+
+def _run_replicas(
+    dev: DevPki, config: Path, listen: str, server_listen: Sequence[str]
+) -> int:
+    """``make run-replicas``: the signer on ``listen`` and one server per ``server_listen``."""
+    base = dict(os.environ, PYTHONPATH=str(REPO))
+    base.pop("SOFTHSM2_CONF", None)
+    signer_env = dict(base, SOFTHSM2_CONF=str(dev.softhsm_conf))
+    specs = [ResponderSpec("signer", ("--listen", listen, "--role", "signer"), signer_env)]
+    specs += [
+        ResponderSpec(f"server {n}", ("--listen", where, "--role", "server"), dict(base))
+        for n, where in enumerate(server_listen, 1)
+    ]
+    return _run_responders(config, specs)
+
+
+def _url(endpoint: str) -> str:
+    """``http://host:port`` of a ``tcp:PORT[:interface=HOST]`` endpoint."""
+    parts = endpoint.split(":")
+    if len(parts) < 2 or parts[0] != "tcp" or not parts[1].isdigit():
+        raise DevPkiError(f"not a tcp:PORT[:interface=HOST] endpoint: {endpoint}")
+    host = next((p.split("=", 1)[1] for p in parts[2:] if p.startswith("interface=")),
+                "127.0.0.1")  # fmt: skip
+    return f"http://{host}:{parts[1]}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -320,6 +451,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=Path("etc/hsmocsp-dev.yaml"))
     p.add_argument("--listen", default="tcp:8080:interface=127.0.0.1")
     p.add_argument("--bao-port", type=int, default=BAO_PORT, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--replicas", type=Path, metavar="FILE",
+        help="run a Redis, the signer on --listen and servers on --server-listen, with the "
+        "keys of FILE (store, signer_url, hot_cache_entries) laid over --config",
+    )  # fmt: skip
+    p.add_argument(
+        "--server-listen", action="append", metavar="ENDPOINT",
+        help="with --replicas: a server's listen endpoint, repeatable (default: "
+        + ", ".join(SERVER_LISTEN) + ")",
+    )  # fmt: skip
     return p
 
 
@@ -329,29 +470,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.config.is_file():
         print(f"hsmocsp run: error: no config file {args.config}", file=sys.stderr)
         return 2
+    if args.replicas is not None and not args.replicas.is_file():
+        print(f"hsmocsp run: error: no file {args.replicas}", file=sys.stderr)
+        return 2
+    server_listen = args.server_listen or list(SERVER_LISTEN)
     bao = PersistentBao(args.dir / "bao", port=args.bao_port)
+    redis: DevRedis | None = None
+
+    def stop_services() -> None:
+        if redis is not None:
+            redis.stop()
+        bao.stop()
+
     try:
         dev = build_level1(args.dir)
         cfssl = build_cfssl_level(dev)
+        config = args.config
+        if args.replicas is not None:
+            config = dev.directory / "replicas.yaml"
+            merged = replicas_config(args.config, args.replicas, config)
+            socket_path = Path(merged["store"]["address"][len("unix:"):])
+            if socket_path.name != "redis.sock":
+                raise DevPkiError(f"{args.replicas}: store.address must name <dir>/redis.sock")
+            redis = DevRedis(socket_path.parent).start()
         bao.start()
         vault = build_vault_levels(dev, bao.address, bao.root_token)
         checks = dev.directory / "check-commands.txt"
         checks.write_text(check_commands(dev, vault, cfssl=cfssl))
+        replica_checks = dev.directory / "check-commands-replicas.txt"
+        if args.replicas is not None:
+            replica_checks.write_text("".join(
+                check_commands(dev, vault, _url(where), cfssl) for where in server_listen
+            ))  # fmt: skip
     except MissingToolError as err:
-        bao.stop()
+        stop_services()
         print(f"hsmocsp run: {err}", file=sys.stderr)
         return 2
     except (DevPkiError, BaoError, OSError) as err:
-        bao.stop()
+        stop_services()
         print(f"hsmocsp run: error: {err}", file=sys.stderr)
         return 1
     rebuilt = f" (rebuilt: {', '.join(vault.rebuilt)})" if vault.rebuilt else ""
     print(f"OpenBao at {bao.address} (root token in {bao.root_token_file}){rebuilt}", flush=True)
     print(f"check lines: {README_CHECKS}; for this tree: {_rel(checks)}", flush=True)
     try:
-        return _run_twistd(dev, args.config, args.listen)
+        if redis is None:
+            return _run_twistd(dev, config, args.listen)
+        print(f"Redis at {redis.address} (data in {_rel(redis.directory)}); signer on "
+              f"{_url(args.listen)}, servers on {', '.join(_url(s) for s in server_listen)}",
+              flush=True)  # fmt: skip
+        print(f"replica check lines: {README_REPLICA_CHECKS}; for this tree: "
+              f"{_rel(replica_checks)}", flush=True)  # fmt: skip
+        return _run_replicas(dev, config, args.listen, server_listen)
     finally:
-        bao.stop()
+        stop_services()
 
 
 if __name__ == "__main__":
