@@ -14,12 +14,12 @@ LISTEN ?= tcp:8080:interface=127.0.0.1
 REPLICAS_CONFIG ?= etc/hsmocsp-replicas.yaml
 APT_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl openssl gcc libc6-dev golang-cfssl postgresql prometheus \
 	redis-server redis-sentinel
-BENCH_PACKAGES := wrk nginx-light golang-cfssl
+BENCH_PACKAGES := wrk nginx-light golang-cfssl redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: run run-replicas test reliability fuzz deps venv devpki lint bench bench-slow bench-token \
-	clean distclean \
+	bench-replicas bench-deps clean distclean \
 	deploy-check deploy-lock
 
 deps: .deps.stamp
@@ -77,12 +77,21 @@ lint: venv
 	$(BIN)/ruff check hsmocsp twisted tests bench deploy/check
 	$(BIN)/mypy hsmocsp twisted/plugins deploy/check
 
-bench: venv
+bench-deps:
 	@missing=""; for p in $(BENCH_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+
+bench: venv bench-deps
 	$(BIN)/python -m bench.compare
+	$(BIN)/python -m bench.replicas
+
+# The signer + server replicas on a real redis-server (issue 11): pre-signing into Redis vs
+# the raw token, server answers (hot-cache hit, store hit) vs the single process, a server's
+# memory with 1M stored responses, a revocation seen by every replica: ~5 minutes.
+bench-replicas: venv bench-deps
+	$(BIN)/python -m bench.replicas
 
 # The slow-signer pass (RSA-4096 key, 100k-serial index, pre-signing, restart): ~8 minutes.
 bench-slow: bench
