@@ -57,6 +57,7 @@ from bench.compare import (
     check_response,
     scrape_metrics,
     serial_request,
+    wait_entries,
 )
 from bench.procs import Children, StartError, free_port, http, wait_http
 from bench.wrk import WrkError, cycle_script, post_script
@@ -269,6 +270,11 @@ handles:
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         wait_http(child, url + "/readyz", timeout=120)
+        # Measured once it has pre-signed every row, as the servers' signer has.
+        entries, secs = wait_entries(url, self.n_rows, self.args.presign_wait)
+        if entries < self.n_rows:
+            raise BenchError(f"single process: {entries:,.0f} of {self.n_rows:,} pre-signed "
+                             f"after {secs:.0f} s")  # fmt: skip
         body = http(url + "/ocsp", self.request, OCSP_CT)[2]
         check_response(body, ocsp.OCSPCertStatus.GOOD, "single process")
         r, cpu = self.wrk_with_cpu(url + "/ocsp", self.script("single", post_script(self.request)),
@@ -327,9 +333,8 @@ handles:
     def memory(self) -> None:
         """A server's RSS with ``--store-responses`` in Redis, bounded by its hot cache."""
         self._require_signer()
-        from hsmocsp.stores import redis as redis_store
-
         from hsmocsp.ocsp.request import parse_request
+        from hsmocsp.stores import redis as redis_store
 
         target = int(self.args.store_responses)
         used0, held0 = self.used_memory(), int(self.redis_cli("dbsize").strip())
