@@ -521,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         ("presign", bench.presign), ("server", bench.server), ("memory", bench.memory),
         ("revocation", bench.revocation),
     ]  # fmt: skip
+    bench.report.extra["load average at start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     try:
         bench.setup()
         for key, step in steps:
@@ -537,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.redis.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    bench.report.extra["load average at the end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print()
     print(format_table(bench.report))
     if args.json:
