@@ -16,8 +16,9 @@ dir), it measures (issue 11):
 * **memory of a server with 1M responses in the store**: the store filled to
   ``--store-responses`` (default 1,000,000; the signer's real stored values copied under the
   keys of further serials, since the token would take minutes to sign them), then a server
-  with ``hot_cache_entries`` 100,000 answers ``--memory-requests`` distinct serials; its RSS
-  before and after, and Redis ``used_memory`` per stored response;
+  with ``hot_cache_entries`` 100,000 (``--memory-hot``) answers distinct serials until its hot
+  cache is full, and two runs more (evicting); its RSS at start, when full and at the end,
+  and Redis ``used_memory`` per stored response;
 * **revocation under load**: two servers under wrk load, each holding the serial's ``good``
   in its hot cache; the serial is revoked in index.txt (poll_interval 0.2 s) and each
   server is polled (every 20 ms) until it answers ``revoked``: time from the index write to
@@ -25,7 +26,7 @@ dir), it measures (issue 11):
 
 Options: ``--duration`` (default 10 s per wrk run), ``--connections`` (32), ``--quick``
 (2 s, 2,000 serials, 100,000 stored responses), ``--serials``, ``--store-responses``,
-``--memory-requests``, ``--json FILE``, ``--keep``.
+``--memory-hot``, ``--json FILE``, ``--keep``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from hsmocsp.devpki.redisdev import DevRedis
 SERIAL_BASE = 0x6000_0000_0000  # the extra index rows: BASE, BASE + 1, ...
 FILL_BASE = 0x6800_0000_0000  # serials only the store knows (memory row)
 PRESIGN_WAIT = 900.0
+MEMORY_BUDGET = 400.0  # seconds of wrk runs to fill a server's hot cache
 STALL = 60.0  # seconds without a new serial in Redis: the signer is not writing to it
 SERVER_HOT = 100_000  # hot_cache_entries of the memory row's server
 STORE_HIT_HOT = 100  # hot_cache_entries of the store-hit row's server (<< the list)
@@ -372,31 +374,52 @@ handles:
             note=f"{held:,} responses stored; used_memory {self.used_memory() / 2**20:,.0f} MiB; "
             f"stored value {len(value):,} bytes (codec), one CertID per serial",
         ))  # fmt: skip
-        cfg = self.config("server-mem", hot=SERVER_HOT)
+        hot_max = int(self.args.memory_hot)
+        cfg = self.config("server-mem", hot=hot_max)
         url, pid = self.start_role("server-mem", cfg, "server")
         rss0 = _rss_kib(pid)
-        n = int(self.args.memory_requests)
-        reqs = [serial_request(self.request, FILL_BASE + i) for i in range(n)]
-        hexfile = self.work / "mem.hex"
-        hexfile.write_text("".join(r.hex() + "\n" for r in reqs))
-        script = self.script("server-mem", cycle_script(hexfile, "/ocsp", 1))
-        duration = self.args.duration
-        self.args.duration = max(duration, 30.0)
-        try:
+        # wrk restarts a list at its first line each run: every run gets fresh serials, more
+        # than it can send, until the hot cache is full; then two more runs evict.
+        per_run, budget = 60_000, time.monotonic() + MEMORY_BUDGET
+        runs, requests, full_rss, full_at = 0, 0, 0, 0.0
+        extra = 0
+        t0 = time.monotonic()
+        while time.monotonic() < budget and extra < 2 and runs * per_run < target:
+            first = FILL_BASE + runs * per_run
+            hexfile = self.work / "mem.hex"
+            hexfile.write_text("".join(
+                serial_request(self.request, first + i).hex() + "\n" for i in range(per_run)
+            ))  # fmt: skip
+            script = self.script(f"server-mem-{runs}", cycle_script(hexfile, "/ocsp", 1))
             r = self.wrk(url + "/ocsp", script)
-        finally:
-            self.args.duration = duration
+            runs, requests = runs + 1, requests + r.requests
+            entries = _metric(scrape_metrics(url), "hsmocsp_hotcache_entries")
+            if full_rss:
+                extra += 1
+            elif entries >= hot_max:
+                full_rss, full_at = _rss_kib(pid), time.monotonic() - t0
         m = scrape_metrics(url)
         rss1 = _rss_kib(pid)
         entries = _metric(m, "hsmocsp_hotcache_entries")
-        self.report.rows.append(Row(
-            "server replica RSS, 1M-response store", rss1 / 1024,
-            note=f"MiB: {rss0 / 1024:.0f} at start, {rss1 / 1024:.0f} after {r.requests:,} "
-            f"requests over {min(n, r.requests):,} distinct serials of {held:,} stored; "
-            f"hot cache {entries:,.0f} of {SERVER_HOT:,} entries "
-            f"(~{(rss1 - rss0) * 1024 / max(1, entries):,.0f} bytes each)",
-        ))  # fmt: skip
-        print(f"  server RSS {rss0 / 1024:.0f} -> {rss1 / 1024:.0f} MiB", flush=True)
+        evicted = _metric(m, "hsmocsp_hotcache_evicted_total")
+        if full_rss:
+            note = (
+                f"MiB: {rss0 / 1024:.0f} at start, {full_rss / 1024:.0f} when the hot cache "
+                f"was full ({hot_max:,} entries, after {full_at:.0f} s; ~"
+                f"{(full_rss - rss0) * 1024 / hot_max:,.0f} bytes each), {rss1 / 1024:.0f} "
+                f"after {requests:,} requests for distinct serials of {held:,} stored "
+                f"({evicted:,.0f} evicted)"
+            )
+        else:
+            note = (
+                f"MiB: {rss0 / 1024:.0f} at start, {rss1 / 1024:.0f} after {requests:,} "
+                f"requests for distinct serials of {held:,} stored; hot cache NOT full: "
+                f"{entries:,.0f} of {hot_max:,} entries "
+                f"(~{(rss1 - rss0) * 1024 / max(1, entries):,.0f} bytes each)"
+            )
+        self.report.rows.append(Row("server replica RSS (MiB), 1M-response store", rss1 / 1024,
+                                    note=note))  # fmt: skip
+        print(f"  {note}", flush=True)
         self.stop("server-mem")
 
     def revocation(self) -> None:
@@ -489,8 +512,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--serials", type=int, default=20_000, help="extra index rows to pre-sign")
     p.add_argument("--store-responses", type=int, default=1_000_000)
-    p.add_argument("--memory-requests", type=int, default=200_000,
-                   help="distinct serials the memory row's server answers")  # fmt: skip
+    p.add_argument("--memory-hot", type=int, default=SERVER_HOT,
+                   help="hot_cache_entries of the memory row's server")  # fmt: skip
     p.add_argument("--presign-wait", type=float, default=PRESIGN_WAIT)
     p.add_argument("--only", default=",".join(ALL), help=f"comma list of {','.join(ALL)}")
     p.add_argument("--json", type=Path, default=None)
@@ -498,7 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.serials = 2.0, 2_000
-        args.store_responses, args.memory_requests = 100_000, 20_000
+        args.store_responses, args.memory_hot = 100_000, 5_000
     args.only = {t.strip() for t in args.only.split(",") if t.strip()}
     if args.only - set(ALL):
         p.error(f"unknown rows: {', '.join(sorted(args.only - set(ALL)))}")

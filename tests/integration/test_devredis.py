@@ -47,6 +47,7 @@ def test_dev_redis_lives_in_its_directory(tmp_path: Path) -> None:
 def test_bench_replicas_options_and_table() -> None:
     args = parse_args(["--quick"])
     assert (args.duration, args.serials, args.store_responses) == (2.0, 2_000, 100_000)
+    assert args.memory_hot == 5_000
     report = Report(2.0, 32, 1)
     report.rows += [
         Row("single process (role all) cached POST", 40_000.0, 0.7, 1.2),
