@@ -402,20 +402,23 @@ handles:
         rss1 = _rss_kib(pid)
         entries = _metric(m, "hsmocsp_hotcache_entries")
         evicted = _metric(m, "hsmocsp_hotcache_evicted_total")
+        fwd = _metric(m, "hsmocsp_forwarded_total")
+        errors = _metric(m, "hsmocsp_store_fetch_errors_total")
+        side = f"; {fwd:,.0f} forwarded to the signer, {errors:,.0f} store fetch errors"
         if full_rss:
             note = (
                 f"MiB: {rss0 / 1024:.0f} at start, {full_rss / 1024:.0f} when the hot cache "
                 f"was full ({hot_max:,} entries, after {full_at:.0f} s; ~"
                 f"{(full_rss - rss0) * 1024 / hot_max:,.0f} bytes each), {rss1 / 1024:.0f} "
                 f"after {requests:,} requests for distinct serials of {held:,} stored "
-                f"({evicted:,.0f} evicted)"
+                f"({evicted:,.0f} evicted){side}"
             )
         else:
             note = (
                 f"MiB: {rss0 / 1024:.0f} at start, {rss1 / 1024:.0f} after {requests:,} "
                 f"requests for distinct serials of {held:,} stored; hot cache NOT full: "
                 f"{entries:,.0f} of {hot_max:,} entries "
-                f"(~{(rss1 - rss0) * 1024 / max(1, entries):,.0f} bytes each)"
+                f"(~{(rss1 - rss0) * 1024 / max(1, entries):,.0f} bytes each){side}"
             )
         self.report.rows.append(Row("server replica RSS (MiB), 1M-response store", rss1 / 1024,
                                     note=note))  # fmt: skip
