@@ -264,6 +264,7 @@ class RedisServer:
         if not self.sentinel:
             # No snapshots; a replica is fed at once (Redis 7 waits 5 s by default).
             lines += ['save ""', "appendonly no", "repl-diskless-sync-delay 0"]
+            lines.append("enable-debug-command local")  # DEBUG SLEEP: a stalled Redis
         if self.password is not None:
             lines.append(f"requirepass {self.password}")
             if not self.sentinel:  # a replica (or a demoted primary) logs in to its primary
@@ -356,11 +357,46 @@ class RedisServer:
                 raise reply
         return replies
 
+    def subscribe(self, channel: str | bytes, timeout: float = 5.0) -> Subscriber:
+        """A subscription on its own connection; read messages with ``next()``."""
+        sock = self.connect(timeout)
+        lines = _Lines(sock)
+        if self.password is not None:
+            sock.sendall(_encode(["AUTH", self.password]))
+            lines.reply()
+        sock.sendall(_encode(["SUBSCRIBE", channel]))
+        reply = lines.reply()
+        assert isinstance(reply, list) and reply[0] == b"subscribe", reply
+        return Subscriber(sock, lines)
+
     def role(self) -> str:
         """``master``, ``slave`` (or ``sentinel``), from ROLE."""
         reply = self.cmd("ROLE")
         value = reply[0]
         return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Subscriber:
+    """Messages published on one channel, read with a deadline."""
+
+    def __init__(self, sock: socket.socket, lines: _Lines) -> None:
+        self.sock = sock
+        self.lines = lines
+
+    def next(self, timeout: float = 10.0) -> bytes:
+        """The next message's data (TimeoutError when none comes in time)."""
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                reply = self.lines.reply()
+            except TimeoutError:
+                raise TimeoutError("no message published in time") from None
+            if isinstance(reply, list) and reply and reply[0] == b"message":
+                data: bytes = reply[2]
+                return data
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @dataclass
@@ -511,6 +547,7 @@ __all__ = [
     "RedisServer",
     "RespError",
     "SentinelSet",
+    "Subscriber",
     "TlsFiles",
     "make_tls_files",
     "start_sentinel_set",

@@ -46,6 +46,7 @@ from hsmocsp.web.limits import HttpLimits
 
 if TYPE_CHECKING:
     from hsmocsp.signing.pool import TokenPool
+    from hsmocsp.stores.redis import RedisStore
     from hsmocsp.web.metrics import Metrics
 
 log = Logger()
@@ -143,6 +144,12 @@ class ResponderService(Sequence):
         for name, pool in self.pools.items():
             self.app.metrics.watch_token(name, pool.health)
         self.store: ResponseStore | None = None
+        self.shared: RedisStore | None = None
+        if cfg.store.kind == "redis":
+            from hsmocsp.stores.redis import RedisStore
+
+            # The password is read now: a missing one is a configuration error (exit 78).
+            self.shared = RedisStore.from_config(cfg.store, reactor, str(cfg.path))
         self.fronts: FrontPool | None = None
         self.listener: Listener | SharedListener | None = None
         self._build_tree(parts)
@@ -166,6 +173,10 @@ class ResponderService(Sequence):
         Component("expiry", self.expiry.start, self.expiry.stop).setServiceParent(self)
         if self.cfg.data_dir is not None:
             Component("store", self._open_store, self._close_store).setServiceParent(self)
+        if self.shared is not None:
+            Component(
+                "shared store", self._open_shared, self._close_shared
+            ).setServiceParent(self)
         site = FastSite(self.app, self.reactor.seconds, limits=self.limits, clock=self.reactor)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]  # ours: web/accesslog.py
@@ -206,7 +217,7 @@ class ResponderService(Sequence):
     async def _open_store(self) -> None:
         assert self.cfg.data_dir is not None
         store = self.store = ResponseStore(self.cfg.data_dir / "responses.sqlite", self.reactor)
-        self.app.metrics.watch_store(store)
+        self.app.metrics.watch_store(store, "sqlite")
         for handle in self.handles:
             kept = await handle.restore(store.load(handle.name, handle.key_hash))
             handle.cache.on_store = store.recorder(handle.name, handle.key_hash)
@@ -217,6 +228,28 @@ class ResponderService(Sequence):
 
     def _close_store(self) -> Deferred[None] | None:
         return self.store.stop() if self.store is not None else None
+
+    def _open_shared(self) -> None:
+        """The signer's side of the shared store (``role: all|signer`` with
+        ``store.kind: redis``): every lasting response a handle's cache holds or will
+        hold is written, every invalidation deleted and published. Start-up does not
+        wait for Redis: while it cannot be written the handles are degraded."""
+        store = self.shared
+        assert store is not None
+        self.app.metrics.watch_store(store, "redis")
+        for handle in self.handles:
+            handle.cache.observers.append(store.observer(handle.name))
+            record = store.recorder(handle.name)
+            for key, serial, value in handle.cache.items():  # restored from SQLite
+                record(key, serial, value)
+            handle.depend_on("shared store", store)
+        store.start()
+        log.info(
+            "shared store: writing signed responses to {where}", where=store.connector.where
+        )
+
+    def _close_shared(self) -> Deferred[None] | None:
+        return self.shared.stop() if self.shared is not None else None
 
     def _make_fronts(self, port: int, backend: str) -> FrontPool:
         assert self.tcp_listen is not None
@@ -312,8 +345,8 @@ class ResponderService(Sequence):
 
 
 def holds_secrets(cfg: Config) -> bool:
-    """Does this process hold a PIN, a Vault credential or a key password?"""
-    return bool(cfg.tokens) or any(
+    """Does this process hold a PIN, a Vault credential, a key or Redis password?"""
+    return bool(cfg.tokens) or cfg.store.password is not None or any(
         isinstance(h.source, VaultSourceConfig)
         or (isinstance(h.signer, FileKeyConfig) and h.signer.password is not None)
         for h in cfg.handles

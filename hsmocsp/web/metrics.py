@@ -99,6 +99,8 @@ class Metrics:
         self._children: dict[tuple[str, str, str], Any] = {}
         self._latency_children: dict[tuple[str, str], Any] = {}
         self._presign_gauges: list[Gauge] | None = None
+        self._stores: dict[str, StoreView] | None = None
+        self._store_gauges: list[Gauge] = []
         self._evicted = Counter(
             "hsmocsp_http_connections_evicted",
             "Idlest client connections closed to stay under max_connections",
@@ -197,27 +199,32 @@ class Metrics:
                 partial(_is_state, health, state)
             )
 
-    def watch_store(self, store: StoreView) -> None:
-        """The response store's write health, read at scrape time: failed write attempts
-        and rows dropped from a full queue (counters), rows waiting, and 1/0 for writing
-        works."""
-        self.registry.register(
-            _ReadCounters(
-                (
-                    ("hsmocsp_store_write_errors", "Failed attempts to write signed responses"
-                     " to the store (disk full, read-only, locked)", lambda: store.write_errors),
-                    ("hsmocsp_store_dropped_rows", "Signed responses dropped from a full write"
-                     " queue while the store could not write", lambda: store.dropped),
+    def watch_store(self, store: StoreView, kind: str = "sqlite") -> None:
+        """A response store's write health, read at scrape time, labelled ``store``
+        (``sqlite``: the local file; ``redis``: the store shared with replicas): failed
+        write attempts and rows dropped from a full queue (counters), rows waiting, 1/0
+        for writing works, and for a shared store 1/0 for connected and the failed reads."""
+        if self._stores is None:
+            self._stores = {}
+            self.registry.register(_StoreCounters(self._stores))
+            self._store_gauges = [
+                Gauge(name, doc, ["store"], registry=self.registry)
+                for name, doc in (
+                    ("hsmocsp_store_pending_rows",
+                     "Signed responses waiting to be written to the store"),
+                    ("hsmocsp_store_ready",
+                     "1 while the store works (writes, reads, subscription), 0 while it fails"),
+                    ("hsmocsp_store_connected",
+                     "1 while a connection to the shared store is up (sqlite: always 1)"),
                 )
-            )
-        )  # fmt: skip
-        for name, doc, read in (
-            ("hsmocsp_store_pending_rows", "Signed responses waiting to be written to the"
-             " store", lambda: float(store.pending)),
-            ("hsmocsp_store_ready", "1 while the store writes, 0 while writes fail",
-             lambda: float(store.health().state is State.READY)),
-        ):  # fmt: skip
-            Gauge(name, doc, registry=self.registry).set_function(read)
+            ]  # fmt: skip
+        self._stores[kind] = store
+        pending, ready, connected = self._store_gauges
+        pending.labels(kind).set_function(lambda: float(store.pending))
+        ready.labels(kind).set_function(lambda: float(store.health().state is State.READY))
+        connected.labels(kind).set_function(
+            lambda: float(getattr(store, "connected", True))
+        )
 
     def response(self, handle: str, status: str, method: str, n: int = 1) -> None:
         key = (handle, status, method)
@@ -321,6 +328,28 @@ class _ReadCounters(Collector):
         for name, text, read in self._counters:
             family = CounterMetricFamily(name, text)
             family.add_metric([], float(read()))
+            yield family
+
+
+class _StoreCounters(Collector):
+    """The stores' own counters, by ``store`` label, read at scrape time."""
+
+    def __init__(self, stores: dict[str, StoreView]) -> None:
+        self._stores = stores
+
+    def collect(self) -> Iterator[Metric]:
+        for name, text, read in (
+            ("hsmocsp_store_write_errors", "Failed attempts to write signed responses to the"
+             " store (disk full, read-only, locked; Redis down or refusing)",
+             lambda s: s.write_errors),
+            ("hsmocsp_store_dropped_rows", "Signed responses dropped from a full write queue"
+             " while the store could not write", lambda s: s.dropped),
+            ("hsmocsp_store_read_errors", "Reads from the shared store that failed (down,"
+             " too slow), answered without it", lambda s: getattr(s, "fetch_errors", 0)),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, text, labels=["store"])
+            for kind, store in self._stores.items():
+                family.add_metric([kind], float(read(store)))
             yield family
 
 

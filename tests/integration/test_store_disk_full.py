@@ -109,9 +109,10 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
                 for cert in (devpki.good_pem, devpki.revoked_pem):
                     _ask(r, path, cert, devpki.ca_pem, algorithm)
                     asked += 1
-        wait_until(lambda: _metric(r, "hsmocsp_store_write_errors_total") >= 2, "failed writes")
-        assert _metric(r, "hsmocsp_store_pending_rows") == asked
-        assert _metric(r, "hsmocsp_store_ready") == 0
+        errors = 'hsmocsp_store_write_errors_total{store="sqlite"}'
+        wait_until(lambda: _metric(r, errors) >= 2, "failed writes")
+        assert _metric(r, 'hsmocsp_store_pending_rows{store="sqlite"}') == asked
+        assert _metric(r, 'hsmocsp_store_ready{store="sqlite"}') == 0
         # Every handle is degraded (answers still flow: /readyz stays 200) with the reason.
         code, _, body = http(r.url + "/readyz")
         states = json.loads(body)["handles"]
@@ -123,8 +124,8 @@ def test_full_disk_then_space_back(devpki: DevPki, tmp_path: Path, small_disk: P
         wait_until(
             lambda: _rows(db) == 1 + asked, "the rows signed while the disk was full", timeout=60
         )
-        assert _metric(r, "hsmocsp_store_pending_rows") == 0
-        assert _metric(r, "hsmocsp_store_ready") == 1
+        assert _metric(r, 'hsmocsp_store_pending_rows{store="sqlite"}') == 0
+        assert _metric(r, 'hsmocsp_store_ready{store="sqlite"}') == 1
         wait_until(lambda: json.loads(http(r.url + "/readyz")[2])["state"] == "ready", "ready")
     finally:
         r.stop()
