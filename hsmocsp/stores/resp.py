@@ -222,7 +222,7 @@ class RespProtocol(Protocol):
         timer: IDelayedCall | None = None
         if timeout is not None and commands:
             timer = self.clock.callLater(
-                timeout, self.abort, f"{self.name}: no answer within {timeout:g} s"
+                timeout, self.abort, f"no answer within {timeout:g} s"
             )
         for n, _ in enumerate(commands):
             d: Deferred[Reply] = Deferred()
