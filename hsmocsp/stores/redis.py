@@ -405,6 +405,7 @@ class RedisStore:
         self._invalid: dict[str, set[int] | None] = {}
         self._taken: list[tuple[str, frozenset[int] | None]] | None = None
         self._in_flight = 0
+        self._writes = False
         self._writing: OneAtATime[None] = OneAtATime()
         self._flush_interval = flush_interval
         self._max_backoff = max(max_backoff, flush_interval)
@@ -430,9 +431,12 @@ class RedisStore:
     # --- life -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start writing what is queued (connecting in the background: a Redis that is
-        down at start only makes the store degraded)."""
+        """Start writing what is queued. A writer (one that made a :meth:`recorder`)
+        connects now and stays connected: a Redis that is down, at start or later,
+        makes the store degraded (and is retried) even while nothing is signed."""
         self._running = True
+        if self._writes:
+            self._writer.on_lost = lambda why: self._soon()
         self._schedule(0)
 
     def stop(self) -> Deferred[None]:
@@ -525,6 +529,8 @@ class RedisStore:
         return _Observer(self, handle)
 
     def recorder(self, handle: str) -> Callable[[bytes, int, SignedResponse], None]:
+        self._writes = True
+
         def record(key: bytes, serial: int, response: SignedResponse) -> None:
             if not lasting(response):
                 return
@@ -613,7 +619,9 @@ class RedisStore:
         """Write what waits now; never fails (a failure is kept, counted, retried)."""
         if self._writing.running:
             return self._writing.wait()
-        if not self._pending and not self._invalid:
+        if not self._pending and not self._invalid and (
+            self._writer.connected or not self._writes
+        ):
             return succeed(None)
         return self._writing.run(lambda: Deferred.fromCoroutine(self._write_batch()))
 

@@ -338,3 +338,29 @@ def make_other_ca(tmp_path: Path) -> Path:
     from tests.redisfixtures import make_tls_files
 
     return make_tls_files(tmp_path / "other-ca").ca
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_signer_notices_redis_down_and_back(
+    redis_server: RedisServer, stores: Stores
+) -> None:
+    signer = stores(cfg_for(redis_server), start=False, max_backoff=0.2)
+    signer.recorder("root")  # a writer
+    signer.start()
+    await until(lambda: signer.connected, "connected at start, nothing signed yet")
+    redis_server.stop()
+    await until(lambda: not signer.health().ready, "degraded while idle")
+    assert not signer.connected and "cannot write" in signer.health().reason
+    redis_server.start()
+    await until(lambda: signer.health().ready and signer.connected, "ready again")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket(redis_factory: RedisFactory, tmp_path: Path, stores: Stores) -> None:
+    sock = tmp_path / "redis.sock"
+    redis_factory(extra=[f"unixsocket {sock}", "unixsocketperm 700"])
+    cfg = StoreConfig(kind="redis", address=RedisAddress(unix=sock), timeout=0.3)
+    signer, reader = stores(cfg), stores(cfg, start=False)
+    signer.recorder("root")(b"k", 1, response(1))
+    await until(lambda: signer.written == 1, "written over the socket")
+    assert (await reader.fetch("root", b"k", 1)) is not None
