@@ -272,6 +272,7 @@ class Link:
         self.problem: str | None = None
         self.on_lost: Callable[[str], None] | None = None
         self.on_message: Callable[[bytes, bytes], None] | None = None
+        self._closed = False
 
     @property
     def connected(self) -> bool:
@@ -281,6 +282,8 @@ class Link:
         proto = self.proto
         if proto is not None and proto.open:
             return succeed(proto)
+        if self._closed:
+            return fail(StoreUnavailable("store stopped"))
         if not self._connecting.running and self.clock.seconds() < self._retry_at:
             return fail(StoreUnavailable(self.problem or f"{self.connector.where}: down"))
         return self._connecting.run(self._connect)
@@ -289,6 +292,9 @@ class Link:
         d = Deferred.fromCoroutine(self.connector.connect(self.purpose))
 
         def connected(proto: RespProtocol) -> RespProtocol:
+            if self._closed:  # stopped while connecting: do not leave it open
+                proto.abort("store stopped")
+                raise StoreUnavailable("store stopped")
             self.proto = proto
             self._pause = 0.0
             self.problem = None
@@ -321,6 +327,7 @@ class Link:
             self.proto.abort(why)
 
     def close(self) -> None:
+        self._closed = True
         self.on_lost = None
         proto, self.proto = self.proto, None
         if proto is not None:
@@ -853,7 +860,10 @@ class RedisStore:
             was = [s.live for s in self._subscriptions]
             for s in self._subscriptions:
                 s.live = True
-            if not all(was) or not was:
+            if self._read_problem is not None:  # the same Redis answers again
+                log.info("store {where}: reading again", where=self.connector.where)
+                self._read_problem = None
+            if not all(was):
                 log.info(
                     "store {where}: subscribed to {channel}",
                     where=self.connector.where, channel=self.channel.decode(),
@@ -861,7 +871,7 @@ class RedisStore:
             for s, before in zip(list(self._subscriptions), was, strict=False):
                 if not before and s.on_subscription is not None:
                     s.on_subscription(True)
-            self._ping = self.reactor.callLater(self.cfg.timeout, self._keepalive)
+            self._ping = self.reactor.callLater(self._ping_every, self._keepalive)
 
         def failed(failure: Failure) -> None:
             self._subscription_down(_failure_text(failure))
@@ -869,8 +879,9 @@ class RedisStore:
         Deferred.fromCoroutine(go()).addCallbacks(subscribed, failed)
 
     def _keepalive(self) -> None:
-        """A PING on the subscribed connection; no answer within ``timeout`` closes it,
-        so a silently dead subscription is noticed (and re-made) quickly."""
+        """A PING on the subscribed connection every ``timeout / 2``; no answer within
+        ``timeout`` closes it, so a silently dead subscription (a partitioned network,
+        a stalled Redis) is noticed and re-made within 1.5 x ``timeout``."""
         self._ping = None
         proto = self._subscriber.proto
         if proto is None or not proto.open:
@@ -879,9 +890,14 @@ class RedisStore:
 
         def again(_: object) -> None:
             if self._subscriber.proto is proto and self._ping is None and self._running_reader:
-                self._ping = self.reactor.callLater(self.cfg.timeout, self._keepalive)
+                self._ping = self.reactor.callLater(self._ping_every, self._keepalive)
 
         d.addCallbacks(again, lambda _: None)
+
+    @property
+    def _ping_every(self) -> float:
+        """PING the subscription this often: a dead one is seen within 1.5 x timeout."""
+        return max(self.cfg.timeout / 2, 0.05)
 
     @property
     def _running_reader(self) -> bool:

@@ -364,3 +364,33 @@ async def test_unix_socket(redis_factory: RedisFactory, tmp_path: Path, stores: 
     signer.recorder("root")(b"k", 1, response(1))
     await until(lambda: signer.written == 1, "written over the socket")
     assert (await reader.fetch("root", b"k", 1)) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_subscription_is_noticed_and_made_again(
+    redis_server: RedisServer, stores: Stores
+) -> None:
+    import threading
+
+    server = stores(cfg_for(redis_server), start=False)
+    signer = stores(cfg_for(redis_server))
+    signer.recorder("root")
+    states: list[bool] = []
+    seen: list[tuple[str, frozenset[int] | None]] = []
+    server.subscribe(lambda h, s: seen.append((h, s)), states.append)
+    await until(lambda: states == [True], "subscribed")
+    # Redis answers nobody for 2 s: the connection is up, the subscription is not live.
+    stall = threading.Thread(target=redis_server.cmd, args=("DEBUG", "SLEEP", 2))
+    stall.start()
+    try:
+        await until(lambda: states == [True, False], "the stalled subscription noticed")
+        assert server.health().state is State.DEGRADED
+        assert "not subscribed" in server.health().reason
+    finally:
+        from twisted.internet.threads import deferToThread
+
+        await deferToThread(stall.join)
+    await until(lambda: states == [True, False, True], "subscribed again")
+    signer.forget("root", frozenset({0x99}))
+    await until(lambda: seen == [("root", frozenset({0x99}))], "an invalidation delivered")
+    assert server.health().ready
