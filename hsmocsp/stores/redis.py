@@ -57,6 +57,8 @@ from hsmocsp.stores.resp import Arg, Reply, ReplyError, RespProtocol
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
+    from hsmocsp.stores import SharedStore
+
 log = Logger()
 
 #: Writes per pipelined batch (three commands each).
@@ -980,6 +982,12 @@ def _text(err: BaseException) -> str:
 def _failure_text(failure: Failure) -> str:
     err = failure.value
     return _text(err) if err is not None else "failed"
+
+
+if TYPE_CHECKING:
+
+    def _is_a_shared_store(store: RedisStore) -> SharedStore:
+        return store  # mypy checks RedisStore against the protocol here
 
 
 __all__ = [
