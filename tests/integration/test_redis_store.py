@@ -394,3 +394,12 @@ async def test_a_stalled_subscription_is_noticed_and_made_again(
     signer.forget("root", frozenset({0x99}))
     await until(lambda: seen == [("root", frozenset({0x99}))], "an invalidation delivered")
     assert server.health().ready
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_and_key_prefix(redis_server: RedisServer, stores: Stores) -> None:
+    signer = stores(cfg_for(redis_server, database=3, key_prefix="ocsp/"))
+    signer.recorder("root")(b"k", 0xAB, response(0xAB))
+    await until(lambda: signer.written == 1, "written")
+    assert redis_server.pipeline([("SELECT", 3), ("KEYS", "*")])[1] == [b"ocsp/r:root:ab"]
+    assert redis_server.cmd("KEYS", "*") == []  # nothing in database 0
