@@ -274,6 +274,7 @@ class Link:
         self.problem: str | None = None
         self.on_lost: Callable[[str], None] | None = None
         self.on_message: Callable[[bytes, bytes], None] | None = None
+        self.on_connected: Callable[[], None] | None = None
         self._closed = False
 
     @property
@@ -302,6 +303,8 @@ class Link:
             self.problem = None
             proto.on_lost = self._lost
             proto.on_message = self.on_message
+            if self.on_connected is not None:
+                self.on_connected()
             return proto
 
         def failed(failure: Failure) -> Failure:
@@ -409,6 +412,7 @@ class RedisStore:
         self._writer = Link(self.connector, "signer", reactor)
         self._reader = Link(self.connector, "reader", reactor)
         self._subscriber = Link(self.connector, "subscriber", reactor)
+        self._reader.on_connected = self._readable
         self.stats = StoreStats()
         self._pending: OrderedDict[tuple[str, bytes], _Write] = OrderedDict()
         self._invalid: dict[str, set[int] | None] = {}
@@ -791,9 +795,7 @@ class RedisStore:
         d = Deferred.fromCoroutine(ask())
 
         def ok(value: SignedResponse | None) -> SignedResponse | None:
-            if self._read_problem is not None:
-                log.info("store {where}: reading again", where=self.connector.where)
-            self._read_problem = None
+            self._readable()
             return value
 
         def failed(failure: Failure) -> Failure:
@@ -810,6 +812,12 @@ class RedisStore:
             return failure
 
         return d.addCallbacks(ok, failed)
+
+    def _readable(self) -> None:
+        """Redis answered a reader again (a read, a reconnection, the subscription)."""
+        if self._read_problem is not None:
+            log.info("store {where}: reading again", where=self.connector.where)
+            self._read_problem = None
 
     def _decoded(self, reply: Reply) -> SignedResponse | None:
         if reply is None:
@@ -862,9 +870,7 @@ class RedisStore:
             was = [s.live for s in self._subscriptions]
             for s in self._subscriptions:
                 s.live = True
-            if self._read_problem is not None:  # the same Redis answers again
-                log.info("store {where}: reading again", where=self.connector.where)
-                self._read_problem = None
+            self._readable()  # the same Redis answers again
             if not all(was):
                 log.info(
                     "store {where}: subscribed to {channel}",
