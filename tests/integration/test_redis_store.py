@@ -183,6 +183,10 @@ async def test_redis_down_then_back(
         assert isinstance(await fetched(server, "root", b"k0", 0), StoreUnavailable)
         assert server.health().state is State.DEGRADED
         redis_server.start()  # empty: it kept nothing
+        # Before the reactor runs again (the signer cannot act meanwhile): a stale copy of
+        # the revoked serial, and a listener on the invalidation channel.
+        redis_server.cmd("HSET", "hsmocsp:r:root:0", "stale", "good")
+        listener = redis_server.subscribe("hsmocsp:inv")
         await until(lambda: signer.pending == 0 and signer.health().ready, "caught up")
         await until(lambda: states[-1] is True, "re-subscribed")
         assert signer.written == 51
@@ -193,9 +197,13 @@ async def test_redis_down_then_back(
         again = [line for line in lines if "writing again" in line]
         assert len(cannot) == 1 and len(again) == 1, lines
         assert len([line for line in lines if "cannot read" in line]) == 1, lines
-        # The revocation made while Redis was down reached the store once it came back
-        # (the hash is gone and the message was published after the subscription).
+        # The revocation made while Redis was down reached it once it came back: the
+        # serial's hash is deleted and the invalidation published.
         assert redis_server.cmd("EXISTS", "hsmocsp:r:root:0") == 0
+        from twisted.internet.threads import deferToThread
+
+        assert await deferToThread(listener.next, 5) == b"root 0"
+        listener.close()
     finally:
         globalLogPublisher.removeObserver(observe)
 
