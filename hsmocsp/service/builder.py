@@ -58,17 +58,26 @@ def load_cert(path: Path, key: str, cfg: Config) -> x509.Certificate:
         raise ConfigError(str(cfg.path), key, f"{path} is not a certificate: {err}") from err
 
 
-def build_pool(token: TokenConfig, reactor: Any, workers: int | None = None) -> TokenPool:
+def build_pool(
+    token: TokenConfig,
+    reactor: Any,
+    workers: int | None = None,
+    also_drop: tuple[str, ...] = (),
+) -> TokenPool:
     """One worker pool per token; the PIN is read now (a missing one is a config error).
 
-    ``workers`` overrides the token's count (``hsmocsp check``/``csr``: one login).
+    ``workers`` overrides the token's count (``hsmocsp check``/``csr``: one login);
+    ``also_drop``: more environment variables the workers must not inherit (the
+    Redis password's).
     """
     from hsmocsp.signing.pool import TokenPool
 
     pin = token.pin.read(f"tokens.{token.name}.pin")
     if workers is not None:
         token = replace(token, workers=workers)
-    return TokenPool(token, pin, reactor=reactor)
+    pool = TokenPool(token, pin, reactor=reactor)
+    pool.env_drop += also_drop
+    return pool
 
 
 def build_signer(h: HandleConfig, pool: TokenPool | None) -> Signer:
@@ -168,6 +177,9 @@ def build(cfg: Config, reactor: Any, pool_workers: int | None = None) -> Parts:
     ``pool_workers`` overrides every token's worker count (one login per token).
     """
     parts = Parts()
+    # The signing workers inherit our environment (a PKCS#11 module may be configured by
+    # any variable), minus the secrets they do not need.
+    secrets = (cfg.store.password.env,) if cfg.store.password and cfg.store.password.env else ()
     for h in cfg.handles:
         issuer = load_cert(h.issuer, f"handles.{h.name}.issuer", cfg) if h.issuer else None
         responder = (
@@ -180,7 +192,9 @@ def build(cfg: Config, reactor: Any, pool_workers: int | None = None) -> Parts:
             token = cfg.tokens[h.signer.token]
             pool = parts.pools.get(token.name)
             if pool is None:
-                pool = parts.pools[token.name] = build_pool(token, reactor, pool_workers)
+                pool = parts.pools[token.name] = build_pool(
+                    token, reactor, pool_workers, also_drop=secrets
+                )
             parts.handle_pools[h.name] = pool
         signer = parts.signers[h.name] = build_signer(h, pool)
         source = parts.sources[h.name] = build_source(h, issuer, reactor)

@@ -20,7 +20,7 @@ from hsmocsp.devpki.opensslca import DevPki
 from hsmocsp.stores.codec import decode
 from tests.integration.conftest import dev_env
 from tests.integration.harness import Responder, http, openssl_ocsp, wait_until
-from tests.redisfixtures import RedisServer
+from tests.redisfixtures import RedisFactory, RedisServer
 
 
 def _serial(cert: Path) -> int:
@@ -107,16 +107,40 @@ def _revoke_in_copy(index: Path, serial: int) -> None:
     index.write_text("\n".join(lines) + "\n")
 
 
+PASSWORD = "redis-Secret-4711"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_signer_feeds_redis_through_an_outage(
-    devpki: DevPki, tmp_path: Path, redis_server: RedisServer
+    devpki: DevPki, tmp_path: Path, redis_factory: RedisFactory
 ) -> None:
+    redis_server = redis_factory(password=PASSWORD)
     work = tmp_path / "work"
     work.mkdir()
     index = work / "index.txt"
     index.write_text(devpki.index.read_text())
-    r = Responder(
-        config=_config(devpki, work, index, redis_server), env=dev_env(devpki), workdir=work
-    ).start()
+    config = _config(devpki, work, index, redis_server)
+    config.write_text(config.read_text().replace(
+        "  timeout: 0.5\n", "  timeout: 0.5\n  password_env: TEST_REDIS_PASSWORD\n"
+    ))  # fmt: skip
+    env = dict(dev_env(devpki), TEST_REDIS_PASSWORD=PASSWORD)
+    r = Responder(config=config, env=env, workdir=work).start()
+    assert r.proc is not None
+    workers = _children(r.proc.pid)
+    assert workers  # the signing worker(s): they do not inherit the Redis password
+    for pid in workers:
+        assert PASSWORD.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
     good, revoked = _serial(devpki.good_pem), _serial(devpki.revoked_pem)
     inv = redis_server.subscribe("hsmocsp:inv")
     try:
@@ -186,6 +210,7 @@ def test_signer_feeds_redis_through_an_outage(
         wait_until(lambda: _stored(redis_server, good), "the new answer in Redis")
         assert decode(_stored(redis_server, good)[0]).status_key.startswith("revoked")
         assert r.alive()
+        assert PASSWORD not in r.output()
     finally:
         inv.close()
         r.stop()
