@@ -9,6 +9,7 @@
     ├── handles      Component: responder certificates checked against keys and issuers
     ├── expiry       Component: certificate / CRL expiry warnings, handle state changes
     ├── store        Component (with data_dir): stored responses restored, flushing
+    ├── shared store Component (store.kind: redis): responses written to Redis
     ├── listener     Listener, or SharedListener with the HTTP fronts as its child
     ├── serving      Component: the "serving"/"listening" log lines
     └── presigners   Group: one PresignService per handle
