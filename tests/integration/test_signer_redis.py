@@ -135,15 +135,16 @@ def test_signer_feeds_redis_through_an_outage(
         "  timeout: 0.5\n", "  timeout: 0.5\n  password_env: TEST_REDIS_PASSWORD\n"
     ))  # fmt: skip
     env = dict(dev_env(devpki), TEST_REDIS_PASSWORD=PASSWORD)
-    r = Responder(config=config, env=env, workdir=work).start()
-    assert r.proc is not None
-    workers = _children(r.proc.pid)
-    assert workers  # the signing worker(s): they do not inherit the Redis password
-    for pid in workers:
-        assert PASSWORD.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    r = Responder(config=config, env=env, workdir=work)
     good, revoked = _serial(devpki.good_pem), _serial(devpki.revoked_pem)
     inv = redis_server.subscribe("hsmocsp:inv")
     try:
+        r.start()
+        assert r.proc is not None
+        workers = _children(r.proc.pid)
+        assert workers  # the signing worker(s): they do not inherit the Redis password
+        for pid in workers:
+            assert PASSWORD.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
         # 1. An answer is in Redis as sent, byte for byte, until its nextUpdate.
         _ask(r, devpki, devpki.good_pem, work / "good.der")
         wait_until(lambda: _stored(redis_server, good), "the good response in Redis")
