@@ -141,6 +141,10 @@ class ResponseCache(Generic[V]):
         transient ones not: they are what observers never see)."""
         return [(key, serial, value) for key, (serial, value) in self._entries.items()]
 
+    def keys(self) -> list[bytes]:
+        """The keys of every lasting entry (a copy: cheap to walk while entries change)."""
+        return list(self._entries)
+
     def __len__(self) -> int:
         return len(self._entries) + len(self._transient)
 

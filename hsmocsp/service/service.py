@@ -239,7 +239,7 @@ class ResponderService(Sequence):
         assert store is not None
         self.app.metrics.watch_store(store, "redis")
         for handle in self.handles:
-            handle.cache.observers.append(store.observer(handle.name))
+            handle.cache.observers.append(store.observer(handle.name, handle.cache))
             record = store.recorder(handle.name)
             for key, serial, value in handle.cache.items():  # restored from SQLite
                 record(key, serial, value)

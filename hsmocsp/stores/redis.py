@@ -32,11 +32,11 @@ endpoints, on the reactor the process already runs.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail, succeed
@@ -364,6 +364,15 @@ class StoreStats:
     invalidations_received: int = 0
 
 
+class HeldResponses(Protocol):
+    """What the store reads from a handle's cache to write it all again
+    (:class:`hsmocsp.cache.ResponseCache`)."""
+
+    def keys(self) -> list[bytes]: ...
+
+    def entry(self, key: bytes) -> tuple[int, SignedResponse] | None: ...
+
+
 class _Observer:
     """A handle cache's observer (hsmocsp.cache.CacheObserver) feeding the store."""
 
@@ -413,12 +422,19 @@ class RedisStore:
         self._reader = Link(self.connector, "reader", reactor)
         self._subscriber = Link(self.connector, "subscriber", reactor)
         self._reader.on_connected = self._readable
+        self._writer.on_connected = self._new_writer_connection
         self.stats = StoreStats()
         self._pending: OrderedDict[tuple[str, bytes], _Write] = OrderedDict()
         self._invalid: dict[str, set[int] | None] = {}
         self._taken: list[tuple[str, frozenset[int] | None]] | None = None
         self._in_flight = 0
         self._writes = False
+        self._held: dict[str, HeldResponses] = {}
+        self._marker = f"{cfg.key_prefix}signer".encode()
+        self._check_marker = False
+        self._resync: deque[tuple[str, bytes]] = deque()
+        self.resyncs = 0
+        """Times Redis was found without our marker and everything held written again."""
         self._writing: OneAtATime[None] = OneAtATime()
         self._flush_interval = flush_interval
         self._max_backoff = max(max_backoff, flush_interval)
@@ -476,6 +492,7 @@ class RedisStore:
         for link in (self._writer, self._reader, self._subscriber):
             link.close()
         self._subscriptions.clear()
+        self._resync.clear()
 
     @property
     def pending(self) -> int:
@@ -536,9 +553,15 @@ class RedisStore:
 
     # --- signer side ------------------------------------------------------------------
 
-    def observer(self, handle: str) -> _Observer:
+    def observer(self, handle: str, held: HeldResponses | None = None) -> _Observer:
         """A cache observer for ``handle`` (``handle.cache.observers.append(...)``):
-        every lasting response stored is written, every invalidation forgotten."""
+        every lasting response stored is written, every invalidation forgotten.
+
+        ``held`` (the cache itself): when Redis turns out to have lost what we wrote
+        (restarted without persistence, flushed: the marker key is gone), everything
+        it holds is written again, a batch at a time behind new responses."""
+        if held is not None:
+            self._held[handle] = held
         return _Observer(self, handle)
 
     def recorder(self, handle: str) -> Callable[[bytes, int, SignedResponse], None]:
@@ -625,18 +648,63 @@ class RedisStore:
     def _after_flush(self) -> None:
         if self._problem is not None:
             self._schedule(self._delay)
-        elif self._pending or self._invalid:
+        elif self._pending or self._invalid or self._resync:
             self._schedule(0)
 
     def flush(self) -> Deferred[None]:
         """Write what waits now; never fails (a failure is kept, counted, retried)."""
         if self._writing.running:
             return self._writing.wait()
-        if not self._pending and not self._invalid and (
+        if not self._pending and not self._invalid and not self._resync and (
             self._writer.connected or not self._writes
         ):
             return succeed(None)
         return self._writing.run(lambda: Deferred.fromCoroutine(self._write_batch()))
+
+    def _new_writer_connection(self) -> None:
+        """A new connection may reach a Redis that lost everything (restarted empty,
+        flushed, another primary): look for the marker before the next batch."""
+        self._check_marker = True
+
+    async def _look_for_marker(self, proto: RespProtocol) -> None:
+        replies = await proto.pipeline(
+            [("EXISTS", self._marker), ("SET", self._marker, str(int(self.reactor.seconds())))],
+            timeout=self._write_timeout,
+        )
+        self._check(replies, "marker refused")
+        self._check_marker = False
+        if replies[0] == 0 and self._held:
+            self._resync = deque(
+                (handle, key) for handle, held in self._held.items() for key in held.keys()
+            )
+            self.resyncs += 1
+            log.info(
+                "store {where}: holds none of our responses (new, restarted empty or"
+                " flushed); writing the {n} held here again",
+                where=self.connector.where, n=len(self._resync),
+            )  # fmt: skip
+
+    def _refill(self, batch: list[tuple[tuple[str, bytes], _Write]]) -> None:
+        """Top ``batch`` up from the resync walk: each entry as the cache holds it *now*
+        (one invalidated since the walk began is gone from the cache: skipped)."""
+        now = self.reactor.seconds()
+        taken = {where for where, _ in batch}
+        while self._resync and len(batch) < BATCH:
+            handle, key = self._resync.popleft()
+            held = self._held.get(handle)
+            found = held.entry(key) if held is not None else None
+            if found is None or (handle, key) in self._pending or (handle, key) in taken:
+                continue
+            serial, value = found
+            if not lasting(value) or value.expires_at <= now + 1:
+                continue
+            try:
+                data = encode(value)
+            except ValueError:
+                continue
+            batch.append(
+                ((handle, key), _Write(handle, serial, field_of(key), data, int(value.expires_at)))
+            )
 
     async def _write_batch(self) -> None:
         invalid, self._invalid = self._invalid, {}
@@ -647,6 +715,11 @@ class RedisStore:
         self._in_flight = len(batch)
         try:
             proto = await self._writer.get()
+            if self._check_marker:
+                await self._look_for_marker(proto)
+            if len(batch) < BATCH and self._resync:
+                self._refill(batch)
+                self._in_flight = len(batch)
             for handle, serials in invalid.items():
                 wanted = None if serials is None else frozenset(serials)
                 await self._invalidate(proto, handle, wanted)

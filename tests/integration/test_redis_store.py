@@ -111,7 +111,9 @@ async def test_written_then_read_back_byte_exact_with_ttl(
     stored = redis_server.cmd("HGET", "hsmocsp:r:root:2b", field_of(b"certid-2b"))
     assert stored == encode(revoked)
     assert redis_server.cmd("HLEN", "hsmocsp:r:root:1a") == 2
-    assert sorted(redis_server.cmd("KEYS", "*")) == [b"hsmocsp:r:root:1a", b"hsmocsp:r:root:2b"]
+    assert sorted(redis_server.cmd("KEYS", "*")) == [
+        b"hsmocsp:r:root:1a", b"hsmocsp:r:root:2b", b"hsmocsp:signer",  # + the writer's marker
+    ]
     # TTL: the latest nextUpdate in the hash, never shortened by an earlier one.
     assert redis_server.cmd("EXPIRETIME", "hsmocsp:r:root:2b") == int(revoked.next_update)
     later = replace(good, next_update=good.next_update + 500)
@@ -142,7 +144,7 @@ async def test_forget_deletes_and_publishes(redis_server: RedisServer, stores: S
     assert await server.fetch("root", b"k3", 3) is not None
     signer.forget("root", None)
     await until(lambda: seen[-1] == ("root", None), "invalidate all")
-    assert redis_server.cmd("KEYS", "*") == []
+    assert redis_server.cmd("KEYS", "*") == [b"hsmocsp:signer"]
     assert signer.written == 3
 
 
@@ -409,5 +411,33 @@ async def test_database_and_key_prefix(redis_server: RedisServer, stores: Stores
     signer = stores(cfg_for(redis_server, database=3, key_prefix="ocsp/"))
     signer.recorder("root")(b"k", 0xAB, response(0xAB))
     await until(lambda: signer.written == 1, "written")
-    assert redis_server.pipeline([("SELECT", 3), ("KEYS", "*")])[1] == [b"ocsp/r:root:ab"]
+    keys = redis_server.pipeline([("SELECT", 3), ("KEYS", "*")])[1]
+    assert sorted(keys) == [b"ocsp/r:root:ab", b"ocsp/signer"]
     assert redis_server.cmd("KEYS", "*") == []  # nothing in database 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_back_empty_gets_everything_held_again(
+    redis_server: RedisServer, stores: Stores
+) -> None:
+    from hsmocsp.cache import ResponseCache
+
+    cache: ResponseCache[SignedResponse] = ResponseCache(reactor.seconds)
+    signer = stores(cfg_for(redis_server), start=False, max_backoff=0.2)
+    cache.observers.append(signer.observer("root", cache))
+    signer.start()
+    for serial in (1, 2, 3):
+        cache.put(b"k%d" % serial, serial, response(serial))
+    await until(lambda: signer.written == 3, "written")
+    assert signer.resyncs == 1  # a fresh Redis: nothing to write yet, the marker set
+    redis_server.stop()
+    redis_server.start()  # without its data
+    cache.invalidate([2])  # revoked meanwhile: must not come back from the resync
+    await until(lambda: signer.resyncs == 2 and signer.written == 5, "written again")
+    assert redis_server.cmd("EXISTS", "hsmocsp:r:root:1", "hsmocsp:r:root:3") == 2
+    assert redis_server.cmd("EXISTS", "hsmocsp:r:root:2") == 0
+    redis_server.cmd("HSET", "hsmocsp:r:root:9", "x", "y")  # a Redis that kept its data:
+    signer._writer.drop("test")  # a new connection finds the marker, writes nothing again
+    await until(lambda: signer._writer.connected, "reconnected")
+    await signer.flush()
+    assert signer.resyncs == 2 and signer.written == 5
