@@ -74,6 +74,12 @@ class SourceError(HsmOcspError):
     """The status source's data is broken (bad index line, bad CRL)."""
 
 
+class UpstreamFailed(HsmOcspError):
+    """The signer a server replica forwards to answered ``internalError`` or something
+    that is not a usable OCSP response (-> internalError). The replica logs the first of
+    a run once itself, not per request (:mod:`hsmocsp.server.forward`)."""
+
+
 class ResponderCertExpired(HsmOcspError):
     """The handle's responder certificate has expired (or is not valid yet): nothing it
     would sign could be verified, so new answers get ``tryLater`` until a renewed

@@ -21,12 +21,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from hsmocsp.errors import HsmOcspError, MalformedRequest
+from hsmocsp.errors import HsmOcspError, MalformedRequest, UpstreamFailed
 from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus, error_response
 from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.web.accesslog import AccessLog, AccessRecord, client_text
+from hsmocsp.web.endpoint import OcspEndpoint
 from hsmocsp.web.headers import (
     NO_CACHE,
     OCSP_REQUEST,
@@ -52,7 +53,7 @@ class OCSPApp:
 
     def __init__(
         self,
-        handles: Sequence[Handle],
+        handles: Sequence[OcspEndpoint],
         *,
         now: Callable[[], float],
         max_request_size: int = 10_000,
@@ -62,7 +63,7 @@ class OCSPApp:
         self.handles = list(handles)
         self._now = now
         self.max_request_size = max_request_size
-        self.metrics = metrics or Metrics(self.handles)
+        self.metrics = metrics or Metrics([h for h in self.handles if isinstance(h, Handle)])
         self.probes = Probes(self.handles)
         self.access = AccessLog()  # off; the service sets the configured one
         self.problems = problems or Problems()
@@ -87,7 +88,7 @@ class OCSPApp:
 
     # --- OCSP ----------------------------------------------------------------------
 
-    def _add_handle(self, handle: Handle) -> None:
+    def _add_handle(self, handle: OcspEndpoint) -> None:
         prefix = handle.path.rstrip("/")
 
         def post(request: IRequest) -> Any:
@@ -109,6 +110,8 @@ class OCSPApp:
         self.router.route(
             prefix or "/", branch=True, methods=["PUT", "DELETE", "PATCH"], endpoint=endpoint + ":x"
         )(other)
+        if not isinstance(handle, Handle):
+            return  # a server replica forwards its published files (hsmocsp.server.forward)
         for url, content_type, body in (
             (handle.publish_ca, b"application/pkix-cert", handle_ca_der),
             (handle.publish_crl, b"application/pkix-crl", handle_crl_der),
@@ -146,7 +149,7 @@ class OCSPApp:
         request.write(body)
         request.finish()
 
-    def ocsp_post(self, handle: Handle, request: IRequest) -> Any:
+    def ocsp_post(self, handle: OcspEndpoint, request: IRequest) -> Any:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if ctype != OCSP_REQUEST:
             request.setResponseCode(415)
@@ -159,7 +162,7 @@ class OCSPApp:
             return b"request too large\n"
         return self._answer(handle, request, body, "POST")
 
-    def ocsp_get(self, handle: Handle, prefix: str, request: IRequest) -> Any:
+    def ocsp_get(self, handle: OcspEndpoint, prefix: str, request: IRequest) -> Any:
         raw = request.uri.split(b"?", 1)[0].decode("latin-1")
         tail = raw[len(prefix) :] if raw.startswith(prefix) else raw
         try:
@@ -171,7 +174,7 @@ class OCSPApp:
                                request.getClientAddress())
         return self._answer(handle, request, der, "GET")
 
-    def outcome(self, handle: Handle, der: bytes) -> Outcome | Deferred[Outcome]:
+    def outcome(self, handle: OcspEndpoint, der: bytes) -> Outcome | Deferred[Outcome]:
         """What to answer to request bytes: a signed response or an OCSP error status.
 
         The one place (with :func:`ocsp_status_for`) where failures become statuses; the
@@ -195,7 +198,7 @@ class OCSPApp:
 
         def failed(failure: Failure) -> None:
             status = ocsp_status_for(failure)
-            if status == ResponseStatus.internalError:
+            if status == ResponseStatus.internalError and not failure.check(UpstreamFailed):
                 log.failure("handle {handle}: internal error", failure, handle=handle.name)
             if not d.called:
                 d.callback(status)
@@ -204,7 +207,11 @@ class OCSPApp:
         return d
 
     def render(
-        self, handle: Handle, outcome: Outcome, method: str, if_none_match: bytes | None = None
+        self,
+        handle: OcspEndpoint,
+        outcome: Outcome,
+        method: str,
+        if_none_match: bytes | None = None,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """HTTP status, headers and body for an outcome (RFC 5019 headers when cacheable)."""
         if isinstance(outcome, ResponseStatus):
@@ -224,7 +231,7 @@ class OCSPApp:
                 headers = [(b"Cache-Control", NO_CACHE)]
         return 200, headers + content_headers(len(body)), body
 
-    def _answer(self, handle: Handle, request: IRequest, der: bytes, method: str) -> Any:
+    def _answer(self, handle: OcspEndpoint, request: IRequest, der: bytes, method: str) -> Any:
         started = perf_counter()
         result = self.outcome(handle, der)
 
@@ -238,7 +245,7 @@ class OCSPApp:
             return result.addCallback(write, True)
         return write(result, False)
 
-    def observe(self, handle: Handle, outcome: Outcome, started: float, waited: bool) -> None:
+    def observe(self, handle: OcspEndpoint, outcome: Outcome, started: float, waited: bool) -> None:
         """The request's latency, by result: ``cached`` (answered at once), ``signed``
         (a signature was made or awaited) or the OCSP error status."""
         if isinstance(outcome, ResponseStatus):
@@ -248,7 +255,7 @@ class OCSPApp:
         self.metrics.latency(handle.name, result, perf_counter() - started)
 
     def _access(
-        self, handle: Handle, request: IRequest, outcome: Outcome, method: str, der: bytes,
+        self, handle: OcspEndpoint, request: IRequest, outcome: Outcome, method: str, der: bytes,
         started: float, waited: bool,
     ) -> None:  # fmt: skip
         """One access-log line for an answer of the twisted.web path (if the log is on)."""
@@ -267,7 +274,9 @@ class OCSPApp:
             (perf_counter() - started) * 1000, getattr(request, "code", 200),
         ))  # fmt: skip
 
-    def _write(self, handle: Handle, request: IRequest, outcome: Outcome, method: str) -> bytes:
+    def _write(
+        self, handle: OcspEndpoint, request: IRequest, outcome: Outcome, method: str
+    ) -> bytes:
         code, headers, body = self.render(
             handle, outcome, method, request.getHeader(b"if-none-match")
         )
@@ -277,8 +286,8 @@ class OCSPApp:
         return body
 
     def _error(
-        self, handle: Handle, request: IRequest, status: ResponseStatus, why: str, method: str,
-        peer: Any = None,
+        self, handle: OcspEndpoint, request: IRequest, status: ResponseStatus, why: str,
+        method: str, peer: Any = None,
     ) -> bytes:  # fmt: skip
         self.problems.report(status.name, f"handle {handle.name}: {why}", peer)
         return self._write(handle, request, status, method)

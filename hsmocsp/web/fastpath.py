@@ -43,10 +43,11 @@ from hsmocsp.errors import HsmOcspError, MalformedRequest
 from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus
-from hsmocsp.responder import Handle, SignedResponse
+from hsmocsp.responder import SignedResponse
 from hsmocsp.web.accesslog import MAX_PREAMBLE, AccessRecord, client_text
 from hsmocsp.web.app import OCSPApp, Outcome
 from hsmocsp.web.channel import REFUSALS, LimitedHTTPChannel, LimitedRequest, plain_response
+from hsmocsp.web.endpoint import OcspEndpoint
 from hsmocsp.web.headers import cache_control, content_headers, header_lines, http_date, validators
 from hsmocsp.web.limits import ConnectionTable, HttpLimits, connection_cap
 from hsmocsp.web.problems import Problems
@@ -145,7 +146,7 @@ class FastSite(Site):
                                     peer), keep  # fmt: skip
 
     def _render_outcome(
-        self, outcome: Outcome, handle: Handle, method: str, version: bytes, keep: bool,
+        self, outcome: Outcome, handle: OcspEndpoint, method: str, version: bytes, keep: bool,
         started: float, waited: bool, der: bytes = b"", peer: IAddress | None = None,
     ) -> bytes:  # fmt: skip
         self.app.observe(handle, outcome, started, waited)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hsmocsp.health import Health, State
-from hsmocsp.responder import Handle
+from hsmocsp.web.endpoint import OcspEndpoint
 
 __all__ = ["Probes"]
 
@@ -31,7 +31,7 @@ __all__ = ["Probes"]
 class Probes:
     """Readiness of a set of handles, plus start-up conditions and reported parts."""
 
-    def __init__(self, handles: Sequence[Handle]) -> None:
+    def __init__(self, handles: Sequence[OcspEndpoint]) -> None:
         self.handles = list(handles)
         self._by_name = {h.name: h for h in self.handles}
         #: Start-up conditions: each returns why the service is not ready yet, or None.
