@@ -18,16 +18,26 @@ from hsmocsp.config import Config
 from hsmocsp.errors import ConfigError, HsmOcspError
 from hsmocsp.service.notify import SystemdNotifier
 from hsmocsp.service.options import Options, config_error_exit
-from hsmocsp.service.service import ResponderService
 from hsmocsp.service.startup import StartupReport
+from hsmocsp.service.tree import Sequence
 
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     cfg: Config = options["parsed"]
+    responder: Sequence
     try:
-        responder = ResponderService(cfg, reactor, options["listen"], options["workers"])
+        if cfg.role == "server":
+            # Imported only here: a server replica never imports the signing side's
+            # modules (token pools, sources, pre-signing, the SQLite store).
+            from hsmocsp.service.server import ServerService
+
+            responder = ServerService(cfg, reactor, options["listen"])
+        else:
+            from hsmocsp.service.service import ResponderService
+
+            responder = ResponderService(cfg, reactor, options["listen"], options["workers"])
     except ConfigError as err:
         config_error_exit(err)
     except HsmOcspError as err:
@@ -39,10 +49,11 @@ def makeService(options: Options) -> service.IService:
         reactor,
         SystemdNotifier.from_environ(os.environ),
         runner=options.parent,  # twistd's own options: its daemon status pipe, pidfile
-        describe=f"{len(responder.handles)} handle(s) on {responder.listen}",
+        describe=f"{len(cfg.handles)} handle(s) on {options['listen'] or cfg.listen}"
+        + (" (server role)" if cfg.role == "server" else ""),
     )
     report.setServiceParent(top)  # after the responder: stopped first (STOPPING=1)
     return top
 
 
-__all__ = ["Options", "ResponderService", "makeService"]
+__all__ = ["Options", "makeService"]

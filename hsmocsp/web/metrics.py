@@ -57,6 +57,21 @@ class StoreView(Protocol):
     def health(self) -> Health: ...
 
 
+class ServerView(Protocol):
+    """What the metrics read from a ``role: server`` handle (hsmocsp.server.handle)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def hot(self) -> Any: ...
+
+    @property
+    def stats(self) -> Any: ...
+
+    def health(self) -> Health: ...
+
+
 #: Request latency buckets (seconds): a cached answer takes well under a millisecond,
 #: a token-class HSM signature up to seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -174,7 +189,7 @@ class Metrics:
                 (ready, _ready),
             ):
                 gauge.labels(h.name).set_function(partial(read, h))
-        _lifecycle_gauges(self.registry, handles)
+        self._handle_state = _lifecycle_gauges(self.registry, handles)
 
     def watch_token(self, name: str, health: Callable[[], Health]) -> None:
         """``hsmocsp_token_up{token}`` (1 while the token can sign: ready or degraded)
@@ -225,6 +240,26 @@ class Metrics:
         connected.labels(kind).set_function(
             lambda: float(getattr(store, "connected", True))
         )
+
+    def watch_servers(
+        self, handles: Sequence[ServerView], subscribed: Callable[[], bool],
+        messages: Callable[[], int], signer_up: Callable[[], bool],
+    ) -> None:  # fmt: skip
+        """A server replica's counters (hot cache, store fetches, forwards to the signer),
+        its handles' states, and whether invalidations arrive, read at scrape time."""
+        self.registry.register(_ServerCounters(handles, messages))
+        entries = Gauge("hsmocsp_hotcache_entries", "Responses held in the hot cache",
+                        ["handle"], registry=self.registry)  # fmt: skip
+        state = self._handle_state
+        for h in handles:
+            entries.labels(h.name).set_function(partial(_hot_entries, h))
+            for s in State:
+                state.labels(h.name, s.label).set_function(partial(_in_state, h, s))  # type: ignore[arg-type]
+        Gauge("hsmocsp_invalidations_subscribed", "1 while the store's invalidation"
+              " subscription is live (the hot caches are trusted)",
+              registry=self.registry).set_function(lambda: float(subscribed()))  # fmt: skip
+        Gauge("hsmocsp_signer_up", "1 while the signer this server forwards to answers",
+              registry=self.registry).set_function(lambda: float(signer_up()))  # fmt: skip
 
     def response(self, handle: str, status: str, method: str, n: int = 1) -> None:
         key = (handle, status, method)
@@ -316,6 +351,50 @@ class _HandleCounters(Collector):
             for h in self._handles:
                 family.add_metric([h.name], read(h))
             yield family
+
+
+class _ServerCounters(Collector):
+    """Counters of a server replica's handles (hsmocsp.server.handle), read at scrape time."""
+
+    def __init__(self, handles: Sequence[ServerView], messages: Callable[[], int]) -> None:
+        self._handles = list(handles)
+        self._messages = messages
+
+    def collect(self) -> Iterator[Metric]:
+        families = (
+            ("hsmocsp_hotcache_hits", "Answers from the hot cache", "hot", "hits"),
+            ("hsmocsp_hotcache_misses", "Hot-cache lookups that found no servable answer",
+             "hot", "misses"),
+            ("hsmocsp_hotcache_evicted", "Hot-cache entries evicted to stay under"
+             " hot_cache_entries", "hot", "evicted"),
+            ("hsmocsp_hotcache_invalidated", "Hot-cache entries dropped by an invalidation",
+             "hot", "invalidated"),
+            ("hsmocsp_store_fetch_hits", "Responses found in the shared store", "stats",
+             "store_hits"),
+            ("hsmocsp_store_fetch_misses", "Lookups the shared store had no response for",
+             "stats", "store_misses"),
+            ("hsmocsp_store_fetch_errors", "Lookups the shared store could not answer (down,"
+             " slow, unreadable value): forwarded to the signer instead", "stats",
+             "store_errors"),
+            ("hsmocsp_forwarded", "Requests forwarded to the signer", "stats", "forwarded"),
+            ("hsmocsp_forward_errors", "Forwarded requests that got no usable answer (signer"
+             " out of reach: tryLater; garbage: internalError)", "stats", "forward_errors"),
+        )  # fmt: skip
+        for name, text, part, field in families:
+            family = CounterMetricFamily(name, text, labels=["handle"])
+            for h in self._handles:
+                counts = h.hot.stats if part == "hot" else h.stats
+                family.add_metric([h.name], float(getattr(counts, field)))
+            yield family
+        family = CounterMetricFamily(
+            "hsmocsp_invalidation_messages", "Invalidation messages received from the signer"
+        )
+        family.add_metric([], float(self._messages()))
+        yield family
+
+
+def _hot_entries(h: ServerView) -> float:
+    return float(len(h.hot))
 
 
 class _ReadCounters(Collector):
@@ -415,7 +494,7 @@ def _or_nan(read: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _lifecycle_gauges(registry: CollectorRegistry, handles: Sequence[Handle]) -> None:
+def _lifecycle_gauges(registry: CollectorRegistry, handles: Sequence[Handle]) -> Gauge:
     """Certificate and CRL expiry, and each handle's state (see :meth:`Handle.health`)."""
     from hsmocsp.health import State
 
@@ -442,6 +521,7 @@ def _lifecycle_gauges(registry: CollectorRegistry, handles: Sequence[Handle]) ->
         crl.labels(h.name).set_function(partial(_crl_next_update, h))
         for s in State:
             state.labels(h.name, s.label).set_function(partial(_in_state, h, s))
+    return state
 
 
 def _cert_expiry(h: Handle) -> float:
