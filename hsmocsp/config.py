@@ -248,9 +248,12 @@ MAX_HTTP_WORKERS = 64
 class _Reader:
     """Typed access to one mapping of the YAML, naming the file and key on error."""
 
-    def __init__(self, file: Path, prefix: str, data: Any) -> None:
+    def __init__(self, file: Path, prefix: str, data: Any, check_files: bool = True) -> None:
         self.file = file
         self.prefix = prefix
+        #: False for ``role: server``: the CA's files and the PKCS#11 module named by a
+        #: shared configuration live on the signer's box, not on a server's.
+        self.check_files = check_files
         if not isinstance(data, dict):
             raise self.error(None, f"must be a mapping, not {type(data).__name__}")
         self.data: dict[str, Any] = data
@@ -274,7 +277,7 @@ class _Reader:
     def sub(self, name: str) -> _Reader:
         if not self.has(name):
             raise self.error(name, "is required")
-        return _Reader(self.file, self.key(name), self.raw(name))
+        return _Reader(self.file, self.key(name), self.raw(name), self.check_files)
 
     def string(self, name: str, default: str | None = None, required: bool = False) -> str | None:
         value = self.raw(name)
@@ -318,7 +321,7 @@ class _Reader:
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = (self.file.parent / p).resolve()
-        if must_exist and not p.exists():
+        if must_exist and self.check_files and not p.exists():
             raise self.error(name, f"file {p} does not exist")
         return p
 
@@ -354,8 +357,8 @@ def _url_path(r: _Reader, name: str, required: bool = False) -> str | None:
     return value
 
 
-def _token(file: Path, name: str, data: Any) -> TokenConfig:
-    r = _Reader(file, f"tokens.{name}", data)
+def _token(file: Path, name: str, data: Any, check_files: bool = True) -> TokenConfig:
+    r = _Reader(file, f"tokens.{name}", data, check_files)
     label = r.string("token_label")
     slot = r.raw("slot")
     if (label is None) == (slot is None):
@@ -385,7 +388,7 @@ def _signer(r: _Reader, tokens: dict[str, TokenConfig]) -> SignerConfig:
     if r.has("uri"):
         uri = r.req_str("uri")
         r.finish()
-        return pkcs11_uri_signer(uri, r.file, r.key("uri"), tokens)
+        return pkcs11_uri_signer(uri, r.file, r.key("uri"), tokens, r.check_files)
     if r.has("file"):
         key = r.path("file", required=True)
         assert key is not None
@@ -503,10 +506,12 @@ def _source(r: _Reader) -> SourceConfig:
     return cfg
 
 
-def _handle(file: Path, name: str, data: Any, tokens: dict[str, TokenConfig]) -> HandleConfig:
+def _handle(
+    file: Path, name: str, data: Any, tokens: dict[str, TokenConfig], check_files: bool = True
+) -> HandleConfig:
     if not _HANDLE_NAME.match(name):
         raise ConfigError(str(file), f"handles.{name}", "name may use letters, digits, _ . -")
-    r = _Reader(file, f"handles.{name}", data)
+    r = _Reader(file, f"handles.{name}", data, check_files)
     path = _url_path(r, "path", required=True)
     assert path is not None
     source = _source(r.sub("source"))
@@ -528,7 +533,9 @@ def _handle(file: Path, name: str, data: Any, tokens: dict[str, TokenConfig]) ->
             raise r.error("signer", "a response-file source is served as it is: signer: none")
         responder_cert = r.path("responder_cert", required=True)
         if isinstance(r.data.get("signer"), str):  # signer: "pkcs11:token=...;object=..."
-            signer = pkcs11_uri_signer(r.req_str("signer"), file, r.key("signer"), tokens)
+            signer = pkcs11_uri_signer(
+                r.req_str("signer"), file, r.key("signer"), tokens, r.check_files
+            )
         else:
             signer = _signer(r.sub("signer"), tokens)
     validity = r.number("validity", 3600.0, minimum=60.0)
@@ -574,7 +581,7 @@ _URI_QUERY_ATTRS = ("module-path", "pin-source")
 
 
 def pkcs11_uri_signer(
-    uri: str, file: Path, key: str, tokens: dict[str, TokenConfig]
+    uri: str, file: Path, key: str, tokens: dict[str, TokenConfig], check_files: bool = True
 ) -> Pkcs11KeyConfig:
     """A signer from an RFC 7512 ``pkcs11:`` URI.
 
@@ -632,7 +639,7 @@ def pkcs11_uri_signer(
     module = Path(query_attrs["module-path"].decode())
     if not module.is_absolute():
         raise error("module-path must be an absolute path")
-    if not module.exists():
+    if check_files and not module.exists():
         raise error(f"module {module} does not exist")
     if "pin-source" not in query_attrs:
         raise error("module-path needs pin-source=file:/path/to/pin")
@@ -806,15 +813,19 @@ def parse_config(file: Path, data: Any, role: str | None = None) -> Config:
     """Validate already-loaded YAML ``data`` read from ``file``; ``role`` (``--role``)
     replaces the file's ``role``."""
     r = _Reader(file, "", data)
+    chosen = _role(r, role)
+    # A server reads one configuration shared with its signer, on a box without the CA's
+    # files or the PKCS#11 module: it checks their keys, not that the files exist.
+    files = chosen != "server"
     tokens: dict[str, TokenConfig] = {}
     if r.has("tokens"):
         t = r.sub("tokens")
         for name in t.data:
-            tokens[name] = _token(file, name, t.raw(name))
+            tokens[name] = _token(file, name, t.raw(name), files)
     h = r.sub("handles")
     if not h.data:
         raise h.error(None, "at least one handle is required")
-    handles = tuple(_handle(file, str(name), h.raw(name), tokens) for name in h.data)
+    handles = tuple(_handle(file, str(name), h.raw(name), tokens, files) for name in h.data)
     seen: dict[str, str] = {}
     for handle in handles:
         for kind, url in (
@@ -847,7 +858,7 @@ def parse_config(file: Path, data: Any, role: str | None = None) -> Config:
         max_url_length=r.integer("max_url_length", 8192, minimum=256),
         access_log=_access_log_format(r),
         access_log_file=r.path("access_log_file", must_exist=False),
-        role=_role(r, role),
+        role=chosen,
         signer_url=_signer_url(r),
         hot_cache_entries=r.integer("hot_cache_entries", 100_000, minimum=1),
         store=_store(r.sub("store")) if r.has("store") else StoreConfig(),

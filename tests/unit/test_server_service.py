@@ -186,3 +186,28 @@ async def test_a_server_whose_signer_is_gone_answers_try_later_and_says_so(
         await ca.content()
     finally:
         await server.stopService()
+
+
+def test_a_server_reads_a_shared_config_whose_files_live_on_the_signer(tmp_path: Path) -> None:
+    """The signer's files (module, issuer, responder certificate, index) need not exist
+    on a server's box; the same file is still checked for the signer."""
+    import pytest
+
+    from hsmocsp.config import parse_config
+    from hsmocsp.errors import ConfigError
+
+    shared = {
+        "signer_url": "http://127.0.0.1:8080",
+        "store": {"kind": "redis", "address": "127.0.0.1:6379"},
+        "tokens": {"t": {"module": "/nowhere/libsofthsm2.so", "token_label": "T",
+                         "pin_file": "/nowhere/pin"}},
+        "handles": {"root": {
+            "path": "/ocsp", "issuer": "/nowhere/ca.pem", "responder_cert": "/nowhere/r.pem",
+            "signer": {"token": "t", "key_label": "k"},
+            "source": {"kind": "openssl", "index": "/nowhere/index.txt"},
+        }},
+    }  # fmt: skip
+    cfg = parse_config(tmp_path / "c.yaml", shared, role="server")
+    assert cfg.role == "server" and cfg.handles[0].path == "/ocsp"
+    with pytest.raises(ConfigError, match=r"tokens.t.module: file /nowhere/libsofthsm2.so"):
+        parse_config(tmp_path / "c.yaml", shared, role="signer")
