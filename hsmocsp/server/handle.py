@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from hsmocsp.errors import StoredValueError, StoreUnavailable
 from hsmocsp.health import READY, Health, State
-from hsmocsp.hotcache import HotCache, RequestKeys, max_age_for
+from hsmocsp.hotcache import HotCache, RequestKeys
 from hsmocsp.inflight import OnePerKey
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.responder import SignedResponse
@@ -235,9 +235,6 @@ class ServerHandle:
         self._stale.update(k for k, s in self._looking.items() if s in serials)
 
     # --- HTTP headers, health -----------------------------------------------------------
-
-    def max_age_for(self, response: SignedResponse) -> int:
-        return max_age_for(response, self._now(), self.max_age)
 
     def now(self) -> float:
         return self._now()
