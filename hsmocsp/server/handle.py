@@ -140,7 +140,7 @@ class ServerHandle:
 
     def _trusted(self, key: bytes) -> bool:
         now = self._now()
-        return now <= self.watch.trusted_until() or self.rechecks.fresh(key, now)
+        return now < self.watch.trusted_until() or self.rechecks.fresh(key, now)
 
     async def _look_up(self, cid: CertID, der: bytes) -> SignedResponse:
         """The store's answer, else the signer's; kept in the hot cache unless the serial

@@ -7,17 +7,19 @@ later than 1 s after the signer loaded its revocation") holds as long as message
 arrive. When the subscription is down, they may not; so:
 
 * while the subscription is live, hot-cache answers are served as they are;
-* when it is lost (the store says so: ``on_subscription(False)``), what the hot cache
-  held is trusted for ``bound`` seconds more, then an answer is served from the hot
-  cache only within ``bound`` seconds of being re-checked against the store or the
-  signer (each server handle keeps those times, :class:`Rechecks`); the first request
-  after that re-checks it (one re-check per key at a time);
+* when it is lost (the store says so: ``on_subscription(False)``), an answer is served
+  from the hot cache only within ``bound`` seconds of being re-checked against the
+  store or the signer (each server handle keeps those times, :class:`Rechecks`); the
+  first request after that re-checks it (one re-check per key at a time). What was
+  held before the loss is re-checked at once: the store notices a dead connection up
+  to its ping interval + timeout late, and that delay already spends the bound;
 * when it is back (``on_subscription(True)``), the messages of the gap are lost: every
   hot cache is emptied, and lookups that began before are not cached (:attr:`epoch`).
 
-The store must notice a dead subscriber connection itself within a fraction of the
-bound (a ping on the subscribed connection), or the gap between the loss and its
-notice is not covered: see docs/design-replicas.md, section "Server role".
+The store must notice a dead subscriber connection itself within the bound (RedisStore
+pings the subscribed connection every ``store.timeout`` and gives up after as long
+again: 1 s with the default 0.5 s), or the gap between the loss and its notice is not
+covered: see docs/design-replicas.md, section "Server role".
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ class InvalidationWatch:
             return float("inf")
         if self._lost_at is None:
             return float("-inf")
-        return self._lost_at + self.bound
+        # Not + bound: the store noticed the loss up to its ping interval + timeout after
+        # the last message could arrive, which already spends the bound.
+        return self._lost_at
 
     def health(self) -> Health:
         if self.live:
