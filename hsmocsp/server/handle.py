@@ -214,7 +214,10 @@ class ServerHandle:
         return d.addCallbacks(read, failed)
 
     def _keep(self, key: bytes, serial: int, value: SignedResponse) -> None:
-        if not value.cacheable:
+        if not value.cacheable or value.is_unknown():
+            # ``unknown`` answers are not kept (as the signer keeps them apart and never
+            # stores them): a flood of random serials must not evict the hot answers, and
+            # a certificate issued a moment ago must not stay ``unknown`` here.
             return
         self.hot.put(key, serial, value)
         if not self.watch.live:

@@ -153,9 +153,14 @@ def test_miss_is_forwarded_then_served_from_the_hot_cache() -> None:
 
 def test_revoked_and_unknown_forwarded_as_the_signer_answers() -> None:
     clock = clock_at()
-    handle, _, _, _ = server(clock)
+    handle, signer, _, _ = server(clock)
     assert cert_status(answer(handle.respond_der(request_for(2)))) is ocsp.OCSPCertStatus.REVOKED
     assert cert_status(answer(handle.respond_der(request_for(99)))) is ocsp.OCSPCertStatus.UNKNOWN
+    # Unknown answers are not kept: asked again, the signer answers (a new certificate
+    # must not stay unknown here; a flood of random serials must not fill the hot cache).
+    assert handle.cached_response(request_for(99)) is None and len(handle.hot) == 1
+    answer(handle.respond_der(request_for(99)))
+    assert signer.posts == 3
 
 
 def test_store_hit_is_served_and_kept_without_asking_the_signer() -> None:
