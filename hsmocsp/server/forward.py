@@ -156,9 +156,16 @@ class SignerLink:
 
     async def _send(self, method: str, path: str, body: bytes | None) -> SignerAnswer:
         headers = {b"Content-Type": [OCSP_REQUEST]} if body is not None else {}
-        response = await self._http.request(
-            method, self.base_url + path, data=body, headers=headers, allow_redirects=False
-        )
+        try:
+            response = await self._http.request(
+                method, self.base_url + path, data=body, headers=headers, allow_redirects=False
+            )
+        except ResponseNeverReceived:
+            # A kept-alive connection the signer closed (it restarted): asking an OCSP
+            # question twice is harmless, so once more on a new connection.
+            response = await self._http.request(
+                method, self.base_url + path, data=body, headers=headers, allow_redirects=False
+            )
         content = await response.content()
         h = response.headers
         return SignerAnswer(

@@ -401,3 +401,23 @@ def test_cached_answers_cost_the_signer_nothing() -> None:
     assert signer.signer.calls == before
     assert isinstance(signer.handle, Handle)
     assert isinstance(signer.source, DictSource) and isinstance(signer.signer, CountingSigner)
+
+
+def test_a_connection_the_restarted_signer_closed_is_retried_once() -> None:
+    from twisted.web._newclient import ResponseNeverReceived
+
+    clock = clock_at()
+    handle, signer, _, _ = server(clock)
+    real = handle.signer._http
+    calls: list[str] = []
+
+    class Stale:
+        def request(self, *a: Any, **kw: Any) -> Deferred[Any]:
+            calls.append(a[1])
+            if len(calls) == 1:
+                return fail(ResponseNeverReceived([]))
+            return real.request(*a, **kw)  # type: ignore[no-any-return]
+
+    handle.signer._http = Stale()
+    assert cert_status(answer(handle.respond_der(request_for(1)))) is ocsp.OCSPCertStatus.GOOD
+    assert len(calls) == 2 and signer.posts == 1
