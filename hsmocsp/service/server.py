@@ -209,4 +209,4 @@ def build_shared_store(cfg: Config, reactor: Any) -> SharedStore:
     """The shared store of ``cfg.store`` (Redis), not connected yet."""
     from hsmocsp.stores.redis import RedisStore
 
-    return RedisStore.from_config(cfg.store, reactor, str(cfg.path))  # type: ignore[no-any-return]
+    return RedisStore.from_config(cfg.store, reactor, str(cfg.path))
