@@ -160,12 +160,15 @@ def test_signer_stopped_store_answers_misses_try_later_then_recovers(world: Worl
     assert f"{dev.good_pem}: good" in world.ocsp("-cert", str(dev.good_pem))
     world.signer.stop()
     try:
+        out = world.ocsp("-cert", str(dev.good_pem))
+        assert "Response verify OK" in out and f"{dev.good_pem}: good" in out, out
+        # Never asked through this server before: from the store the signer pre-signed.
+        out = world.ocsp("-cert", str(dev.revoked_pem), "-VAfile", str(dev.ocsp_ec_pem),
+                         path="/ec/ocsp")  # fmt: skip
+        assert "Response verify OK" in out and f"{dev.revoked_pem}: revoked" in out, out
+        # Several CertIDs in one request need the signer (one signature over all).
         out = world.ocsp("-cert", str(dev.good_pem), "-cert", str(dev.revoked_pem))
-        assert "Response verify OK" in out, out
-        assert f"{dev.good_pem}: good" in out and f"{dev.revoked_pem}: revoked" in out
-        # Revoked one alone (one CertID: from the store, not the hot cache).
-        out = world.ocsp("-cert", str(dev.revoked_pem))
-        assert f"{dev.revoked_pem}: revoked" in out, out
+        assert "trylater" in out.lower(), out
         # A serial nobody pre-signed: the store lacks it, the signer is gone.
         missing = post(world.server.url + "/ocsp", serial_request(0x5EED, dev.ca_pem))
         assert missing.response_status is ocsp.OCSPResponseStatus.TRY_LATER
@@ -251,8 +254,10 @@ def test_a_server_started_against_an_empty_store_serves_once_the_signer_presigne
 
 def test_revocation_on_the_signer_reaches_the_server_within_the_bound(world: World) -> None:
     """No ``good`` from the server for a request sent later than 1 s after the signer
-    loaded the revocation (seen as its source generation changing). The delay until the
-    server's first ``revoked`` is measured and printed, not asserted."""
+    loaded the revocation. The load happened after the signer processed its last ``good``
+    answer (asked all along by a second client), so that answer's send time is taken as
+    the load time: a strict lower bound. The server's lag behind the signer is measured
+    and printed (docs/design-replicas.md), not asserted."""
     dev = world.dev
     leaf = issue_leaf(dev, "replica-revoke-me")
     der = request_der(leaf, dev.ca_pem)
@@ -261,38 +266,47 @@ def test_revocation_on_the_signer_reaches_the_server_within_the_bound(world: Wor
         lambda: post(url, der).certificate_status is ocsp.OCSPCertStatus.GOOD,
         "the new leaf to be good through the server",
     )
-    # Clients keep asking the server meanwhile (its hot cache holds the good answer).
-    seen: list[tuple[float, ocsp.OCSPCertStatus]] = []
+    # Clients keep asking the server (its hot cache holds the good answer) and the signer.
+    at_server: list[tuple[float, ocsp.OCSPCertStatus]] = []
+    at_signer: list[tuple[float, ocsp.OCSPCertStatus]] = []
     stop = threading.Event()
 
-    def ask() -> None:
+    def ask(where: str, into: list[tuple[float, ocsp.OCSPCertStatus]]) -> None:
         while not stop.is_set():
             sent = time.time()
             try:
-                seen.append((sent, post(url, der).certificate_status))
+                into.append((sent, post(where, der).certificate_status))
             except Exception:
-                pass
+                pass  # a failed request is no answer
 
-    generation = world.metric(world.signer, "hsmocsp_source_generation")
-    asker = threading.Thread(target=ask, daemon=True)
-    asker.start()
+    askers = [
+        threading.Thread(target=ask, args=(url, at_server), daemon=True),
+        threading.Thread(target=ask, args=(world.signer.url + "/ocsp", at_signer), daemon=True),
+    ]
+    for asker in askers:
+        asker.start()
+    revoked = ocsp.OCSPCertStatus.REVOKED
     try:
         revoke(dev, leaf, "keyCompromise")
         regen_crl(dev)
-        wait_until(
-            lambda: world.metric(world.signer, "hsmocsp_source_generation") > generation,
-            "the signer to load the revocation",
-            timeout=30,
-        )
-        loaded = time.time()  # the load happened at or before this moment
-        wait_until(lambda: any(t > loaded + 1.5 for t, _ in seen), "answers after the bound")
+        wait_until(lambda: any(s is revoked for _, s in at_signer), "the signer to revoke",
+                   timeout=30)  # fmt: skip
+        seen_at = time.time()
+        wait_until(lambda: any(t > seen_at + 1.5 for t, _ in at_server), "answers after it")
     finally:
         stop.set()
-        asker.join(15)
-    late_good = [t - loaded for t, s in seen if s is ocsp.OCSPCertStatus.GOOD and t > loaded + 1]
-    assert not late_good, f"good answered {late_good} s after the revocation was loaded"
-    first_revoked = min(t for t, s in seen if s is ocsp.OCSPCertStatus.REVOKED)
-    print(f"revocation seen by the server {first_revoked - loaded:+.3f} s after the signer's"
-          f" generation changed ({len(seen)} answers)")  # fmt: skip
+        for asker in askers:
+            asker.join(15)
+    good = ocsp.OCSPCertStatus.GOOD
+    first_revoked_at_signer = min(t for t, s in at_signer if s is revoked)
+    loaded = max(t for t, s in at_signer if s is good and t < first_revoked_at_signer)
+    late = [round(t - loaded, 3) for t, s in at_server if s is good and t > loaded + 1]
+    assert not late, f"the server answered good {late} s after the signer loaded the revocation"
+    last_good = max((t for t, s in at_server if s is good), default=loaded)
+    first_revoked = min(t for t, s in at_server if s is revoked)
+    print(f"revocation: the signer's last good sent at L; the server's last good sent"
+          f" {last_good - loaded:+.3f} s, its first revoked {first_revoked - loaded:+.3f} s"
+          f" after L (signer's first revoked {first_revoked_at_signer - loaded:+.3f} s;"
+          f" {len(at_server)} server answers)")  # fmt: skip
     out = world.ocsp("-cert", str(leaf))
     assert "Response verify OK" in out and f"{leaf}: revoked" in out, out
