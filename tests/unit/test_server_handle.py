@@ -421,3 +421,18 @@ def test_a_connection_the_restarted_signer_closed_is_retried_once() -> None:
     handle.signer._http = Stale()
     assert cert_status(answer(handle.respond_der(request_for(1)))) is ocsp.OCSPCertStatus.GOOD
     assert len(calls) == 2 and signer.posts == 1
+
+
+def test_the_signers_error_statuses_are_relayed_and_never_kept() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    clock = clock_at()
+    handle, signer, _, _ = server(clock)
+    foreign = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        b"\x01" * 20, b"\x02" * 20, 7, hashes.SHA1()
+    ).build().public_bytes(Encoding.DER)
+    for n in (1, 2):
+        assert answer(handle.respond_der(foreign)) is ResponseStatus.unauthorized
+        assert signer.posts == n
+    assert len(handle.hot) == 0
