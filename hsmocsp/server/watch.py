@@ -17,9 +17,9 @@ arrive. When the subscription is down, they may not; so:
   hot cache is emptied, and lookups that began before are not cached (:attr:`epoch`).
 
 The store must notice a dead subscriber connection itself within the bound (RedisStore
-pings the subscribed connection every ``store.timeout`` and gives up after as long
-again: 1 s with the default 0.5 s), or the gap between the loss and its notice is not
-covered: see docs/design-replicas.md, section "Server role".
+pings the subscribed connection every ``store.timeout``/2 and gives up after
+``store.timeout``: 0.75 s with the default 0.5 s), or the gap between the loss and its
+notice is not covered: see docs/design-replicas.md, section "Server role".
 """
 
 from __future__ import annotations
