@@ -10,6 +10,7 @@ start it again before they end.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 import urllib.request
@@ -136,6 +137,14 @@ def test_good_revoked_unknown_verified_through_a_server(world: World) -> None:
                          "-CAfile", str(dev.ca_pem), "-cert", str(dev.good_pem))  # fmt: skip
     assert nonce.verified and "WARNING: no nonce" not in nonce.output, nonce.output
     assert world.metric(world.server, "hsmocsp_forwarded_total") >= 1
+    # The server's own metrics follow the conventions too (promtool, Debian's prometheus).
+    status, _, body = http(world.server.url + "/metrics")
+    check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                           timeout=60)  # fmt: skip
+    assert status == 200 and check.returncode == 0, (check.stdout + check.stderr).decode()
+    for name in ("hsmocsp_hotcache_hits_total", "hsmocsp_store_fetch_hits_total",
+                 "hsmocsp_forward_errors_total", "hsmocsp_handle_state"):  # fmt: skip
+        assert f"\n{name}{{" in body.decode(), name
 
 
 def test_a_server_process_maps_no_pkcs11_module_and_holds_no_pin(world: World) -> None:
