@@ -11,8 +11,8 @@
 
 Nothing here imports :mod:`hsmocsp.signing.pkcs11`, :mod:`hsmocsp.signing.pool` or
 PyKCS11, and no PIN is read: a server process maps no PKCS#11 module and holds no
-secret of the signer (tests/integration/test_replica_server.py looks at
-``/proc/<pid>/maps`` and ``/proc/<pid>/environ``). Start-up waits for neither the store
+secret of the signer (tests/unit/test_server_service.py reads the module table of a
+fresh interpreter that built one). Start-up waits for neither the store
 nor the signer to be reachable: a server answers what it can (``tryLater`` for the rest)
 and says why in ``/readyz`` until they are.
 
@@ -22,9 +22,10 @@ The published CA certificate and CRL paths of each handle are forwarded to the s
 
 from __future__ import annotations
 
+import importlib
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -207,6 +208,9 @@ class ServerService(Sequence):
 
 def build_shared_store(cfg: Config, reactor: Any) -> SharedStore:
     """The shared store of ``cfg.store`` (Redis), not connected yet."""
-    from hsmocsp.stores.redis import RedisStore
-
-    return RedisStore.from_config(cfg.store, reactor, str(cfg.path))
+    # By name: hsmocsp.stores.redis lands separately (the redis helper's part of #11).
+    try:
+        redis = importlib.import_module("hsmocsp.stores.redis")
+    except ImportError as err:
+        raise ConfigError(str(cfg.path), "store.kind", "redis is not in this build") from err
+    return cast(SharedStore, redis.RedisStore.from_config(cfg.store, reactor, str(cfg.path)))
