@@ -143,7 +143,7 @@ class ResponderService(Sequence):
         for handle in self.handles:
             handle.on_signature(self.app.metrics.signed)
         for name, pool in self.pools.items():
-            self.app.metrics.watch_token(name, pool.health)
+            self.app.metrics.watch_token(name, pool.health, pool.restart_pending)
         self.store: ResponseStore | None = None
         self.shared: RedisStore | None = None
         if cfg.store.kind == "redis":

@@ -460,6 +460,14 @@ class TokenPool:
         """
         return self._health
 
+    def restart_pending(self) -> bool:
+        """Whether more logins will be tried without anyone asking: a worker is
+        starting, or a replacement is scheduled (back-off pause). False once every
+        worker is up, and after a refused PIN (nothing is tried until SIGHUP brings
+        a different one): what ``hsmocsp_token_restart_pending`` shows, so a test or
+        an operator can tell "given up, waiting for you" from "still retrying"."""
+        return self._supervisor.starting() or self._supervisor.waiting()
+
     def reload_pin(self, pin: str) -> None:
         """A PIN read again from its source (SIGHUP).
 

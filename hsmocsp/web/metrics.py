@@ -191,10 +191,17 @@ class Metrics:
                 gauge.labels(h.name).set_function(partial(read, h))
         self._handle_state = _lifecycle_gauges(self.registry, handles)
 
-    def watch_token(self, name: str, health: Callable[[], Health]) -> None:
+    def watch_token(
+        self,
+        name: str,
+        health: Callable[[], Health],
+        restart_pending: Callable[[], bool] | None = None,
+    ) -> None:
         """``hsmocsp_token_up{token}`` (1 while the token can sign: ready or degraded)
         and ``hsmocsp_token_state{token,state}`` (1 for its current state), read from
-        the token pool's ``health()`` at scrape time."""
+        the token pool's ``health()`` at scrape time; ``hsmocsp_token_restart_pending``
+        (1 while a worker is starting or a restart is scheduled, 0 when the pool has
+        given up until SIGHUP) from ``restart_pending()``."""
         if not hasattr(self, "_token_up"):
             self._token_up = Gauge(
                 "hsmocsp_token_up",
@@ -208,7 +215,17 @@ class Metrics:
                 ["token", "state"],
                 registry=self.registry,
             )
+            self._token_restart_pending = Gauge(
+                "hsmocsp_token_restart_pending",
+                "1 while a signing worker is starting or a restart is scheduled",
+                ["token"],
+                registry=self.registry,
+            )
         self._token_up.labels(name).set_function(lambda: float(health().state is not State.FAILED))
+        if restart_pending is not None:
+            self._token_restart_pending.labels(name).set_function(
+                lambda: float(restart_pending())
+            )
         for state in State:
             self._token_state.labels(name, state.label).set_function(
                 partial(_is_state, health, state)

@@ -11,17 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from hsmocsp.devpki.bao import free_port
-
-T = TypeVar("T")
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -39,22 +35,6 @@ def http(
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
-
-
-def wait_until(condition: Callable[[], T | None], what: str, timeout: float = 30) -> T:
-    """Poll ``condition`` until it returns something truthy (returned); fail after
-    ``timeout`` seconds naming ``what``. The way to wait for a real process: on
-    observable state with a deadline, never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    pause = 0.05
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(pause)
-        pause = min(0.5, pause * 1.5)
 
 
 @dataclass
@@ -112,19 +92,21 @@ class Responder:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"responder exited {self.proc.returncode}:\n{self.output()}")
             try:
-                status, _, _ = http(self.url + "/readyz")
-                if status == 200:
-                    return
+                return http(self.url + "/readyz")[0] == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"responder not ready in {timeout}s:\n{self.output()}")
+                return False
+
+        try:
+            wait_until(ready, "/readyz to answer 200", timeout)
+        except AssertionError as err:
+            if not self.alive():
+                raise
+            raise AssertionError(f"{err}; the responder said:\n{self.output()}") from None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

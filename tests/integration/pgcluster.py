@@ -16,11 +16,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsmocsp.devpki.bao import free_port
+from tests.waiting import wait_until
 
 RUN_AS = "nobody"
 
@@ -111,16 +111,16 @@ class PgCluster:
     def create_database(self, name: str) -> str:
         import psycopg
 
-        deadline = time.monotonic() + 30
-        while True:
+        def created() -> bool:
             try:
                 with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f'CREATE DATABASE "{name}"')
-                return self.dsn(name)
             except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                return False  # not accepting connections yet
+            return True
+
+        wait_until(created, f"PostgreSQL to accept connections (database {name})")
+        return self.dsn(name)
 
 
 def start_cluster() -> PgCluster:

@@ -4,7 +4,6 @@ process and of the front, and the client address of connections the front relays
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.x509 import ocsp
 from hsmocsp.devpki.opensslca import DevPki
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import Responder
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +29,11 @@ def logged(devpki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     r = Responder(config=level1_config(devpki, work, extra=extra), env=dev_env(devpki),
                   workdir=work, extra_args=("--workers", "2"))  # fmt: skip
     r.start()
-    _wait(lambda: "HTTP front 1 (pid" in r.output(), "the front to listen")
+    wait_until(lambda: "HTTP front 1 (pid" in r.output(), "the front to listen")
     yield r
     r.stop()
 
 
-def _wait(condition: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _post(port: int, der: bytes) -> None:
@@ -78,9 +71,9 @@ def test_access_log_covers_main_front_and_relayed(logged: Responder, devpki: Dev
         _post(logged.port, builder.build().public_bytes(serialization.Encoding.DER))
     for _ in range(40):  # new connections: the kernel spreads them over both processes
         _post(logged.port, der)
-    _wait(lambda: len(_records(logged)) >= 48
-          and any(r["process"] == "front 1" for r in _records(logged)),
-          "40 records, some from the front")  # fmt: skip
+    wait_until(lambda: len(_records(logged)) >= 48
+               and any(r["process"] == "front 1" for r in _records(logged)),
+               "40 records, some from the front")  # fmt: skip
     records = _records(logged)
     assert {r["client"] for r in records} == {"127.0.0.1"}  # relayed ones too, not the socket
     unknown = [r for r in records if r["serials"][0].startswith("5eed1e5")]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,15 +18,7 @@ from cryptography.x509 import ocsp
 from hsmocsp.devpki.opensslca import DevPki, issue_ocsp_signer, regen_crl, self_sign_root
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import Responder, http, openssl_ocsp
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.waiting import wait_until
 
 
 def _config(dev: DevPki, work: Path, cert: Path, presign: bool = False) -> Path:
@@ -99,25 +89,29 @@ def test_restart_after_renewal_never_serves_the_expired_certificate(
     r = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
     assert r.proc is not None
     try:
-        _wait(lambda: "(warning at 30 days)" in r.output(), "the expiry warning")
+        wait_until(lambda: "(warning at 30 days)" in r.output(), "the expiry warning")
         # A certificate about to expire (loaded by SIGHUP: no start-up to wait for).
         ends = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=8)
         issue_ocsp_signer(devpki, devpki.ocsp_key_label, "lifecycle signer", cert, not_after=ends)
         old = _load(cert)
         r.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: _embedded(r, devpki) == old, "a response with the short-lived certificate")
+        wait_until(
+            lambda: _embedded(r, devpki) == old, "a response with the short-lived certificate"
+        )
         # nextUpdate is capped at the certificate's notAfter.
         next_update = _answer(r, devpki).next_update_utc
         assert next_update is not None and next_update <= old.not_valid_after_utc
         old_der = old.public_bytes(serialization.Encoding.DER)
-        _wait(lambda: _stored_with(tmp_path, old_der), "the response to be stored")
+        wait_until(lambda: _stored_with(tmp_path, old_der), "the response to be stored")
     finally:
         r.stop()
     # Renewal for the same HSM key while the responder is down; the old one then expires.
     issue_ocsp_signer(devpki, devpki.ocsp_key_label, "lifecycle signer", cert)
     new = _load(cert)
     assert new != old and new.public_key() == old.public_key()
-    _wait(lambda: datetime.now(UTC) > ends + timedelta(seconds=1), "the old certificate to expire")
+    wait_until(
+        lambda: datetime.now(UTC) > ends + timedelta(seconds=1), "the old certificate to expire"
+    )
     r2 = Responder(config=cfg, env=dev_env(devpki), workdir=tmp_path).start()
     try:
         # The very first answer already carries the renewed certificate, and verifies.
@@ -143,20 +137,22 @@ def test_sighup_renewal_resigns_and_a_bad_file_is_refused(devpki: DevPki, tmp_pa
         second = _load(cert)
         r.proc.send_signal(signal.SIGHUP)
         # Re-signed with the renewed certificate ahead of everything else.
-        _wait(lambda: _embedded(r, devpki) == second, "a response with the renewed certificate")
+        wait_until(
+            lambda: _embedded(r, devpki) == second, "a response with the renewed certificate"
+        )
         _verify(r, devpki, cert)
         # A bad file (not a certificate) and a certificate for another key are refused:
         # the current one stays, and one line says why.
         good_pem = cert.read_bytes()
         cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n")
         r.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: "not reloaded" in r.output(), "the refusal to be logged")
+        wait_until(lambda: "not reloaded" in r.output(), "the refusal to be logged")
         assert _embedded(r, devpki) == second
         other = tmp_path / "other-key.pem"
         issue_ocsp_signer(devpki, devpki.ocsp_ec_key_label, "lifecycle other key", other)
         cert.write_bytes(other.read_bytes())
         r.proc.send_signal(signal.SIGHUP)
-        _wait(
+        wait_until(
             lambda: "does not match the signer's public key" in r.output(),
             "the key mismatch to be logged",
         )
@@ -186,8 +182,8 @@ def test_sighup_reloads_the_ca_certificate_and_crl_with_start_up_checks(
         regen_crl(devpki)
         r.proc.send_signal(signal.SIGHUP)
         der = renewed.public_bytes(serialization.Encoding.DER)
-        _wait(lambda: http(r.url + "/ca/root.der")[2] == der, "the renewed CA certificate")
-        _wait(
+        wait_until(lambda: http(r.url + "/ca/root.der")[2] == der, "the renewed CA certificate")
+        wait_until(
             lambda: http(r.url + "/crl/root.crl")[2] == devpki.crl_der.read_bytes(),
             "the new CRL",
         )
@@ -200,7 +196,7 @@ def test_sighup_reloads_the_ca_certificate_and_crl_with_start_up_checks(
         # Another CA's certificate in the file is refused: the served one stays.
         ca.write_bytes(devpki.ocsp_pem.read_bytes())
         r.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: "handles.root.issuer" in r.output(), "the refusal to be logged")
+        wait_until(lambda: "handles.root.issuer" in r.output(), "the refusal to be logged")
         assert "not a renewal of the served CA" in r.output()
         assert http(r.url + "/ca/root.der")[2] == der
         assert r.alive()
@@ -234,18 +230,18 @@ def test_overdue_crl_degrades_the_handle_and_a_new_one_restores_it(
         assert _metric(r, 'hsmocsp_responder_cert_expiry_timestamp_seconds{handle="root"}') == (
             _load(devpki.ocsp_pem).not_valid_after_utc.timestamp()
         )
-        _wait(lambda: http(r.url + "/readyz/root")[0] == 503, "the CRL to be overdue")
+        wait_until(lambda: http(r.url + "/readyz/root")[0] == 503, "the CRL to be overdue")
         body = json.loads(http(r.url + "/readyz/root")[2])
         assert body["state"] == "degraded" and "CRL past its nextUpdate" in body["reason"]
         assert http(r.url + "/readyz")[0] == 200  # degraded still takes traffic
         assert _metric(r, 'hsmocsp_handle_state{handle="root",state="degraded"}') == 1
-        _wait(lambda: "the CRL is past its nextUpdate" in r.output(), "the warning")
+        wait_until(lambda: "the CRL is past its nextUpdate" in r.output(), "the warning")
         _verify(r, devpki, devpki.ocsp_pem)  # answers go on, from the index
         # A new CRL, and SIGHUP (the poll is an hour): ready again, said once.
         regen_crl(devpki, pem=pem, der=der)
         r.proc.send_signal(signal.SIGHUP)
-        _wait(lambda: http(r.url + "/readyz/root")[0] == 200, "the new CRL")
-        _wait(lambda: "handle root: degraded -> ready" in r.output(), "the state change line")
+        wait_until(lambda: http(r.url + "/readyz/root")[0] == 200, "the new CRL")
+        wait_until(lambda: "handle root: degraded -> ready" in r.output(), "the state change line")
         out = r.output()
         assert out.count("handle root: the CRL is past its nextUpdate") == 1
         assert out.count("handle root: ready -> degraded") <= 1  # (overdue before its start?)

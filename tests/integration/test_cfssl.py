@@ -15,8 +15,7 @@ import random
 import re
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,16 +37,11 @@ from hsmocsp.devpki.opensslca import DevPki
 from tests.integration.conftest import dev_env
 from tests.integration.harness import Responder, http, openssl_ocsp
 from tests.integration.pgcluster import PgCluster, remove_cluster, start_cluster
+from tests.waiting import wait_until
 
 OCSP_REQUEST = {"Content-Type": "application/ocsp-request"}
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.1)
 
 
 def serial_of(cert: Path) -> int:
@@ -167,8 +161,8 @@ def test_sqlite_issue_and_revoke_while_running(sqlite_world: SqliteWorld) -> Non
     # Seen at once (a point lookup for a serial not loaded yet), then cached as good.
     assert w.check.status("/cfssl/ocsp", leaf) == "good"
     w.level.ca.revoke(leaf, "keyCompromise")
-    wait_for("the revocation reaches the answer",
-             lambda: w.check.status("/cfssl/ocsp", leaf) == "revoked")  # fmt: skip
+    wait_until(lambda: w.check.status("/cfssl/ocsp", leaf) == "revoked",
+               "the revocation reaches the answer")  # fmt: skip
     out = w.check.ocsp("/cfssl/ocsp", "-cert", str(leaf))
     assert "Reason: keyCompromise" in out
 
@@ -224,9 +218,9 @@ def test_presigned_served_byte_for_byte_and_reloaded(
     tmp.rename(w.dump)
     new = _dumped(fresh, serial_of(w.level.good_pem))
     assert new != expected
-    wait_for("the new dump is served", lambda: _post(w.responder, "/dump/ocsp", req) == new)
-    wait_for("the refreshed table is served",
-             lambda: _post(w.responder, "/cfssl-presigned/ocsp", req) == new)  # fmt: skip
+    wait_until(lambda: _post(w.responder, "/dump/ocsp", req) == new, "the new dump is served")
+    wait_until(lambda: _post(w.responder, "/cfssl-presigned/ocsp", req) == new,
+               "the refreshed table is served")  # fmt: skip
 
 
 def test_bad_response_file_keeps_the_last_good_one(
@@ -238,11 +232,11 @@ def test_bad_response_file_keeps_the_last_good_one(
     good_text = w.dump.read_bytes()
     w.dump.write_bytes(good_text + b"this is not base64!\n")
     where = f"{w.dump}: line {len(good_text.splitlines()) + 1}"
-    wait_for("the problem is logged", lambda: where in w.responder.output())
+    wait_until(lambda: where in w.responder.output(), "the problem is logged")
     assert _post(w.responder, "/dump/ocsp", req) == before
     # Truncated (what `cfssl ocspdump > FILE` leaves for a moment): not taken for "no answers".
     w.dump.write_bytes(b"")
-    wait_for("the empty file is refused", lambda: "no responses in it" in w.responder.output())
+    wait_until(lambda: "no responses in it" in w.responder.output(), "the empty file is refused")
     assert _post(w.responder, "/dump/ocsp", req) == before
     w.dump.write_bytes(good_text)
 
@@ -302,8 +296,8 @@ def test_postgres_good_revoked_unknown_and_revocation_while_running(pg_world: Pg
     leaf = w.ca.issue("pg-while-running")
     assert w.check.status("/pg/ocsp", leaf) == "good"
     w.ca.revoke(leaf, "keyCompromise")
-    wait_for("the revocation reaches the answer",
-             lambda: w.check.status("/pg/ocsp", leaf) == "revoked")  # fmt: skip
+    wait_until(lambda: w.check.status("/pg/ocsp", leaf) == "revoked",
+               "the revocation reaches the answer")  # fmt: skip
 
 
 def test_postgres_serial_answered_unknown_then_issued(pg_world: PgWorld) -> None:
@@ -322,8 +316,8 @@ def test_postgres_serial_answered_unknown_then_issued(pg_world: PgWorld) -> None
              b"-----BEGIN CERTIFICATE-----"),
         )  # fmt: skip
     wanted = f"{serial:#x}: good"
-    wait_for("the cached unknown answer is replaced",
-             lambda: wanted in w.check.ocsp("/pg/ocsp", "-serial", f"{serial:#x}"))  # fmt: skip
+    wait_until(lambda: wanted in w.check.ocsp("/pg/ocsp", "-serial", f"{serial:#x}"),
+               "the cached unknown answer is replaced")  # fmt: skip
 
 
 def _metric(r: Responder, name: str, handle: str) -> float:
@@ -353,10 +347,10 @@ def test_postgres_stopped_and_started_under_load(pg_world: PgWorld, tmp_path: Pa
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     try:
-        wait_for("some load", lambda: len(outcomes) > 20)
+        wait_until(lambda: len(outcomes) > 20, "some load")
         w.cluster.stop()
-        wait_for("the outage is noticed",
-                 lambda: _metric(w.responder, "hsmocsp_source_ready", "pg") == 0.0)  # fmt: skip
+        wait_until(lambda: _metric(w.responder, "hsmocsp_source_ready", "pg") == 0.0,
+                   "the outage is noticed")  # fmt: skip
         code, _, body = http(w.responder.url + "/readyz/pg")
         assert code == 503 and b"degraded" in body, body  # this CA's strict probe
         before = len(outcomes)
@@ -364,10 +358,10 @@ def test_postgres_stopped_and_started_under_load(pg_world: PgWorld, tmp_path: Pa
         out = openssl_ocsp("-url", w.responder.url + "/pg/ocsp", "-issuer", str(w.ca.ca_pem),
                            "-serial", "0x1DEAD").output  # fmt: skip
         assert "trylater" in out.lower(), out
-        wait_for("load goes on during the outage", lambda: len(outcomes) > before + 20)
+        wait_until(lambda: len(outcomes) > before + 20, "load goes on during the outage")
         w.cluster.start()
-        wait_for("recovery by itself",
-                 lambda: _metric(w.responder, "hsmocsp_source_ready", "pg") == 1.0)  # fmt: skip
+        wait_until(lambda: _metric(w.responder, "hsmocsp_source_ready", "pg") == 1.0,
+                   "recovery by itself")  # fmt: skip
         assert "0x2DEAD: unknown" in w.check.ocsp("/pg/ocsp", "-serial", "0x2DEAD")
         assert w.check.status("/pg/ocsp", w.good) == "good"
     finally:

@@ -65,7 +65,7 @@ def _settled_fds(pid: int, timeout: float = 15.0) -> int:
         count = len(os.listdir(fd_dir))
         same = same + 1 if count == last else 0
         last = count
-        time.sleep(0.2)
+        time.sleep(0.2)  # a poll with a deadline: "settled" is "unchanged over 3 polls"
     return last
 
 
@@ -200,6 +200,7 @@ def test_slow_loris_flood_for_a_minute(limited: Responder) -> None:
                     failed.append("not 200")
             except OSError as err:
                 failed.append(f"{err} after {time.monotonic() - started:.2f} s")
+            # The scenario itself (a new client every second), not a wait.
             time.sleep(max(0.0, 1 - (time.monotonic() - started)))
     finally:
         for s in slow:

@@ -11,8 +11,7 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
@@ -25,6 +24,7 @@ from cryptography.x509 import ocsp
 from hsmocsp.devpki.opensslca import DevPki, issue_leaf, revoke
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import Responder, http, openssl_ocsp
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,15 +95,6 @@ def _readyz_fronts(r: Responder) -> dict[str, str]:
     return fronts
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_fronts_answer_and_openssl_verifies(workers: Responder, devpki: DevPki) -> None:
     assert len(_front_pids(workers)) == 2
     for pid in _front_pids(workers):  # a front parses untrusted input: it holds no secret
@@ -116,7 +107,7 @@ def test_fronts_answer_and_openssl_verifies(workers: Responder, devpki: DevPki) 
     _post_new_connection(workers.port, der)  # signed once, pushed to the fronts
     # Whichever process takes a connection answers good; once the push has reached the
     # fronts they answer from their copy (they report counts once a second).
-    _wait(
+    wait_until(
         lambda: _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
         and len(_front_answers(workers)) == 2,
         "both fronts to report answers",
@@ -155,16 +146,22 @@ def test_relayed_requests_are_answered_by_the_main_process(workers: Responder) -
 def test_revocation_reaches_every_process(workers: Responder, devpki: DevPki) -> None:
     leaf = issue_leaf(devpki, "workers-leaf")
     der = _request(leaf, devpki.ca_pem)
-    _wait(
+    wait_until(
         lambda: ocsp.load_der_ocsp_response(_post_new_connection(workers.port, der))
         .certificate_status == ocsp.OCSPCertStatus.GOOD,
         "the new leaf to be known",
     )  # fmt: skip
-    time.sleep(0.5)
-    assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+    # Both fronts hold the "good" answer before the revocation (else the check below
+    # proves nothing): they answer it from their copy, which their counts show.
+    answered = _front_answers(workers)
+    wait_until(
+        lambda: _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
+        and all(_front_answers(workers).get(n, 0) > answered.get(n, 0) for n in ("1", "2")),
+        "both fronts to answer the new leaf from their copy",
+    )
     generation = _generation(workers)
     revoke(devpki, leaf, "superseded")
-    _wait(lambda: _generation(workers) > generation, "the revocation to be loaded")
+    wait_until(lambda: _generation(workers) > generation, "the revocation to be loaded")
     # No OCSP request has reached any process since the reload. Many at once now:
     # a front still holding the old "good" would answer it at once, before the main
     # process has signed anything new.
@@ -186,16 +183,16 @@ def _generation(r: Responder) -> float:
 def test_a_front_that_dies_is_replaced(workers: Responder, devpki: DevPki) -> None:
     before = _front_pids(workers)
     os.kill(before[0], signal.SIGKILL)
-    _wait(
+    wait_until(
         lambda: len(_front_pids(workers)) == 2 and before[0] not in _front_pids(workers),
         "a new front",
     )
-    _wait(lambda: _readyz_fronts(workers)["state"] == "ready", "the new front to listen")
+    wait_until(lambda: _readyz_fronts(workers)["state"] == "ready", "the new front to listen")
     answered = _front_answers(workers)
     der = _request(devpki.good_pem, devpki.ca_pem)  # cached long ago: only the snapshot has it
     assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
     # Both fronts, the new one included, answered from their copy of the cache.
-    _wait(
+    wait_until(
         lambda: all(_front_answers(workers)[n] > answered[n] for n in answered),
         "both fronts to answer",
     )
@@ -210,7 +207,7 @@ def test_fronts_stop_with_the_main_process(devpki: DevPki, tmp_path: Path) -> No
     pids = _front_pids(r)
     assert len(pids) == 1
     r.stop()
-    _wait(lambda: not os.path.exists(f"/proc/{pids[0]}"), "the front to exit", timeout=10)
+    wait_until(lambda: not os.path.exists(f"/proc/{pids[0]}"), "the front to exit", timeout=10)
 
 
 def test_a_front_holds_at_most_hot_cache_entries(workers: Responder, devpki: DevPki) -> None:
@@ -220,19 +217,19 @@ def test_a_front_holds_at_most_hot_cache_entries(workers: Responder, devpki: Dev
     leaves = [issue_leaf(devpki, f"hot-{n}") for n in range(3)] + [devpki.good_pem]
     ders = [_request(leaf, devpki.ca_pem) for leaf in leaves]
     for der in ders:
-        _wait(lambda der=der: _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD},
-              "the new leaves to be known")  # fmt: skip
+        wait_until(lambda der=der: _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD},
+                   "the new leaves to be known")  # fmt: skip
 
     def held() -> dict[str, float]:
         return _front_answers(workers, "hsmocsp_front_hot_cache_entries")
 
-    _wait(lambda: len(held()) == 2 and all(n == HOT for n in held().values()),
-          "both fronts to hold a full hot cache")  # fmt: skip
+    wait_until(lambda: len(held()) == 2 and all(n == HOT for n in held().values()),
+               "both fronts to hold a full hot cache")  # fmt: skip
     answered = _front_answers(workers)
     for der in ders:  # more asks: still bounded, still answered (and verified by openssl above)
         assert _statuses(workers, der) == {ocsp.OCSPCertStatus.GOOD}
     # A front reports what it holds with its answer counts (once a second, when it changed):
     # once both have reported answers since, their held counts are as of after the asks.
-    _wait(lambda: all(_front_answers(workers)[n] > answered[n] for n in answered),
-          "both fronts to report again")  # fmt: skip
+    wait_until(lambda: all(_front_answers(workers)[n] > answered[n] for n in answered),
+               "both fronts to report again")  # fmt: skip
     assert all(n == HOT for n in held().values()), held()

@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from hsmocsp.errors import SignerError, SignerUnavailable
 from hsmocsp.health import State
@@ -26,6 +26,7 @@ from hsmocsp.signing.pkcs11 import Pkcs11Signer
 from hsmocsp.signing.pool import KeyRef, TokenPool
 from tests.factories import token_pool
 from tests.integration.conftest import SOFTHSM_PIN
+from tests.waiting import wait_for
 
 try:
     from tests.integration.softhsm_helpers import (
@@ -69,18 +70,6 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_for(predicate: Any, what: str) -> None:
-    for _ in range(600):
-        if predicate():
-            return
-        await sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 async def expect(d: defer.Deferred[Any], exc_type: type[Exception]) -> Exception:

@@ -31,8 +31,9 @@ except ImportError:  # tests/ not a package: rootdir-less "prepend" import mode
         softhsm_available,
     )
 
-from tests.integration.test_pkcs11_pool import expect, gone, started_pool, wait_for
+from tests.integration.test_pkcs11_pool import expect, gone, started_pool
 from tests.integration.test_pkcs11_pool import make_pool as _make_pool
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,

@@ -17,8 +17,6 @@ signed, in which order.
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from hsmocsp.devpki.opensslca import DevPki
 from tests.integration.conftest import dev_env
 from tests.integration.harness import Responder, http, openssl_ocsp
 from tests.integration.softhsm_helpers import softhsm_available
+from tests.waiting import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -60,12 +59,6 @@ def request_for(dev: DevPki, serial: int) -> bytes:
     return builder.build().public_bytes(serialization.Encoding.DER)
 
 
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_slow_token_capacity_line_and_requested_then_oldest_first(
@@ -110,7 +103,7 @@ handles:
     )
     r = Responder(config=cfg, env=env, workdir=tmp_path).start()
     try:
-        wait_for("the capacity line", lambda: "capacity of handle root" in r.output())
+        wait_until(lambda: "capacity of handle root" in r.output(), "the capacity line", timeout=60)
         (line,) = [x for x in r.output().splitlines() if "capacity of handle root" in x]
         total = len(rows)
         assert f"{total} responses re-signed every 0.3 s" in line, line
@@ -120,7 +113,7 @@ handles:
 
         # The first pass (every serial unsigned: index order), then the token is behind
         # for good: every pass repeats the order of the one before (oldest first).
-        wait_for("two passes", lambda: len(signed_serials(trace)) >= 2 * total + 2)
+        wait_until(lambda: len(signed_serials(trace)) >= 2 * total + 2, "two passes", timeout=60)
         first = signed_serials(trace)[:total]
         assert len(set(first)) == total
         second = signed_serials(trace)[total : 2 * total]
@@ -142,7 +135,9 @@ handles:
             "-VAfile", str(devpki.ocsp_pem), "-CAfile", str(devpki.ca_pem),
         )  # fmt: skip
         assert out.verified and re.search(r": (good|revoked)\n", out.output), out.output
-        wait_for("the next signatures", lambda: len(signed_serials(trace)) >= before + 12)
+        wait_until(
+            lambda: len(signed_serials(trace)) >= before + 12, "the next signatures", timeout=60
+        )
         after = signed_serials(trace)[before:]
         # Asked for, they are signed next (after the signature in flight), ahead of every
         # response nobody asked for. (With a 0.3 s refresh point an asked one may come

@@ -27,6 +27,7 @@ from hsmocsp.devpki.bao import free_port
 from hsmocsp.devpki.opensslca import DevPki
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import REPO, TWISTD, Responder
+from tests.waiting import wait_until
 
 EX_CONFIG = 78
 
@@ -60,12 +61,7 @@ def _running_with(marker: str) -> list[int]:
 
 
 def _wait_gone(marker: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running_with(marker):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"processes still running: {_running_with(marker)}")
+    wait_until(lambda: not _running_with(marker), f"no process running with {marker!r}", timeout)
 
 
 def _stop_pid(pid: int) -> None:

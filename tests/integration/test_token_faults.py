@@ -37,7 +37,8 @@ from tests.integration.softhsm_helpers import (
     init_token,
     softhsm_available,
 )
-from tests.integration.test_pkcs11_pool import expect, gone, sleep, started_pool, wait_for
+from tests.integration.test_pkcs11_pool import expect, gone, started_pool
+from tests.waiting import pause, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -146,7 +147,8 @@ class Load:
                 await self.signer.sign(DATA)
             except Exception as err:
                 self.outcomes.append((time.monotonic(), type(err).__name__))
-                await sleep(0.01)  # a failed client retries, but not in a hot loop
+                # The behaviour of a client (it retries, not in a hot loop), not a wait.
+                await pause(0.01)
             else:
                 self.outcomes.append((time.monotonic(), "ok"))
 
@@ -177,7 +179,7 @@ async def token_gone_and_back(
         detected = time.monotonic() - gone_at
         assert detected < 5.0, f"token loss seen after {detected:.1f} s"
         assert "'F'" in pool.health().reason
-        await sleep(away_for)
+        await pause(away_for)  # the token stays away this long: the fault under test
 
         back_at = time.monotonic()
         token.move_back()
@@ -272,8 +274,10 @@ async def test_pin_changed_at_run_time_is_tried_once(
         await wait_for(lambda: gone(pid), "worker reaped")
         await wait_for(lambda: pool.health().state is State.FAILED, "pool failed")
         assert "PIN" in pool.health().reason
-        # Today's code retried with back-off (0.1 s doubling to 0.2 s): ~10 logins here.
-        await sleep(2.0)
+        # Given up until SIGHUP: no worker starting, no restart scheduled. (The old code
+        # retried with back-off, 0.1 s doubling to 0.2 s: a restart was always pending,
+        # ~10 logins in 2 s.) From this state nothing starts a worker but reload_pin.
+        await wait_for(lambda: not pool.restart_pending(), "the pool to stop trying")
         assert counting.spawned == 2, f"{counting.spawned - 1} logins after the PIN changed"
         err = await expect(signer.sign(DATA), SignerUnavailable)
         assert "PIN" in str(err)
@@ -288,7 +292,7 @@ async def test_pin_changed_at_run_time_is_tried_once(
 
         # SIGHUP with the same (refused) PIN: still no login.
         pool.reload_pin(PIN)
-        await sleep(0.5)
+        assert not pool.restart_pending()  # decided at once: nothing scheduled
         assert counting.spawned == 2
         assert pool.health().state is State.FAILED
         # The operator fixed the PIN source: one login, and signing is back.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -179,18 +178,14 @@ def test_outage_serves_cached_and_trylater_then_recovers(
     assert r.alive()
 
     proxy.restore()
-    deadline = time.monotonic() + 30
-    out = ""
-    while time.monotonic() < deadline:
+
+    def verified() -> str:
         out = _ask(r, world, "-serial", "0x0D0E0A0D")
-        if "Response verify OK" in out:
-            break
-        time.sleep(0.5)
+        return out if "Response verify OK" in out else ""
+
+    out = wait_until(verified, "a verified answer once Vault is back")
     assert "0x0D0E0A0D: unknown" in out, out
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and http(r.url + f"/readyz/{mount}")[0] != 200:
-        time.sleep(0.5)
-    assert http(r.url + f"/readyz/{mount}")[0] == 200
+    wait_until(lambda: http(r.url + f"/readyz/{mount}")[0] == 200, f"/readyz/{mount} to be 200")
     assert f"{mount}: degraded -> ready" in r.output()
     wait_until(lambda: http(r.url + "/readyz/idle")[0] == 200, "the idle handle to see it back")
     # The sources said so themselves, once each way, and counted their errors; the idle
