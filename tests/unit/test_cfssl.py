@@ -20,7 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 
 from hsmocsp.config import CfsslSourceConfig, load_config
 from hsmocsp.errors import ConfigError, SourceError, SourceUnavailable, UnknownIssuer
@@ -38,6 +37,7 @@ from hsmocsp.sources.responsefile import read_response_file
 from hsmocsp.status import CRLReason, Status
 from tests.factories import cfssl_source
 from tests.unit.test_crl import make_ca
+from tests.waiting import wait_for
 
 GO_ZERO = "0001-01-01 00:00:00+00:00"
 
@@ -186,19 +186,6 @@ class CertDb:
         return DbConfig(self.path, "sqlite3", str(self.path), sqlite_path=self.path)
 
 
-def _wait(check: Any, timeout: float = 10.0) -> Deferred[None]:
-    async def loop() -> None:
-        deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-        while not check():
-            if reactor.seconds() > deadline:  # type: ignore[attr-defined]
-                raise AssertionError("condition not met in time")
-            d: Deferred[None] = Deferred()
-            reactor.callLater(0.05, d.callback, None)  # type: ignore[attr-defined]
-            await d
-
-    return Deferred.fromCoroutine(loop())
-
-
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_source_over_sqlite_certdb(tmp_path: Path) -> None:
     ca, _ = make_ca("cfssl unit CA")
@@ -227,14 +214,14 @@ async def test_source_over_sqlite_certdb(tmp_path: Path) -> None:
 
         # Issued after an "unknown" answer: the change names it (the cache drops "unknown").
         db.add(99)
-        await _wait(lambda: any(c and 99 in c for c in changes))
+        await wait_for(lambda: any(c and 99 in c for c in changes), "a change naming serial 99", 10)
         assert (await source.status(ca, 99)).status is Status.good
         # cfssl revoke: seen by the revoked_at watermark, with its reason.
         db.conn.execute(
             "UPDATE certificates SET authority_key_identifier=? WHERE serial_number='1'", (aki,)
         )
         db.revoke(1, aki, 4)
-        await _wait(lambda: any(c and 1 in c for c in changes))
+        await wait_for(lambda: any(c and 1 in c for c in changes), "a change naming serial 1", 10)
         now = await source.status(ca, 1)
         assert now.status is Status.revoked and now.reason is CRLReason.superseded
         assert now.revocation_time is not None
@@ -256,7 +243,7 @@ async def test_database_gone_known_serials_served_new_ones_try_later(tmp_path: P
         for certdb in (source._db, source._lookup_db):
             certdb.close()
             certdb.cfg = gone
-        await _wait(lambda: not source.ready())
+        await wait_for(lambda: not source.ready(), "the source to be not ready", 10)
         assert source.health().state is State.DEGRADED
         assert "new serials get tryLater" in source.health().reason
         assert (await source.status(ca, 1)).status is Status.good  # loaded: still answered
@@ -274,7 +261,7 @@ async def test_database_gone_known_serials_served_new_ones_try_later(tmp_path: P
         assert opened == []  # known down: no connection attempt per new serial
         for certdb in (source._db, source._lookup_db):
             certdb.cfg = db.config()
-        await _wait(source.ready)
+        await wait_for(source.ready, "the source to be ready again", 10)
         assert (await source.status(ca, 2)).status is Status.unknown
     finally:
         await source.stop()
