@@ -15,6 +15,11 @@ An HTTP connection built on a ``StringTransport`` under the real reactor leaves
 its idle timer behind (60 s later it fails inside whichever test runs then);
 such timers are cancelled when the test that made them ends, with a warning
 naming it (the fix is a clock for the site, see tests/unit/test_fastpath.py).
+
+Any other delayed call a test leaves on the real reactor (a timer of a component
+it did not stop, a client pool's connection expiry) is reported the same way, a
+``LeftDelayedCall`` warning naming the test and each call with when it is due,
+but left alone: cancelling it could hide the bug it is a symptom of.
 """
 
 from __future__ import annotations
@@ -97,21 +102,40 @@ def logged_errors(request: pytest.FixtureRequest) -> Iterator[LoggedErrors]:
         )
 
 
+class LeftDelayedCall(UserWarning):
+    """A test left a delayed call of its own on the real reactor."""
+
+
 def _cancel_left_timeouts(reactor: Any, before: set[Any], test: str) -> None:
-    left = [
-        call
-        for call in reactor.getDelayedCalls()
-        if call not in before
-        and call.active()
-        and isinstance(getattr(call.func, "__self__", None), TimeoutMixin)
-    ]
-    for call in left:
+    new = [call for call in reactor.getDelayedCalls() if call not in before and call.active()]
+    timeouts = [c for c in new if isinstance(getattr(c.func, "__self__", None), TimeoutMixin)]
+    for call in timeouts:
         call.cancel()
-    if left:
+    if timeouts:
         warnings.warn(
-            f"{test} left {len(left)} connection timeout(s) on the real reactor (cancelled)",
+            f"{test} left {len(timeouts)} connection timeout(s) on the real reactor (cancelled):"
+            f" {_describe_calls(reactor, timeouts)}",
+            LeftDelayedCall,
             stacklevel=1,
         )
+    # Twisted's global cooperator re-arms its own tick while it has work: not the test's.
+    others = [c for c in new if c not in timeouts and _name(c.func) != "Cooperator._tick"]
+    if others:
+        warnings.warn(
+            f"{test} left {len(others)} delayed call(s) on the real reactor:"
+            f" {_describe_calls(reactor, others)}",
+            LeftDelayedCall,
+            stacklevel=1,
+        )
+
+
+def _name(func: Any) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))
+
+
+def _describe_calls(reactor: Any, calls: list[Any]) -> str:
+    now = reactor.seconds()
+    return "; ".join(f"{_name(c.func)} due in {c.getTime() - now:.1f} s" for c in calls)
 
 
 # --- real Redis processes (tests/redisfixtures.py), for every test directory -----------

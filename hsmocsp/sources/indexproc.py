@@ -233,6 +233,8 @@ class ProcessIndexReader:
         )
 
         def cancel(_: Deferred[tuple[IndexData, IndexSig]]) -> None:
+            if timer.active():  # killed now: no deadline left to keep on the reactor
+                timer.cancel()
             kill("cancelled")
 
         result: Deferred[tuple[IndexData, IndexSig]] = Deferred(cancel)

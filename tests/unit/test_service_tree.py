@@ -19,11 +19,13 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.web.client import HTTPConnectionPool
 
 from hsmocsp.config import load_config
 from hsmocsp.errors import ConfigError, ResponderCertError
 from hsmocsp.service.service import ResponderService
 from hsmocsp.service.tree import Component, Group, Sequence
+from tests.waiting import wait_for
 
 VECTORS = Path(__file__).resolve().parents[1] / "testdata" / "ocsp"
 
@@ -164,18 +166,28 @@ def test_the_tree_is_in_start_order(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]
 async def test_real_tree_starts_serves_and_stops(tmp_path: Path) -> None:
+    before = set(reactor.getDelayedCalls())
     svc = ResponderService(load_config(_config(tmp_path)), reactor)
+    # A client pool of our own, closed below. (treq's global pool kept the connection
+    # for 240 s: the client's expiry timer and the server's idle timer outlived the test.)
+    client = HTTPConnectionPool(reactor, persistent=True)
     svc.startService()
     try:
         await svc.whenStarted()
         port = svc.listener.port.getHost().port  # type: ignore[union-attr]
-        response = await treq.get(f"http://127.0.0.1:{port}/readyz")
+        response = await treq.get(f"http://127.0.0.1:{port}/readyz", pool=client)
         assert response.code == 200
         await response.content()
         assert len(svc.presigners) == 1
     finally:
+        await client.closeCachedConnections()
+        table = svc.listener.factory.table  # type: ignore[union-attr]
+        await wait_for(lambda: len(table) == 0, "the server to see the client's close")
         await svc.stopService()
     assert not any(child.running for child in svc)
+    # Nothing of the tree (or of this test's client) is left on the reactor.
+    left = [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
+    assert not left, left
     assert svc.listener is not None and svc.listener.port is None
     with socket.socket() as probe:  # the port is closed
         assert probe.connect_ex(("127.0.0.1", port)) != 0

@@ -60,7 +60,7 @@ def test_post_and_get_variants_same_bytes() -> None:
 
 
 def test_errors_map_to_statuses_and_http_codes() -> None:
-    _, client, source, _ = app_and_client()
+    app, client, source, _ = app_and_client()
     ct = {"Content-Type": "application/ocsp-request"}
     assert status_of(fetch(client, "POST", "/ocsp", data=b"junk", headers=ct)[2]) == (
         ocsp.OCSPResponseStatus.MALFORMED_REQUEST
@@ -75,6 +75,7 @@ def test_errors_map_to_statuses_and_http_codes() -> None:
     code, headers, body = fetch(client, "POST", "/ocsp", data=request_for(3), headers=ct)
     assert code == 200 and status_of(body) == ocsp.OCSPResponseStatus.TRY_LATER
     assert b"no-cache" in headers[b"Cache-Control"][0]
+    app.problems.stop()  # its summary timer (on the real reactor) ends with the test
 
 
 def test_probes_and_metrics() -> None:
