@@ -119,30 +119,41 @@ handles:
         second = signed_serials(trace)[total : 2 * total]
         assert second == first
 
-        # Clients ask for three serials this pass would sign some 20 signatures from now
-        # (signed ~10 signatures before the end of the last pass, so past their refresh
-        # point): one quick burst, then one answer checked with openssl ocsp.
-        asked = first[-10:-7]
+        # Clients ask for three serials, one after the other, each half a pass ahead of
+        # where the token is (overdue: past their refresh point, ~15 signatures before
+        # their turn). An asked one is signed next, after at most the pre-signature in
+        # flight and the ones asked before it, ahead of every response nobody asked for.
+        # Where "next" starts is where the ask reached the responder: between the trace
+        # read before the request and the one after its answer (on a loaded box a request
+        # can take as long as several signatures; a fixed starting point raced it).
         before = len(signed_serials(trace))
-        for serial in asked:
+        asked: list[int] = []
+        windows: list[tuple[int, int]] = []
+        for i in range(3):
+            sent_at = len(signed_serials(trace))
+            ahead = (sent_at + total // 2) % total
+            serial = next(s for s in first[ahead:] + first[:ahead] if s not in asked)
             status, _, body = http(
                 r.url + "/ocsp", request_for(devpki, serial),
                 {"Content-Type": "application/ocsp-request"},
             )  # fmt: skip
             assert status == 200 and ocsp.load_der_ocsp_response(body).response_status.value == 0
+            asked.append(serial)
+            windows.append((sent_at, len(signed_serials(trace)) + 2 + i))
         out = openssl_ocsp(
             "-url", r.url + "/ocsp", "-issuer", str(devpki.ca_pem), "-serial", hex(asked[0]),
             "-VAfile", str(devpki.ocsp_pem), "-CAfile", str(devpki.ca_pem),
         )  # fmt: skip
         assert out.verified and re.search(r": (good|revoked)\n", out.output), out.output
         wait_until(
-            lambda: len(signed_serials(trace)) >= before + 12, "the next signatures", timeout=60
-        )
-        after = signed_serials(trace)[before:]
-        # Asked for, they are signed next (after the signature in flight), ahead of every
-        # response nobody asked for. (With a 0.3 s refresh point an asked one may come
-        # round again soon after: it stays ahead of the others.)
-        assert set(asked) <= set(after[:8]), (asked, after[:12])
+            lambda: len(signed_serials(trace)) >= windows[-1][1] + 12, "the next signatures",
+            timeout=60,
+        )  # fmt: skip
+        signed = signed_serials(trace)
+        for serial, (sent_at, latest) in zip(asked, windows, strict=True):
+            at = signed.index(serial, sent_at)
+            assert at <= latest, (serial, sent_at, at, latest, signed[sent_at : latest + 8])
+        after = signed[before:]
         rest = [s for s in after if s not in asked]
         order = [s for s in first if s not in asked]
         start = order.index(rest[0])
