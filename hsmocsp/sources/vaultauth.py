@@ -184,14 +184,17 @@ class _Renewer:
     _transport: VaultTransport | None
     _timer: IDelayedCall | None
     _fetching: OneAtATime[str]
+    _stopped: bool
 
     def __init__(self) -> None:
         self._transport = None
         self._timer = None
         self._fetching = OneAtATime()
+        self._stopped = False
 
     def bind(self, transport: VaultTransport) -> None:
         self._transport = transport
+        self._stopped = False
 
     @property
     def transport(self) -> VaultTransport:
@@ -201,6 +204,8 @@ class _Renewer:
 
     def _schedule(self, delay: float, action: Callable[[], object]) -> None:
         self._cancel_timer()
+        if self._stopped:
+            return  # a renewal or login answered after stop(): nothing more to keep up
         self._timer = self.transport.clock.callLater(max(0.0, delay), action)
 
     def _cancel_timer(self) -> None:
@@ -213,6 +218,7 @@ class _Renewer:
         return self._fetching.run(fetch)
 
     def stop(self) -> None:
+        self._stopped = True
         self._cancel_timer()
 
 

@@ -137,9 +137,15 @@ class FakeVault:
         return self._json(request, 200, {"data": self.lookup_self})
 
     @app.route("/v1/auth/token/renew-self", methods=["POST"])
-    def renew(self, request: Any) -> bytes:
+    def renew(self, request: Any) -> bytes | Deferred[bytes]:
         self.renewals += 1
-        return self._json(request, 200, {"auth": {"lease_duration": 90, "renewable": True}})
+        body = self._json(request, 200, {"auth": {"lease_duration": 90, "renewable": True}})
+        if self.mode == "hang-renew":  # answered when the test fires self.pending
+            d: Deferred[bytes] = Deferred()
+            d.addCallback(lambda _: body)
+            self.pending.append(d)
+            return d
+        return body
 
     @app.route("/v1/auth/<mount>/login", methods=["POST"])
     def login(self, request: Any, mount: str) -> bytes:
@@ -542,6 +548,24 @@ def test_renewable_token_is_renewed_at_two_thirds() -> None:
     env.stub.flush()
     assert env.fake.renewals == 1
     env.run(env.source.stop())
+    assert env.clock.getDelayedCalls() == []
+
+
+def test_a_renewal_in_flight_at_stop_schedules_nothing() -> None:
+    """Seen as a leftover timer on the real reactor (tests/conftest.py): a renewal whose
+    answer came after stop() scheduled the next one, so a stopped source kept renewing."""
+    env = Env()
+    env.fake.lookup_self = {"ttl": 90, "renewable": True}
+    env.start()
+    env.clock.advance(0)
+    env.stub.flush()
+    env.fake.mode = "hang-renew"
+    env.clock.advance(61)  # the renewal is sent; Vault has not answered yet
+    env.stub.flush()
+    env.run(env.source.stop())
+    env.fake.pending.pop().callback(b"")  # the answer arrives after stop()
+    env.stub.flush()
+    assert env.fake.renewals == 1
     assert env.clock.getDelayedCalls() == []
 
 
