@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from twisted.logger import Logger
+
 
 class State(enum.IntEnum):
     """Ordered from best to worst, so ``max`` picks the worse one."""
@@ -49,3 +51,18 @@ def worst(*healths: Health) -> Health:
     bad = max(h.state for h in healths)
     reasons = [h.reason for h in healths if h.state is bad and h.reason]
     return Health(bad, "; ".join(dict.fromkeys(reasons)))
+
+
+def log_handle_change(log: Logger, handle: str, previous: Health | None, health: Health) -> None:
+    """The one line a handle's state change gets (a signing handle and a server replica's
+    handle say it alike, so one grep finds both): info when it turns ready, warn otherwise."""
+    if previous is None or previous.state is health.state:
+        return
+    emit = log.info if health.state is State.READY else log.warn
+    emit(
+        "handle {handle}: {old} -> {new}{why}",
+        handle=handle,
+        old=previous.state.label,
+        new=health.state.label,
+        why=f" ({health.reason})" if health.reason else "",
+    )

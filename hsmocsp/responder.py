@@ -41,7 +41,7 @@ from hsmocsp.errors import (
     StoreUnavailable,
     UnknownIssuer,
 )
-from hsmocsp.health import READY, Health, State, worst
+from hsmocsp.health import READY, Health, State, log_handle_change, worst
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, parse_request
 from hsmocsp.ocsp.response import (
     ResponseStatus,
@@ -710,15 +710,7 @@ class Handle:
         health = worst(*parts)
         previous = self._health
         self._health = health
-        if previous is not None and previous.state is not health.state:
-            emit = log.info if health.state is State.READY else log.warn
-            emit(
-                "handle {handle}: {old} -> {new}{why}",
-                handle=self.name,
-                old=previous.state.label,
-                new=health.state.label,
-                why=f" ({health.reason})" if health.reason else "",
-            )
+        log_handle_change(log, self.name, previous, health)
         return health
 
     def depend_on(self, what: str, component: object) -> None:

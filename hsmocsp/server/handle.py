@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import StoredValueError, StoreUnavailable
-from hsmocsp.health import READY, Health, State
+from hsmocsp.health import READY, Health, State, log_handle_change
 from hsmocsp.hotcache import HotCache, RequestKeys
 from hsmocsp.inflight import OnePerKey
 from hsmocsp.ocsp.request import parse_request
@@ -265,13 +265,5 @@ class ServerHandle:
         elif not watch.ready and health.state is State.DEGRADED:
             health = Health(State.DEGRADED, f"{health.reason}; {watch.reason}")
         previous, self._health = self._health, health
-        if previous is not None and previous.state is not health.state:
-            emit = log.info if health.state is State.READY else log.warn
-            emit(
-                "handle {handle}: {old} -> {new}{why}",
-                handle=self.name,
-                old=previous.state.label,
-                new=health.state.label,
-                why=f" ({health.reason})" if health.reason else "",
-            )
+        log_handle_change(log, self.name, previous, health)
         return health

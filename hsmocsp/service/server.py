@@ -40,7 +40,7 @@ from hsmocsp.server.watch import InvalidationWatch
 from hsmocsp.service.listen import Listener
 from hsmocsp.service.tree import Component, Sequence
 from hsmocsp.stores import SharedStore
-from hsmocsp.web.accesslog import open_access_log
+from hsmocsp.web.accesslog import access_log_for
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
 from hsmocsp.web.headers import NO_CACHE
@@ -110,13 +110,7 @@ class ServerService(Sequence):
         self.app.probes.parts["signer"] = self.signer.health
         self.app.probes.parts["store"] = self.store.health
         self.app.probes.parts["invalidations"] = self.watch.health
-        try:
-            self.app.access = open_access_log(
-                cfg.access_log, str(cfg.access_log_file) if cfg.access_log_file else None
-            )
-        except OSError as err:
-            raise ConfigError(str(cfg.path), "access_log_file",
-                              f"cannot open {cfg.access_log_file}: {err.strerror}") from err
+        self.app.access = access_log_for(cfg)
         for h in cfg.handles:
             for url in (h.publish_ca, h.publish_crl):
                 if url is not None:

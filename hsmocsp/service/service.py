@@ -39,7 +39,7 @@ from hsmocsp.service.builder import Parts, build
 from hsmocsp.service.listen import Listener, SharedListener, tcp_listen_address
 from hsmocsp.service.tree import Component, Group, Sequence, _all
 from hsmocsp.stores.sqlite import ResponseStore
-from hsmocsp.web.accesslog import open_access_log
+from hsmocsp.web.accesslog import access_log_for
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
 from hsmocsp.web.fronts import FrontPool
@@ -126,13 +126,7 @@ class ResponderService(Sequence):
         self._handles_prepared = False
         self.expiry = ExpiryWatch(self.handles, reactor, cfg.cert_expiry_warning_days)
         self.app = OCSPApp(self.handles, now=reactor.seconds, max_request_size=cfg.max_request_size)
-        try:
-            self.app.access = open_access_log(
-                cfg.access_log, str(cfg.access_log_file) if cfg.access_log_file else None
-            )
-        except OSError as err:
-            raise ConfigError(str(cfg.path), "access_log_file",
-                              f"cannot open {cfg.access_log_file}: {err.strerror}") from err
+        self.app.access = access_log_for(cfg)
         self.limits = HttpLimits(
             request_timeout=cfg.request_timeout,
             idle_timeout=cfg.idle_timeout,

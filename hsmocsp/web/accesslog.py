@@ -20,11 +20,16 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
+
+from hsmocsp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hsmocsp.config import Config
 
 log = Logger()
 
@@ -141,3 +146,14 @@ def open_access_log(fmt: str, path: str | None) -> AccessLog:
         raise ValueError(f"access_log must be one of {', '.join(FORMATS)}")
     out = open(path, "a", encoding="utf-8") if path and fmt != "off" else None
     return AccessLog(fmt, out)  # type: ignore[arg-type]
+
+
+def access_log_for(config: Config) -> AccessLog:
+    """The access log of a configuration, for either role; a file that cannot be opened is
+    a configuration error naming ``access_log_file`` (exit 78), not a traceback."""
+    path = config.access_log_file
+    try:
+        return open_access_log(config.access_log, str(path) if path else None)
+    except OSError as err:
+        raise ConfigError(str(config.path), "access_log_file",
+                          f"cannot open {path}: {err.strerror}") from err  # fmt: skip
