@@ -249,7 +249,9 @@ def test_a_server_started_against_an_empty_store_serves_once_the_signer_presigne
         signer.start()
         wait_until(lambda: world.metric(signer, "hsmocsp_signatures_total") >= 2,
                    "the signer to pre-sign")  # fmt: skip
-        wait_until(lambda: redis.cmd("DBSIZE") >= 1, "the pre-signed responses in Redis")
+        good_serial = x509.load_pem_x509_certificate(dev.good_pem.read_bytes()).serial_number
+        stored = f"hsmocsp:r:root:{good_serial:x}"
+        wait_until(lambda: redis.cmd("EXISTS", stored) == 1, f"{stored} in Redis")
         out = world.ocsp("-cert", str(dev.good_pem), "-cert", str(dev.revoked_pem), url=server.url)
         assert "Response verify OK" in out, out
         out = world.ocsp("-cert", str(dev.good_pem), url=server.url)
