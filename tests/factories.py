@@ -204,6 +204,32 @@ def handle(
     )
 
 
+def server_handle(
+    *,
+    store: Any,
+    signer: Any,
+    watch: Any,
+    clock: Any,
+    hot_entries: int = 100_000,
+    store_timeout: float = 1.0,
+    **fields: Any,
+) -> Any:
+    """A server replica's :class:`~hsmocsp.server.handle.ServerHandle` on
+    ``handle_config(**fields)``; ``hot_entries``/``store_timeout`` are the replica's
+    ``hot_cache_entries`` and store bound."""
+    from hsmocsp.server.handle import ServerHandle
+
+    return ServerHandle(
+        handle_config(**fields),
+        store=store,
+        signer=signer,
+        watch=watch,
+        clock=clock,
+        hot_entries=hot_entries,
+        store_timeout=store_timeout,
+    )
+
+
 def file_signer(
     path: str | Path, *, password_env: str | None = None, password_file: str | Path | None = None
 ) -> Any:

@@ -22,7 +22,6 @@ gets it ``internalError``, logged once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +40,9 @@ from hsmocsp.server.forward import SignerLink
 from hsmocsp.server.watch import InvalidationWatch, Rechecks
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from hsmocsp.config import HandleConfig
     from hsmocsp.ocsp.types import CertID
     from hsmocsp.stores import SharedStore
 
@@ -73,31 +75,33 @@ class ServerHandle:
 
     def __init__(
         self,
+        config: HandleConfig,
         *,
-        name: str,
-        path: str,
         store: SharedStore,
         signer: SignerLink,
         watch: InvalidationWatch,
-        now: Callable[[], float],
-        nonce_policy: str = "echo",
-        max_age: float | None = None,
+        clock: IReactorTime,
         hot_entries: int = 100_000,
         store_timeout: float = 1.0,
-        reactor: object = None,
     ) -> None:
-        self.name = name
-        self.path = path
-        self.max_age = max_age
-        self.nonce_policy = nonce_policy
+        """``config`` is the handle's entry of ``handles:`` (validated when it was read;
+        its signer and source are the signer's business, not read here); ``hot_entries``
+        and ``store_timeout`` come from the replica's top-level settings
+        (``hot_cache_entries``, ``store.timeout``); ``clock`` gives the time and bounds
+        each store fetch."""
+        self.config = config
+        self.name = config.name
+        self.path = config.path
+        self.max_age = config.max_age
+        self.nonce_policy: str = config.nonce
         self.store = store
         self.signer = signer
         self.watch = watch
-        self._now = now
-        self._reactor = reactor
+        self._clock = clock
+        self._now = clock.seconds
         self.store_timeout = store_timeout
-        self.hot: HotCache[SignedResponse] = HotCache(now, hot_entries)
-        self.keys = RequestKeys(nonce_policy)
+        self.hot: HotCache[SignedResponse] = HotCache(self._now, hot_entries)
+        self.keys = RequestKeys(self.nonce_policy)
         self.rechecks = Rechecks(watch.bound, hot_entries)
         self.stats = ServerStats()
         self._lookups: OnePerKey[bytes, SignedResponse] = OnePerKey()
@@ -169,8 +173,7 @@ class ServerHandle:
         """The stored response, or None (not stored, expired, or the store cannot be
         asked now: then the signer is)."""
         fetch = self.store.fetch(self.name, cid.der, cid.serial)
-        if self._reactor is not None:
-            fetch.addTimeout(self.store_timeout, self._reactor)  # type: ignore[arg-type]
+        fetch.addTimeout(self.store_timeout, self._clock)
         try:
             value = await fetch
         except (StoreUnavailable, StoredValueError, CancelledError, TimeoutError):

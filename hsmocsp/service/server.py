@@ -81,17 +81,13 @@ class ServerService(Sequence):
         self.watch = InvalidationWatch(reactor.seconds)
         self.handles = [
             ServerHandle(
-                name=h.name,
-                path=h.path,
+                h,
                 store=self.store,
                 signer=self.signer,
                 watch=self.watch,
-                now=reactor.seconds,
-                nonce_policy=h.nonce,
-                max_age=h.max_age,
+                clock=reactor,
                 hot_entries=cfg.hot_cache_entries,
                 store_timeout=max(1.0, 2 * cfg.store.timeout),
-                reactor=reactor,
             )
             for h in cfg.handles
         ]

@@ -27,6 +27,7 @@ from hsmocsp.server.handle import ServerHandle
 from hsmocsp.server.watch import InvalidationWatch
 from hsmocsp.status import CertStatus
 from hsmocsp.web.app import OCSPApp
+from tests.factories import server_handle
 from tests.unit.fakes import CountingSigner, DictSource
 from tests.unit.test_responder import make, request_for
 
@@ -105,10 +106,9 @@ def server(
     store = store or FakeStore()
     watch = InvalidationWatch(clock.seconds, bound=1.0)
     link = SignerLink("http://signer", clock, http_client=signer)
-    handle = ServerHandle(
-        name="t", path="/ocsp", store=store, signer=link, watch=watch, now=clock.seconds,
-        hot_entries=100, reactor=clock,
-    )  # fmt: skip
+    handle: ServerHandle = server_handle(
+        store=store, signer=link, watch=watch, clock=clock, hot_entries=100
+    )
     watch.watch([handle])
     if live:
         watch.on_subscription(True)
