@@ -27,13 +27,13 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hsmocsp.devpki.bao import free_port
+from tests.waiting import wait_until
 
 MASTER_NAME = "hsmocsp"
 
@@ -187,14 +187,6 @@ def make_tls_files(directory: Path) -> TlsFiles:
     return files
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _binary(name: str) -> str:
     found = shutil.which(name)
     if found is None and os.path.exists(f"/usr/sbin/{name}"):
@@ -287,20 +279,20 @@ class RedisServer:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                 tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-                raise RuntimeError(f"{argv[0]} exited {self.proc.returncode}: {err}{tail}")
+                raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {err}{tail}")
             try:
-                if self.cmd("PING") == "PONG":
-                    return self
+                return bool(self.cmd("PING") == "PONG")
             except (OSError, RespError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{argv[0]} on {self.port} did not answer PING")
-            time.sleep(0.02)
+                return False
+
+        wait_until(answers, f"{argv[0]} on {self.port} to answer PING", 15)
+        return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -434,7 +426,7 @@ class SentinelSet:
             info = primary.cmd("INFO", "replication").decode()
             return info.count("state=online") == len(self.servers) - 1
 
-        wait_for(linked, "replicas linked to the primary", timeout)
+        wait_until(linked, "replicas linked to the primary", timeout)
 
         def known() -> bool:
             for sentinel in self.sentinels:
@@ -446,7 +438,7 @@ class SentinelSet:
                     return False
             return True
 
-        wait_for(known, "sentinels to see every replica", timeout)
+        wait_until(known, "sentinels to see every replica", timeout)
 
     def wait_failover(self, old_port: int, timeout: float = 30.0) -> RedisServer:
         """Until the sentinels name a primary other than ``old_port`` that says it is one."""
@@ -464,7 +456,7 @@ class SentinelSet:
             except (OSError, RespError):
                 return False
 
-        wait_for(promoted, "a failover", timeout)
+        wait_until(promoted, "a failover", timeout)
         return self.primary()
 
     def stop(self) -> None:
@@ -551,5 +543,4 @@ __all__ = [
     "TlsFiles",
     "make_tls_files",
     "start_sentinel_set",
-    "wait_for",
 ]
