@@ -61,7 +61,7 @@ from bench.compare import (
     wait_entries,
 )
 from bench.procs import Children, StartError, free_port, http, wait_http
-from bench.wrk import WrkError, cycle_script, post_script
+from bench.wrk import WrkError, cycle_script, post_script, start_wrk
 from hsmocsp.devpki.redisdev import DevRedis
 
 SERIAL_BASE = 0x6000_0000_0000  # the extra index rows: BASE, BASE + 1, ...
@@ -441,11 +441,7 @@ handles:
         load = []
         for n, url in enumerate(servers, 1):
             script = self.script(f"rev-load{n}", post_script(self.request))
-            load.append(subprocess.Popen(
-                ["wrk", "-t1", "-c16", f"-d{max(10, int(self.args.duration))}s", "-s",
-                 str(script), url + "/ocsp"], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
+            load.append(start_wrk(url + "/ocsp", script, max(10, int(self.args.duration)), 16))
         time.sleep(1)
         text = self.index.read_text()
         hexs = f"{serial:X}"

@@ -33,6 +33,8 @@ __all__ = [
     "parse_output",
     "post_script",
     "run_wrk",
+    "start_wrk",
+    "wrk_command",
 ]
 
 
@@ -182,7 +184,7 @@ def parse_output(text: str) -> WrkResult:
     )
 
 
-def run_wrk(
+def wrk_command(
     url: str,
     script: Path,
     duration: float,
@@ -190,8 +192,10 @@ def run_wrk(
     threads: int = 1,
     timeout_s: float = 5.0,
     wrapper: Sequence[str] = (),
-) -> WrkResult:
-    """Run wrk against ``url`` (loopback only) with ``script``; bounded by a hard timeout.
+) -> list[str]:
+    """The wrk command line for ``url`` (loopback only) with ``script``, for
+    :func:`run_wrk` and :func:`start_wrk` alike (it takes run_wrk's parameters one for
+    one, which is why the two signatures look alike).
 
     ``wrapper`` prefixes the command, e.g. ``nsenter`` into the network namespace of a
     server that cannot bind loopback only (``openssl ocsp``).
@@ -201,11 +205,28 @@ def run_wrk(
     binary = shutil.which("wrk")
     if binary is None:
         raise WrkError("wrk not found: install the Debian package 'wrk'")
-    secs = max(1, round(duration))
-    cmd = [
+    return [
         *wrapper, binary, "-t", str(threads), "-c", str(max(connections, threads)),
-        "-d", f"{secs}s", "--timeout", f"{timeout_s:g}s", "-s", str(script), url,
+        "-d", f"{_seconds(duration)}s", "--timeout", f"{timeout_s:g}s", "-s", str(script), url,
     ]  # fmt: skip
+
+
+def _seconds(duration: float) -> int:
+    return max(1, round(duration))
+
+
+def run_wrk(
+    url: str,
+    script: Path,
+    duration: float,
+    connections: int,
+    threads: int = 1,
+    timeout_s: float = 5.0,
+    wrapper: Sequence[str] = (),
+) -> WrkResult:
+    """Run wrk (:func:`wrk_command`) and read what it measured; bounded by a hard timeout."""
+    cmd = wrk_command(url, script, duration, connections, threads, timeout_s, wrapper)
+    secs = _seconds(duration)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
     except subprocess.TimeoutExpired as err:
@@ -213,3 +234,12 @@ def run_wrk(
     if proc.returncode != 0:
         raise WrkError(f"wrk exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
     return parse_output(proc.stdout)
+
+
+def start_wrk(
+    url: str, script: Path, duration: float, connections: int, threads: int = 1
+) -> subprocess.Popen[bytes]:
+    """Start wrk (:func:`wrk_command`) in the background as load only: its output is not
+    read; the caller waits for it (``proc.wait``)."""
+    cmd = wrk_command(url, script, duration, connections, threads)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

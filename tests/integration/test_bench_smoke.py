@@ -25,6 +25,7 @@ from bench.wrk import (
     parse_output,
     post_script,
     run_wrk,
+    start_wrk,
 )
 
 DER = bytes(range(256)) + b'"\\\n\x00end'
@@ -82,6 +83,8 @@ def test_scripts_reject_bad_paths(tmp_path: Path) -> None:
 def test_refuses_non_loopback(tmp_path: Path) -> None:
     with pytest.raises(WrkError, match="non-loopback"):
         run_wrk("http://192.0.2.1:80/", tmp_path / "s.lua", 1, 1)
+    with pytest.raises(WrkError, match="non-loopback"):
+        start_wrk("http://192.0.2.1:80/", tmp_path / "s.lua", 1, 1)
 
 
 def test_get_path_is_url_encoded() -> None:
@@ -159,6 +162,19 @@ def test_wrk_post_script_sends_exact_der(recorder: tuple[str, Seen], tmp_path: P
     script.write_text(post_script(DER))
     result = run_wrk(url + "/ocsp", script, duration=1, connections=2)
     assert result.requests > 0 and result.ok
+    assert seen
+    assert all(s == ("POST", "/ocsp", "application/ocsp-request", DER) for s in seen)
+
+
+def test_background_wrk_sends_the_same_requests(
+    recorder: tuple[str, Seen], tmp_path: Path
+) -> None:
+    """start_wrk (the load of bench.replicas' revocation row) builds run_wrk's command."""
+    url, seen = recorder
+    script = tmp_path / "post.lua"
+    script.write_text(post_script(DER))
+    proc = start_wrk(url + "/ocsp", script, duration=1, connections=2)
+    assert proc.wait(60) == 0
     assert seen
     assert all(s == ("POST", "/ocsp", "application/ocsp-request", DER) for s in seen)
 
