@@ -168,25 +168,46 @@ def test_lost_server_data_rebuilds_levels_2_and_3(tmp_path: Path) -> None:
 # --- the responder -----------------------------------------------------------------------
 
 
-def _vault_handles(world: World) -> str:
-    out = []
-    for files in world.vault.mounts:
-        out.append(f"""\
-  {files.mount}:
-    path: /{files.mount}/ocsp
+def vault_handle(
+    files: MountFiles,
+    address: str,
+    token_file: Path,
+    *,
+    name: str | None = None,
+    source: dict[str, object] | None = None,
+    publish: bool = False,
+) -> str:
+    """One ``handles:`` entry (YAML) serving the Vault mount of ``files`` at
+    ``/<name>/ocsp`` (``name``: the mount's by default); ``source``: more settings of its
+    ``kind: vault`` source (cache_ttl, crl_refresh, ...)."""
+    name = name or files.mount
+    settings = "".join(f"      {key}: {value}\n" for key, value in (source or {}).items())
+    published = (
+        f"    publish: {{ca: /ca/{files.mount}.der, crl: /crl/{files.mount}.crl}}\n"
+        if publish
+        else ""
+    )
+    return f"""\
+  {name}:
+    path: /{name}/ocsp
     responder_cert: {files.ocsp_pem}
     signer: {{token: dev, key_label: {files.signer_key_label}}}
     source:
       kind: vault
-      address: {world.vault.address}
+      address: {address}
       mount: {files.mount}
-      auth: {{method: token, token_file: {world.vault.token_file}}}
-      cache_ttl: {CACHE_TTL}
-      crl_refresh: 30
-    validity: 600
-    publish: {{ca: /ca/{files.mount}.der, crl: /crl/{files.mount}.crl}}
-""")
-    return "".join(out)
+      auth: {{method: token, token_file: {token_file}}}
+{settings}    validity: 600
+{published}"""
+
+
+def _vault_handles(world: World) -> str:
+    v = world.vault
+    source: dict[str, object] = {"cache_ttl": CACHE_TTL, "crl_refresh": 30}
+    return "".join(
+        vault_handle(files, v.address, v.token_file, source=source, publish=True)
+        for files in v.mounts
+    )
 
 
 @pytest.fixture(scope="module")
