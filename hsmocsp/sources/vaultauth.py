@@ -103,6 +103,8 @@ class VaultTransport:
         self.clock = clock
         self.timeout = timeout
         self._http = http_client
+        self._inflight: set[Deferred[VaultResponse]] = set()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"VaultTransport({self.address!r}, namespace={self.namespace!r})"
@@ -117,6 +119,11 @@ class VaultTransport:
     ) -> Deferred[VaultResponse]:
         """``method /v1/<path>``; the result's body is fully read."""
         path = path.lstrip("/")
+        where = f"vault {self.address} {method} /v1/{path}"
+        if self._closed:
+            stopped: Deferred[VaultResponse] = Deferred()
+            stopped.errback(SourceUnavailable(f"{where}: the source is stopped"))
+            return stopped
         d = Deferred.fromCoroutine(self._request(method, path, token, json_body))
 
         def timed_out(result: object, timeout: float) -> None:
@@ -127,16 +134,37 @@ class VaultTransport:
 
         def translate(failure: Failure) -> None:
             reason = failure.value
+            if isinstance(reason, CancelledError) and self._closed:
+                # Cancelled by close(), not by the caller: a stopped source, which the
+                # callers (pollers, renewals, lookups) already handle as "cannot reach".
+                raise SourceUnavailable(f"{where}: the source is stopped") from reason
             if isinstance(reason, SourceUnavailable | SourceError | CancelledError):
                 failure.raiseException()
-            where = f"vault {self.address} {method} /v1/{path}"
             if isinstance(reason, TimeoutError):
                 raise SourceUnavailable(f"{where}: no answer within {self.timeout:g}s") from reason
             # Connection refused, reset, TLS failure, DNS: all mean "cannot reach".
             raise SourceUnavailable(f"{where}: {type(reason).__name__}: {reason}"[:500]) from reason
 
         d.addErrback(translate)
+        self._inflight.add(d)
+
+        def done(result: object) -> object:
+            self._inflight.discard(d)
+            return result
+
+        d.addBoth(done)
         return d
+
+    def close(self) -> None:
+        """Fail every request in flight (:class:`SourceUnavailable`) and refuse new ones.
+
+        Called by the source's ``stop()``: a request still waiting for Vault would
+        otherwise go on after stop (its timeout timer running), and its connection, once
+        answered, would go back to the HTTP pool after the pool was emptied.
+        """
+        self._closed = True
+        for d in list(self._inflight):
+            d.cancel()
 
     async def _request(
         self,

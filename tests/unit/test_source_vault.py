@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +22,9 @@ from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.policies import TimeoutMixin, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from hsmocsp.config import load_config
 from hsmocsp.errors import ConfigError, SourceError, SourceUnavailable, UnknownIssuer
@@ -30,6 +33,7 @@ from hsmocsp.sources.vault import VaultSource, vault_serial
 from hsmocsp.sources.vaultauth import AppRoleAuth, KubernetesAuth, TokenAuth, VaultTransport
 from hsmocsp.status import CRLReason, Status
 from tests.factories import vault_source
+from tests.waiting import wait_for
 
 T = TypeVar("T")
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -567,6 +571,42 @@ def test_a_renewal_in_flight_at_stop_schedules_nothing() -> None:
     env.stub.flush()
     assert env.fake.renewals == 1
     assert env.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_a_request_in_flight_and_closes_its_connection() -> None:
+    """Seen as leftover timers on the real reactor (tests/conftest.py) after the Vault
+    integration tests: stop() emptied the HTTP pool, but a request still waiting for
+    Vault went on (its timeout timer running) and its connection, once answered, went
+    back into the emptied pool (240 s expiry timer). Real pool, FakeVault on loopback."""
+    from twisted.internet import reactor
+
+    fake = FakeVault()
+    server = WrappingFactory(Site(fake.app.resource()))
+    port = reactor.listenTCP(0, server, interface="127.0.0.1")  # type: ignore[attr-defined]
+    try:
+        address = f"http://127.0.0.1:{port.getHost().port}"
+        source = vault_source(address, auth=TokenAuth(token=TOKEN), request_timeout=30.0)
+        await source.start()
+        before = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
+        fake.mode = "hang"
+        lookup = source.status(source.issuers()[0], GOOD)
+        await wait_for(lambda: fake.pending, "the lookup to reach FakeVault")
+        await source.stop()
+        outcome: list[Failure] = []
+        lookup.addErrback(outcome.append)
+        assert outcome and outcome[0].check(SourceUnavailable), "the lookup outlived stop()"
+        left = [
+            c
+            for c in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+            if c not in before
+            and c.active()
+            and not isinstance(getattr(c.func, "__self__", None), TimeoutMixin)  # the server's
+        ]
+        assert left == []
+        await wait_for(lambda: not server.protocols, "FakeVault to see the connection closed")
+    finally:
+        await port.stopListening()
 
 
 def test_concurrent_lookups_share_one_request_and_survive_a_cancelled_waiter() -> None:
