@@ -109,12 +109,13 @@ class LeftDelayedCall(UserWarning):
 def _cancel_left_timeouts(reactor: Any, before: set[Any], test: str) -> None:
     new = [call for call in reactor.getDelayedCalls() if call not in before and call.active()]
     timeouts = [c for c in new if isinstance(getattr(c.func, "__self__", None), TimeoutMixin)]
+    described = _describe_calls(reactor, timeouts)  # before cancel(): it drops c.func
     for call in timeouts:
         call.cancel()
     if timeouts:
         warnings.warn(
             f"{test} left {len(timeouts)} connection timeout(s) on the real reactor (cancelled):"
-            f" {_describe_calls(reactor, timeouts)}",
+            f" {described}",
             LeftDelayedCall,
             stacklevel=1,
         )
