@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -331,13 +331,17 @@ class Link:
         if self.proto is not None:
             self.proto.abort(why)
 
-    def close(self) -> None:
+    def close(self) -> Deferred[None]:
+        """Close for good; fires once the connection is really lost (a stopped store
+        leaves nothing of its own on the reactor)."""
         self._closed = True
         self.on_lost = None
         proto, self.proto = self.proto, None
-        if proto is not None:
-            proto.on_lost = None
-            proto.abort("store stopped")
+        if proto is None:
+            return succeed(None)
+        proto.on_lost = None
+        proto.abort("store stopped")
+        return proto.when_lost()
 
 
 # --- the store ----------------------------------------------------------------------
@@ -469,7 +473,8 @@ class RedisStore:
         self._schedule(0)
 
     def stop(self) -> Deferred[None]:
-        """Stop the timers; try once more (briefly) to write what waits; close."""
+        """Stop the timers; try once more (briefly) to write what waits; close. Fires
+        once every connection is really closed."""
         self._running = False
         for timer in (self._timer, self._ping, self._resubscribe):
             if timer is not None and timer.active():
@@ -481,7 +486,7 @@ class RedisStore:
         d.addBoth(lambda _: self._close())
         return d
 
-    def _close(self) -> None:
+    def _close(self) -> Deferred[None]:
         if self._pending or self._invalid:
             log.warn(
                 "store {where}: {n} responses and {m} invalidation(s) not written at stop"
@@ -489,10 +494,10 @@ class RedisStore:
                 where=self.connector.where, n=len(self._pending), m=len(self._invalid),
                 why=self._problem or "stopped",
             )  # fmt: skip
-        for link in (self._writer, self._reader, self._subscriber):
-            link.close()
+        closing = [link.close() for link in (self._writer, self._reader, self._subscriber)]
         self._subscriptions.clear()
         self._resync.clear()
+        return gatherResults(closing).addCallback(lambda _: None)
 
     @property
     def pending(self) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -158,6 +158,8 @@ class RespProtocol(Protocol):
         self.on_lost: Callable[[RespProtocol, str], None] | None = None
         self.on_message: Callable[[bytes, bytes], None] | None = None
         self.subscribed = False
+        self._gone = False
+        self._lost_waiters: list[Deferred[None]] = []
 
     # --- twisted ----------------------------------------------------------------------
 
@@ -182,6 +184,10 @@ class RespProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         why = self._closed or reason
         self._closed = why
+        self._gone = True
+        lost, self._lost_waiters = self._lost_waiters, []
+        for waiter in lost:
+            waiter.callback(None)
         waiting, self._waiting = self._waiting, deque()
         for d, timer in waiting:
             if timer is not None and timer.active():
@@ -196,6 +202,15 @@ class RespProtocol(Protocol):
     @property
     def open(self) -> bool:
         return self._closed is None and self.transport is not None
+
+    def when_lost(self) -> Deferred[None]:
+        """Fires once the connection is really gone (``abort`` only schedules that: the
+        reactor calls ``connectionLost`` on a later turn)."""
+        if self._gone or self.transport is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._lost_waiters.append(waiter)
+        return waiter
 
     def abort(self, why: str) -> None:
         """Close now; every waiting command fails with ``why``."""

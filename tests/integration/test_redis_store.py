@@ -441,3 +441,22 @@ async def test_redis_back_empty_gets_everything_held_again(
     await until(lambda: signer._writer.connected, "reconnected")
     await signer.flush()
     assert signer.resyncs == 2 and signer.written == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_fires_once_every_connection_is_closed(redis_server: RedisServer) -> None:
+    """Seen as leftover ``connectionLost`` calls on the real reactor after every test here
+    (tests/conftest.py): stop() aborted its connections and fired at once, before the
+    reactor had closed them."""
+    store = RedisStore(cfg_for(redis_server), reactor)
+    store.start()
+    states: list[bool] = []
+    store.subscribe(lambda handle, serials: None, states.append)
+    store.recorder("root")(b"certid", 0x1A, response(0x1A))
+    await until(lambda: states == [True] and store.written == 1, "subscribed and written")
+    assert await store.fetch("root", b"certid", 0x1A) is not None  # the reader connects too
+    before = set(reactor.getDelayedCalls())
+    await store.stop()
+    left = [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
+    assert left == [], [c.func for c in left]
+    assert not store.connected
