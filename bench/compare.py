@@ -39,10 +39,8 @@ import platform
 import pstats
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -59,6 +57,7 @@ from bench.procs import (
     Child,
     Children,
     StartError,
+    bench_children,
     cpu_seconds,
     free_port,
     http,
@@ -908,16 +907,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks stop every child."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    work = Path(tempfile.mkdtemp(prefix="hsmocsp-bench-"))
-    children = Children(work)
+    children = bench_children("hsmocsp-bench-")
+    work = children.workdir
     bench = Bench(args, work, children)
     print(
         f"hsmocsp bench: {args.duration:g} s per target, {args.connections} connections, "
@@ -954,9 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Each target runs alone: nothing else competes for the two cores.
                 children.stop_all()
     finally:
-        children.stop_all()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        children.close(args.keep)
     print()
     print(format_table(bench.report))
     if "index_load" in bench.report.extra:

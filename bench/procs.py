@@ -9,9 +9,11 @@ grace period. Only processes started here are signalled, by their own ids.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,7 @@ __all__ = [
     "Child",
     "Children",
     "StartError",
+    "bench_children",
     "cpu_seconds",
     "free_port",
     "http",
@@ -128,6 +131,26 @@ class Children:
             except Exception as err:  # keep stopping the rest
                 print(f"warning: stop hook failed: {err}")
         self.hooks.clear()
+
+    def close(self, keep: bool) -> None:
+        """The end of a benchmark (its ``finally``): every child and hook stopped, the
+        work directory removed unless ``keep``."""
+        self.stop_all()
+        if not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks stop every child."""
+    raise SystemExit(128 + signum)
+
+
+def bench_children(prefix: str) -> Children:
+    """The start of a benchmark's ``main``: a fresh work directory named ``prefix...``
+    and the :class:`Children` to start in it; SIGTERM now unwinds like Ctrl-C, so the
+    caller's ``finally: children.close(keep)`` runs on either."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    return Children(Path(tempfile.mkdtemp(prefix=prefix)))
 
 
 def wait_tcp(child: Child, port: int, timeout: float = 30) -> None:

@@ -35,11 +35,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -60,7 +57,7 @@ from bench.compare import (
     serial_request,
     wait_entries,
 )
-from bench.procs import Children, StartError, free_port, http, wait_http
+from bench.procs import Children, StartError, bench_children, free_port, http, wait_http
 from bench.wrk import WrkError, cycle_script, post_script, start_wrk
 from hsmocsp.devpki.redisdev import DevRedis
 
@@ -527,15 +524,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    work = Path(tempfile.mkdtemp(prefix="hsmocsp-bench-replicas-"))
-    children = Children(work)
+    children = bench_children("hsmocsp-bench-replicas-")
+    work = children.workdir
     bench = ReplicaBench(args, work, children)
     print(f"hsmocsp replicas bench: {args.duration:g} s per run, {args.serials:,} serials, "
           f"work dir {work}", flush=True)  # fmt: skip
@@ -556,10 +548,9 @@ def main(argv: list[str] | None = None) -> int:
                     RuntimeError, ValueError) as err:  # fmt: skip
                 bench.report.fail(key, err)
     finally:
-        children.stop_all()
+        children.stop_all()  # the replicas before the Redis they use
         bench.redis.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        children.close(args.keep)
     bench.report.extra["load average at the end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print()
     print(format_table(bench.report))

@@ -35,10 +35,7 @@ import argparse
 import math
 import os
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -54,7 +51,7 @@ from cryptography.x509 import ocsp
 
 from bench import slowtoken
 from bench.compare import _metric, load_cert, scrape_metrics, serial_request
-from bench.procs import Child, Children, free_port, wait_http
+from bench.procs import Child, Children, bench_children, free_port, wait_http
 from hsmocsp.devpki import build_level1
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,16 +288,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     began = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="hsmocsp-bench-token-"))
-    children = Children(work)
+    children = bench_children("hsmocsp-bench-token-")
+    work = children.workdir
     sign_rate = 1000.0 / args.sign_ms
     try:
         module = slowtoken.build()
@@ -405,9 +397,7 @@ handles:
         restart_entries = _metric(m2, "hsmocsp_cache_entries")
         children.stop(child2)
     finally:
-        children.stop_all()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        children.close(args.keep)
 
     misses = served.miss_ms
     out = [

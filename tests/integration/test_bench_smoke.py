@@ -8,6 +8,7 @@ tiny loopback server.
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from typing import TypeAlias
 import pytest
 
 from bench.compare import Report, Row, format_table, get_path, parse_args
+from bench.procs import bench_children
 from bench.wrk import (
     WrkError,
     cycle_script,
@@ -190,3 +192,25 @@ def test_wrk_cycle_script_sends_distinct_bodies(recorder: tuple[str, Seen], tmp_
     assert result.requests > 0
     assert {s[3] for s in seen} == set(bodies)
     assert all(s[:3] == ("POST", "/ocsp", "application/ocsp-request") for s in seen)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_bench_frame_stops_children_and_removes_the_work_dir(keep: bool) -> None:
+    """bench_children/close: the frame every bench's main uses (compare, replicas, token)."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        children = bench_children("hsmocsp-bench-test-")
+        work = children.workdir
+        assert work.is_dir()
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        with pytest.raises(SystemExit) as exited:
+            handler(signal.SIGTERM, None)  # SIGTERM unwinds like Ctrl-C
+        assert exited.value.code == 128 + signal.SIGTERM
+        child = children.start("idle", ["sleep", "60"])  # a server to stop, not a wait
+        children.close(keep)
+        assert child.proc.poll() is not None
+        assert work.exists() is keep
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        shutil.rmtree(work, ignore_errors=True)
