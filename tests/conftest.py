@@ -25,6 +25,7 @@ but left alone: cancelling it could hide the bug it is a symptom of.
 from __future__ import annotations
 
 import gc
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,39 @@ def _name(func: Any) -> str:
 def _describe_calls(reactor: Any, calls: list[Any]) -> str:
     now = reactor.seconds()
     return "; ".join(f"{_name(c.func)} due in {c.getTime() - now:.1f} s" for c in calls)
+
+
+# --- SIGTERM runs the fixtures' tear-down ------------------------------------------------
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A test run killed with SIGTERM (a CI timeout, ``kill``) tears its fixtures down.
+
+    By default SIGTERM ends the process at once (before the reactor runs) or makes the
+    reactor stop (Twisted's handler, installed when pytest-twisted first runs it), and
+    then every later ``blockon`` fails: either way no fixture tear-down runs and the
+    PostgreSQL clusters, OpenBao and Redis servers the fixtures started (pg_ctl puts the
+    postmaster in its own session) outlive the run. As a KeyboardInterrupt, pytest stops
+    the session and still runs every tear-down, as after Ctrl-C. Installed again once the
+    reactor runs, over Twisted's own handler.
+    """
+    import greenlet
+    from twisted.internet import reactor
+
+    main = greenlet.getcurrent()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if greenlet.getcurrent() is not main:
+            # In pytest-twisted's reactor greenlet (a test waiting in blockon): a
+            # KeyboardInterrupt here would only be logged by the reactor's main loop.
+            # Raise it in the test's greenlet instead; the reactor resumes from here
+            # when a tear-down's blockon switches back to it.
+            main.throw(KeyboardInterrupt("SIGTERM"))
+            return
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    reactor.callWhenRunning(signal.signal, signal.SIGTERM, interrupt)  # type: ignore[attr-defined]
 
 
 # --- real Redis processes (tests/redisfixtures.py), for every test directory -----------
