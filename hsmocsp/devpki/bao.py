@@ -304,7 +304,13 @@ class BaoServer:
                 cwd=data_dir,
                 start_new_session=True,
             )
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            # Also on KeyboardInterrupt (Ctrl-C, or SIGTERM in the tests): in its own
+            # session, the server would outlive us.
+            self.stop()
+            raise
         return self
 
     def _log_tail(self) -> str:

@@ -82,7 +82,11 @@ class Responder:
                 preexec_fn=self._limits if self.nofile is not None else None,
             )
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()  # not ready, or the run interrupted: the caller never got it
+                raise
         return self
 
     def _limits(self) -> None:

@@ -126,8 +126,12 @@ class PgCluster:
 def start_cluster() -> PgCluster:
     """A new, started cluster in a scratch directory (caller stops and removes it)."""
     directory = Path(tempfile.mkdtemp(prefix="hsmocsp-pg-"))
-    cluster = PgCluster(directory).init()
-    cluster.start()
+    cluster = PgCluster(directory)
+    try:
+        cluster.init().start()
+    except BaseException:
+        remove_cluster(cluster)  # a failed or interrupted start leaves no server behind
+        raise
     return cluster
 
 
