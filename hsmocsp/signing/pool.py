@@ -26,7 +26,8 @@ Policy, all in this file:
   request it was running with SignerUnavailable, hands the ones it had not
   started back to the queue (signing has no side effects), and is replaced, at once the first
   time, then with exponential back-off while replacements keep failing. While no
-  worker is up or starting, requests fail fast instead of queueing.
+  worker is up or starting, or none is up and a replacement already failed to
+  start (the token is away), requests fail fast instead of queueing.
 * secrets: the PIN travels in the first frame on the worker's stdin, never in
   argv, the environment, logs or exception messages.
 """
@@ -333,6 +334,7 @@ class TokenPool:
         self._last_ok = 0.0  # reactor.seconds() of the last successful reply
         self._problem = ""  # the last thing that went wrong, for health reasons
         self._pin_refused: str | None = None  # set by a PIN refusal, cleared by reload_pin
+        self._failed_starts = 0  # workers that ended while starting, since the last login
         self._known_keys: set[KeyRef] = set()  # keys a worker has signed with or read
         self._missing: dict[KeyRef, str] = {}  # known keys a worker found missing since
         self._health = Health(State.FAILED, f"signing pool for {self._where} is not running")
@@ -519,6 +521,13 @@ class TokenPool:
             return defer.fail(SignerUnavailable(f"signing pool for {self._where} is not running"))
         if not any(w.state in ("starting", "ready") and not w.retiring for w in self._live):
             return defer.fail(SignerUnavailable(self._nobody_up()))
+        if self._failed_starts and not self._starting and not self._ready_count():
+            # A replacement already failed to start (the token is away): the one starting
+            # now will most likely fail too, and a start takes seconds on a loaded box.
+            # tryLater at once rather than a wait for a start nobody can promise. (After
+            # workers that were up ended, the first replacements are awaited: they start
+            # at once and usually log in.)
+            return defer.fail(SignerUnavailable(self._nobody_up()))
         if self._idle_worker() is None and self.queue_depth() >= self.max_queue:
             return defer.fail(SignerUnavailable(
                 f"signing queue full ({self.max_queue} waiting) for {self._where}"))
@@ -533,6 +542,12 @@ class TokenPool:
         self._dispatch(now)
         self._arm(request.expires, now)
         return request.deferred
+
+    def _ready_count(self) -> int:
+        """Workers that can take a request now."""
+        return sum(
+            1 for w in self._live if w.state == "ready" and not w.killing and not w.retiring
+        )
 
     def _idle_worker(self) -> _Worker | None:
         """A ready worker running nothing."""
@@ -630,6 +645,7 @@ class TokenPool:
 
     def _worker_ready(self, worker: _Worker) -> None:
         self._problem = ""  # a login worked: what failed before is history
+        self._failed_starts = 0
         self._last_ok = self._reactor.seconds()
         self._dispatch()
         self._supervisor.ready(worker.number)  # resets the back-off; starts the next
@@ -652,6 +668,7 @@ class TokenPool:
         # health that _update_health writes (one per episode, not per restart),
         # which quotes the latest problem.
         if was == "starting":
+            self._failed_starts += 1
             problem = worker.init_failure or f"worker exited during start-up ({how})"
             self._problem = problem
             if worker.init_kind == "pin" and not self._starting:
@@ -701,9 +718,7 @@ class TokenPool:
         """Recompute :meth:`health`; log a line when its state changes (one per change)."""
         if not self._running:
             return
-        ready = sum(
-            1 for w in self._live if w.state == "ready" and not w.killing and not w.retiring
-        )
+        ready = self._ready_count()
         starting = any(w.state == "starting" for w in self._live)
         # Reasons start with the token: a handle's health quotes them as they are.
         up = f"{self._where}: {ready} of {self.workers} signing workers up"
