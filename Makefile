@@ -19,7 +19,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: run run-replicas test reliability fuzz deps venv devpki lint bench bench-slow bench-token \
-	bench-replicas bench-deps clean distclean \
+	bench-replicas bench-deps stress clean distclean \
 	deploy-check deploy-lock
 
 deps: .deps.stamp
@@ -113,6 +113,14 @@ deploy-lock:
 	  var/deploy-lock/bin/pip freeze --all --exclude hsmocsp --exclude pip; } > var/deploy-lock/c.txt
 	mv var/deploy-lock/c.txt deploy/container/constraints.txt && rm -rf var/deploy-lock
 	git diff --stat deploy/container/constraints.txt
+
+# The integration suite STRESS_RUNS times in a row while STRESS_BUSY busy loops load the
+# cores (issue 8): races a quiet box hides. Stops at the first failing run; the report
+# (one line a run, the failed tests) goes to var/stress/. Takes 10-15 min a run on 2 cores.
+STRESS_RUNS ?= 5
+STRESS_BUSY ?= 2
+stress: venv
+	$(BIN)/python -m bench.stress --runs $(STRESS_RUNS) --busy $(STRESS_BUSY)
 
 # A smart-card HSM (bench/slowtoken.c: 5 signatures/s, one at a time) carrying a
 # time-compressed 100k-serial, 7-day-validity CA: ~14 minutes. Results: docs/performance.md.
