@@ -1,8 +1,8 @@
 """Memory of one HTTP front (``http_workers``) with many responses in the main cache.
 
 Issue #11: a front used to hold a full copy of every handle's cache (measured ~2.6 KB
-per entry per front). This starts a real front process (``python -m hsmocsp.web.front``)
-from a real :class:`~hsmocsp.web.fronts.FrontPool` whose one handle holds ``--entries``
+per entry per front). This starts a real front process (``python -m hsmocsp.web.front_process``)
+from a real :class:`~hsmocsp.web.front_pool.FrontPool` whose one handle holds ``--entries``
 signed responses (synthetic bytes of ``--der-size``, the size of a dev PKI response
 with its responder certificate), and reads the front's VmRSS:
 
@@ -36,9 +36,9 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
 
 from hsmocsp.cache import ResponseCache
+from hsmocsp.handle import SignedResponse
 from hsmocsp.ocsp.request import parse_request
-from hsmocsp.responder import SignedResponse
-from hsmocsp.web.fronts import FrontPool
+from hsmocsp.web.front_pool import FrontPool
 from hsmocsp.web.limits import HttpLimits
 from hsmocsp.web.metrics import Metrics
 

@@ -1,7 +1,7 @@
 """One root exception and a small hierarchy.
 
 Each subclass maps to exactly one outcome, and that mapping lives in one place
-(:func:`hsmocsp.responder.ocsp_status_for`), so a new error type never needs a
+(:func:`hsmocsp.handle.ocsp_status_for`), so a new error type never needs a
 new ``except`` clause in the web layer.
 """
 

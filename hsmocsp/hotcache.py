@@ -53,7 +53,7 @@ DEFAULT_MEMO = 100_000
 
 
 class Servable(Protocol):
-    """What the hot cache reads of a value (:class:`~hsmocsp.responder.SignedResponse`)."""
+    """What the hot cache reads of a value (:class:`~hsmocsp.handle.SignedResponse`)."""
 
     @property
     def next_update(self) -> float: ...

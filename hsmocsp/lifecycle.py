@@ -11,7 +11,7 @@ Two things change under a running responder without a restart:
   :class:`ExpiryWatch` warns at the configured lead times (30, 7 and 1 days by
   default) and once per overdue CRL, and asks each handle for its health every
   few seconds, so that a change of state is logged (once, by
-  :meth:`~hsmocsp.responder.Handle.health`) even when no probe asks.
+  :meth:`~hsmocsp.handle.Handle.health`) even when no probe asks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from hsmocsp.config import Config, HandleConfig
 from hsmocsp.errors import ConfigError, ResponderCertError, SourceError
-from hsmocsp.responder import Handle
+from hsmocsp.handle import Handle
 from hsmocsp.service.builder import load_cert
 from hsmocsp.sources import StatusSource
 

@@ -48,11 +48,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import HsmOcspError
+from hsmocsp.handle import Handle, SignedResponse
 from hsmocsp.health import READY, Health, State
 from hsmocsp.ocsp import der as _der
 from hsmocsp.ocsp.request import CertID, cert_id_der, make_cert_id, parse_request
 from hsmocsp.ocsp.response import issuer_hashes
-from hsmocsp.responder import Handle, SignedResponse
 
 log = Logger()
 

@@ -27,9 +27,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from hsmocsp.cache import ResponseCache
 from hsmocsp.errors import HsmOcspError, SignerError, UnknownIssuer, UnsupportedHashAlgorithm
+from hsmocsp.handle import Handle, SignedResponse
 from hsmocsp.health import READY, Health
 from hsmocsp.ocsp.request import CertID, OCSPRequestInfo, cert_id_der, parse_request
-from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.sources import StatusSource
 
 if TYPE_CHECKING:

@@ -190,8 +190,8 @@ def handle(
     queue_depth: Any = None,
     **fields: Any,
 ) -> Any:
-    """A :class:`~hsmocsp.responder.Handle` (not prepared) on ``handle_config(**fields)``."""
-    from hsmocsp.responder import Handle
+    """A :class:`~hsmocsp.handle.Handle` (not prepared) on ``handle_config(**fields)``."""
+    from hsmocsp.handle import Handle
 
     return Handle(
         handle_config(**fields),

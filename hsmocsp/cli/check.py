@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from hsmocsp.config import Config, FileKeyConfig
 from hsmocsp.errors import HsmOcspError
+from hsmocsp.handle import Handle
 from hsmocsp.health import State
-from hsmocsp.responder import Handle
 from hsmocsp.service.builder import build
 
 EXIT_OK = 0

@@ -1,8 +1,8 @@
 """The signer's answer to a forwarded request, as a server replica serves and caches it.
 
 The signer answers with an OCSPResponse and RFC 5019 headers. A successful response
-becomes a :class:`~hsmocsp.responder.SignedResponse` (its bytes unchanged); an error
-status becomes the error that :func:`~hsmocsp.responder.ocsp_status_for` maps back to
+becomes a :class:`~hsmocsp.handle.SignedResponse` (its bytes unchanged); an error
+status becomes the error that :func:`~hsmocsp.handle.ocsp_status_for` maps back to
 the same status, so the client sees what the signer said (``tryLater`` stays
 ``tryLater``). Whether a server may keep the answer is read from the answer itself:
 not when the signer said ``no-store``/``no-cache`` (a nonce's answer), not without a
@@ -20,8 +20,8 @@ import re
 from cryptography.x509 import ocsp
 
 from hsmocsp.errors import MalformedRequest, SignerUnavailable, UnknownIssuer, UpstreamFailed
+from hsmocsp.handle import SignedResponse
 from hsmocsp.ocsp.types import CertID
-from hsmocsp.responder import SignedResponse
 from hsmocsp.server.forward import SignerAnswer
 
 __all__ = ["BadAnswer", "read_answer"]
@@ -111,7 +111,7 @@ def _status_key(single: ocsp.OCSPSingleResponse) -> str:
 
 
 def _status_error(status: ocsp.OCSPResponseStatus) -> Exception:
-    """The error :func:`~hsmocsp.responder.ocsp_status_for` turns into ``status``."""
+    """The error :func:`~hsmocsp.handle.ocsp_status_for` turns into ``status``."""
     if status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST:
         return MalformedRequest("the signer answered malformedRequest")
     if status is ocsp.OCSPResponseStatus.UNAUTHORIZED:

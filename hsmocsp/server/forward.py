@@ -31,16 +31,11 @@ from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupErro
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    ResponseFailed,
-    ResponseNeverReceived,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import Agent, ResponseFailed, ResponseNeverReceived
 
 from hsmocsp.errors import SignerUnavailable, UpstreamFailed
 from hsmocsp.health import READY, Health, State
+from hsmocsp.httppool import QuietPool
 
 log = Logger()
 
@@ -58,10 +53,6 @@ class SignerAnswer:
     body: bytes
     content_type: bytes = b""
     cache_control: bytes = b""
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" line per connection to the signer
 
 
 class SignerLink:
@@ -88,14 +79,11 @@ class SignerLink:
         self.max_queue = max_queue
         self.probe_interval = probe_interval
         self._slots = DeferredSemaphore(max_connections)
-        self._pool: HTTPConnectionPool | None = None
+        self._pool: QuietPool | None = None
         if http_client is None:
             import treq.client
 
-            self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-            self._pool.maxPersistentPerHost = max_connections
-            self._pool.cachedConnectionTimeout = 60
-            self._pool._factory = _QuietClientFactory
+            self._pool = QuietPool(reactor, max_per_host=max_connections, cached_timeout=60)
             agent = Agent(reactor, pool=self._pool, connectTimeout=timeout)  # type: ignore[no-untyped-call]
             http_client = treq.client.HTTPClient(agent)
         self._http = http_client
@@ -122,8 +110,7 @@ class SignerLink:
             self._probe.stop()
         self._probe = None
         if self._pool is not None:
-            closing: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
-            return closing
+            return self._pool.close()  # forwards still in flight fail: we are stopping
         return None
 
     def health(self) -> Health:

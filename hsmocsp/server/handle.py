@@ -30,11 +30,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import StoredValueError, StoreUnavailable
+from hsmocsp.handle import SignedResponse
 from hsmocsp.health import READY, Health, State, log_handle_change
 from hsmocsp.hotcache import HotCache, RequestKeys
 from hsmocsp.inflight import OnePerKey
 from hsmocsp.ocsp.request import parse_request
-from hsmocsp.responder import SignedResponse
 from hsmocsp.server.answers import BadAnswer, read_answer
 from hsmocsp.server.forward import SignerLink
 from hsmocsp.server.watch import InvalidationWatch, Rechecks

@@ -25,7 +25,7 @@ from hsmocsp.config import (
     VaultSourceConfig,
 )
 from hsmocsp.errors import ConfigError
-from hsmocsp.responder import Handle
+from hsmocsp.handle import Handle
 from hsmocsp.signing import Signer
 from hsmocsp.sources import StatusSource
 

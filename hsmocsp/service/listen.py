@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
 from hsmocsp.errors import ConfigError
 from hsmocsp.service.tree import _StartTracker
-from hsmocsp.web.front import bind_reuseport
+from hsmocsp.web.front_process import bind_reuseport
 
 
 class Listener(service.Service):

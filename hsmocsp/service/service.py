@@ -32,9 +32,9 @@ from twisted.logger import Logger
 from hsmocsp.config import Config, FileKeyConfig, VaultSourceConfig
 from hsmocsp.coredump import forbid_core_dumps
 from hsmocsp.errors import ConfigError, HsmOcspError
+from hsmocsp.handle import Handle
 from hsmocsp.lifecycle import ExpiryWatch, reload_certificates
 from hsmocsp.presign import Presigner
-from hsmocsp.responder import Handle
 from hsmocsp.service.builder import Parts, build
 from hsmocsp.service.listen import Listener, SharedListener, tcp_listen_address
 from hsmocsp.service.tree import Component, Group, Sequence, _all
@@ -42,7 +42,7 @@ from hsmocsp.stores.sqlite import ResponseStore
 from hsmocsp.web.accesslog import access_log_for
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
-from hsmocsp.web.fronts import FrontPool
+from hsmocsp.web.front_pool import FrontPool
 from hsmocsp.web.limits import HttpLimits
 
 if TYPE_CHECKING:

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -24,15 +23,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL.SSL import Error as OpenSSLError
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.logger import Logger
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from hsmocsp.errors import HsmOcspError, SourceError, SourceUnavailable, UnknownIssuer
+from hsmocsp.httppool import QuietPool
 from hsmocsp.inflight import OnePerKey
 from hsmocsp.sources.crl import CRLInfo, load_crl, merged_revocations
 from hsmocsp.sources.poller import Poller
@@ -104,40 +103,6 @@ class _VaultTLSPolicy:
 _PEM = Encoding.PEM
 
 
-class _TrackedClientProtocol(HTTP11ClientProtocol):
-    """An HTTP client connection that is in ``live`` from connectionMade to connectionLost.
-
-    The pool only holds idle connections; ``stop()`` must also close the ones carrying
-    a request, and know when each is really gone (no connection or timer of a stopped
-    source left on the reactor).
-    """
-
-    def __init__(self, quiescent: Any, live: set[HTTP11ClientProtocol]) -> None:
-        super().__init__(quiescent)  # type: ignore[no-untyped-call]
-        self._live = live
-
-    def connectionMade(self) -> None:
-        self._live.add(self)
-        super().connectionMade()
-
-    def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
-        self._live.discard(self)
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """No log line per Vault connection; connections tracked in ``live``."""
-
-    noisy = False
-
-    def __init__(self, quiescent: Any, metadata: Any, live: set[HTTP11ClientProtocol]) -> None:
-        super().__init__(quiescent, metadata)  # type: ignore[no-untyped-call]
-        self._live = live
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _TrackedClientProtocol(self._quiescentCallback, self._live)
-
-
 #: Who signed a looked-up certificate: (issuer Name DER, authority key id or None).
 _Signer = tuple[bytes, bytes | None] | None
 
@@ -194,14 +159,11 @@ class VaultSource(StateBacked):
         self._cache_ttl = config.cache_ttl
         self._crl_refresh = config.crl_refresh
         self._cache_size = cache_size
-        self._pool: HTTPConnectionPool | None = None
-        self._live: set[HTTP11ClientProtocol] = set()
+        self._pool: QuietPool | None = None
         if http_client is None:
             import treq.client
 
-            self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-            self._pool.maxPersistentPerHost = 4
-            self._pool._factory = partial(_QuietClientFactory, live=self._live)  # type: ignore[assignment]
+            self._pool = QuietPool(reactor, max_per_host=4)
             policy = _VaultTLSPolicy(config.tls) if self.address.startswith("https") else None
             agent = (
                 Agent(reactor, contextFactory=policy, pool=self._pool)  # type: ignore[no-untyped-call]
@@ -291,12 +253,7 @@ class VaultSource(StateBacked):
         self._transport.close()
         if self._pool is None:
             return succeed(None)
-        # Fires once every connection, idle or not, is really closed.
-        closing: list[Deferred[None]] = [
-            self._pool.closeCachedConnections(),  # type: ignore[no-untyped-call]
-            *(conn.abort() for conn in list(self._live)),  # type: ignore[no-untyped-call]
-        ]
-        return gatherResults(closing).addCallback(lambda _: None)
+        return self._pool.close()  # fires once every connection, idle or not, is closed
 
     def status(self, issuer: x509.Certificate, serial: int) -> Deferred[CertStatus]:
         if self._issuer_key(issuer) is None:

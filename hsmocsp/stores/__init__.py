@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from hsmocsp.handle import SignedResponse
     from hsmocsp.health import Health
-    from hsmocsp.responder import SignedResponse
 
 InvalidationListener = Callable[[str, "frozenset[int] | None"], None]
 """``(handle, serials)``: these serials of this handle changed (None: every serial)."""

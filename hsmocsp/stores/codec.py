@@ -27,7 +27,7 @@ import math
 import struct
 
 from hsmocsp.errors import StoredValueError
-from hsmocsp.responder import SignedResponse
+from hsmocsp.handle import SignedResponse
 
 VERSION = 1
 _HEAD = struct.Struct(">BB5d")

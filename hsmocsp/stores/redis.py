@@ -47,9 +47,9 @@ from twisted.python.failure import Failure
 
 from hsmocsp.config import RedisAddress, StoreConfig
 from hsmocsp.errors import ConfigError, StoredValueError, StoreUnavailable
+from hsmocsp.handle import SignedResponse
 from hsmocsp.health import READY, Health, State, worst
 from hsmocsp.inflight import OneAtATime
-from hsmocsp.responder import SignedResponse
 from hsmocsp.stores import InvalidationListener, SubscriptionListener
 from hsmocsp.stores.codec import decode, encode
 from hsmocsp.stores.resp import Arg, Reply, ReplyError, RespProtocol

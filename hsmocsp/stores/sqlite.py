@@ -30,9 +30,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hsmocsp.handle import SignedResponse
 from hsmocsp.health import READY, Health, State
 from hsmocsp.inflight import OneAtATime
-from hsmocsp.responder import SignedResponse
 
 log = Logger()
 

@@ -22,10 +22,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from hsmocsp.errors import HsmOcspError, MalformedRequest, UpstreamFailed
+from hsmocsp.handle import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus, error_response
-from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.web.accesslog import AccessLog, AccessRecord, client_text
 from hsmocsp.web.endpoint import OcspEndpoint
 from hsmocsp.web.headers import (

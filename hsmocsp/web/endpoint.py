@@ -1,6 +1,6 @@
 """What the HTTP layer answers OCSP requests with, at one handle path.
 
-Two kinds of object serve a handle path: :class:`~hsmocsp.responder.Handle` (it
+Two kinds of object serve a handle path: :class:`~hsmocsp.handle.Handle` (it
 holds the status source and the signer: roles ``all`` and ``signer``) and
 :class:`~hsmocsp.server.handle.ServerHandle` (role ``server``: a hot cache, the
 shared store, and a signer it forwards to over HTTP). The Klein routes, the fast
@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from hsmocsp.health import Health
 
 if TYPE_CHECKING:
-    from hsmocsp.responder import SignedResponse
+    from hsmocsp.handle import SignedResponse
 
 __all__ = ["OcspEndpoint"]
 

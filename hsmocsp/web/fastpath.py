@@ -40,10 +40,10 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import Site
 
 from hsmocsp.errors import HsmOcspError, MalformedRequest
+from hsmocsp.handle import SignedResponse
 from hsmocsp.hotcache import max_age_for
 from hsmocsp.ocsp.request import decode_get_path, parse_request
 from hsmocsp.ocsp.response import ResponseStatus
-from hsmocsp.responder import SignedResponse
 from hsmocsp.web.accesslog import MAX_PREAMBLE, AccessRecord, client_text
 from hsmocsp.web.app import OCSPApp, Outcome
 from hsmocsp.web.channel import REFUSALS, LimitedHTTPChannel, LimitedRequest, plain_response
@@ -170,7 +170,7 @@ class FastSite(Site):
 class OcspRoutes(Generic[T]):
     """Which handle a plain OCSP POST or GET is for, and the request's DER.
 
-    Shared by the fast path and the fronts (:mod:`hsmocsp.web.front`), so both take
+    Shared by the fast path and the fronts (:mod:`hsmocsp.web.front_process`), so both take
     exactly the same requests; everything else is declined (None).
     """
 
@@ -220,7 +220,7 @@ def keep_alive(version: bytes, headers: dict[bytes, bytes]) -> bool:
 class ResponseWriter:
     """HTTP responses for cached OCSP answers, with per-response headers prepared once.
 
-    Shared by the fast path and the extra HTTP processes (:mod:`hsmocsp.web.front`),
+    Shared by the fast path and the extra HTTP processes (:mod:`hsmocsp.web.front_process`),
     so both send byte-identical headers.
     """
 
@@ -280,7 +280,7 @@ class FastServer(TypingProtocol):
 
 class FastChannel(Protocol):
     """One connection: cached answers inline, everything else to a full protocol
-    (twisted.web here; a relay to the main process in :mod:`hsmocsp.web.front`).
+    (twisted.web here; a relay to the main process in :mod:`hsmocsp.web.front_process`).
 
     Timers: ``idle_timeout`` while no request is under way, ``request_timeout`` from
     a request's first byte until it is whole (never extended by more bytes), none

@@ -13,7 +13,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hsmocsp.responder import SignedResponse
+    from hsmocsp.handle import SignedResponse
 
 OCSP_REQUEST = b"application/ocsp-request"
 OCSP_RESPONSE = b"application/ocsp-response"

@@ -15,7 +15,7 @@ idle timer and nothing bounded a request head. So here:
   are refused (413, 414) before they are read.
 
 Used by the fast path (:mod:`hsmocsp.web.fastpath`), the twisted.web channel behind
-it (:mod:`hsmocsp.web.channel`) and the fronts (:mod:`hsmocsp.web.front`).
+it (:mod:`hsmocsp.web.channel`) and the fronts (:mod:`hsmocsp.web.front_process`).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ from hsmocsp.health import Health, State
 from hsmocsp.sources.state import SourceState
 
 if TYPE_CHECKING:
+    from hsmocsp.handle import Handle
     from hsmocsp.presign import Presigner
-    from hsmocsp.responder import Handle
 
 
 class StoreView(Protocol):

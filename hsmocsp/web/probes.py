@@ -13,7 +13,7 @@ must not take OCSP away for every other CA served by the same pod, so:
   when that handle is ``ready``, 503 when it is degraded or failed (or the
   service is starting), 404 for a handle that does not exist.
 
-Both read :meth:`~hsmocsp.responder.Handle.health`, as do the
+Both read :meth:`~hsmocsp.handle.Handle.health`, as do the
 ``hsmocsp_handle_state`` metric and the state-change log lines, so they agree.
 """
 

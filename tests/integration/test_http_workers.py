@@ -87,7 +87,9 @@ def _front_pids(r: Responder) -> list[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=,args=", "--ppid", str(r.proc.pid)], capture_output=True, text=True
     ).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "hsmocsp.web.front" in line]
+    return [
+        int(line.split()[0]) for line in out.splitlines() if "hsmocsp.web.front_process" in line
+    ]
 
 
 def _readyz_fronts(r: Responder) -> dict[str, str]:

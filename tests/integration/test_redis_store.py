@@ -17,8 +17,8 @@ from twisted.internet import task
 
 from hsmocsp.config import RedisAddress, Secret, StoreConfig, StoreTLSConfig
 from hsmocsp.errors import StoreUnavailable
+from hsmocsp.handle import SignedResponse
 from hsmocsp.health import State
-from hsmocsp.responder import SignedResponse
 from hsmocsp.stores.codec import encode
 from hsmocsp.stores.redis import RedisStore, field_of, response_key
 from tests.conftest import LoggedErrors

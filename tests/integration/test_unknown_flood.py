@@ -44,7 +44,9 @@ def _children(pid: int) -> list[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
     ).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "hsmocsp.web.front" in line]
+    return [
+        int(line.split()[0]) for line in out.splitlines() if "hsmocsp.web.front_process" in line
+    ]
 
 
 def _size(data: Path) -> int:

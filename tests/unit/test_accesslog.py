@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from hsmocsp.web.accesslog import AccessLog, AccessRecord, open_access_log
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
-from hsmocsp.web.front import FrontSite, Replica
+from hsmocsp.web.front_process import FrontSite, Replica
 from hsmocsp.web.limits import HttpLimits
 from hsmocsp.web.problems import Problems
 from tests.unit.test_fastpath import post
@@ -113,7 +113,7 @@ def test_front_records_reach_the_main_log() -> None:
     records = front.take_access()
     assert len(records) == 1 and front.take_access() == []
 
-    from hsmocsp.web.fronts import FrontPool
+    from hsmocsp.web.front_pool import FrontPool
     from hsmocsp.web.metrics import Metrics
 
     out = io.StringIO()

@@ -21,10 +21,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from hsmocsp.errors import ResponderCertError
+from hsmocsp.handle import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.health import Health, State
 from hsmocsp.ocsp.response import ResponseStatus
 from hsmocsp.presign import Presigner
-from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.status import CertStatus
 from tests.factories import handle as make_handle
 from tests.unit.fakes import VECTORS, CountingSigner, DictSource, der, load_cert

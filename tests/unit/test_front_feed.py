@@ -1,7 +1,7 @@
 """The main process and a front talking over their pipe, both in this process.
 
 :class:`FrontPool` (main side) spawns a "process" whose stdin is a real front's
-:class:`~hsmocsp.web.front._Control` and whose stdout comes back to the pool: every
+:class:`~hsmocsp.web.front_process._Control` and whose stdout comes back to the pool: every
 frame goes through the real encoders and decoders, so what a front holds is what the
 pipe gave it. Issue #11: a front must not hold a copy of the main cache (memory per
 front grew with the number of entries); it holds what its clients ask for, up to
@@ -18,10 +18,10 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from hsmocsp.handle import Handle
 from hsmocsp.ocsp.request import parse_request
-from hsmocsp.responder import Handle
-from hsmocsp.web.front import _Control
-from hsmocsp.web.fronts import FrontPool
+from hsmocsp.web.front_pool import FrontPool
+from hsmocsp.web.front_process import _Control
 from hsmocsp.web.limits import HttpLimits
 from hsmocsp.web.metrics import Metrics
 from tests.unit.test_fastpath import ADDR, post, split
@@ -207,7 +207,7 @@ def test_unknown_serials_are_never_given_to_fronts() -> None:
 def test_a_flood_of_wants_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from hsmocsp.web import fronts
+    from hsmocsp.web import front_pool as fronts
 
     monkeypatch.setattr(fronts, "MAX_PENDING", 100)
     _, pool, _, _ = start()
@@ -250,7 +250,7 @@ def test_counts_from_a_front_go_through_the_handle() -> None:
 
 
 def _report(message: tuple[Any, ...]) -> bytes:
-    from hsmocsp.web.front import encode_report
+    from hsmocsp.web.front_process import encode_report
 
     return encode_report(message)
 

@@ -7,9 +7,9 @@ import os
 import pytest
 from twisted.internet.task import Clock
 
+from hsmocsp.handle import SignedResponse
 from hsmocsp.hotcache import HotCache, RequestCache, RequestKeys, max_age_for, request_key
 from hsmocsp.ocsp.request import parse_request
-from hsmocsp.responder import SignedResponse
 from tests.unit.test_responder import request_for
 
 T0 = 1_750_000_000.0

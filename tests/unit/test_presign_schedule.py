@@ -17,11 +17,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from hsmocsp.errors import SignerUnavailable
+from hsmocsp.handle import Handle, SignedResponse
 from hsmocsp.health import State
 from hsmocsp.ocsp.request import make_cert_id
 from hsmocsp.ocsp.response import issuer_hashes
 from hsmocsp.presign import Presigner
-from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.status import CertStatus
 from hsmocsp.stores.sqlite import ResponseStore
 from tests.unit.fakes import CountingSigner

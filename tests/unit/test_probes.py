@@ -10,9 +10,9 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
+from hsmocsp.handle import Handle
 from hsmocsp.health import Health, State
 from hsmocsp.lifecycle import ExpiryWatch
-from hsmocsp.responder import Handle
 from hsmocsp.web.app import OCSPApp
 from tests.unit.test_cert_lifecycle import NOW, _crl, clock_at, make, responder_cert
 from tests.unit.test_web import fetch

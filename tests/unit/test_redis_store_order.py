@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from hsmocsp.cache import ResponseCache
 from hsmocsp.config import RedisAddress, StoreConfig
 from hsmocsp.errors import StoreUnavailable
-from hsmocsp.responder import SignedResponse
+from hsmocsp.handle import SignedResponse
 from hsmocsp.stores.redis import RedisStore, parse_invalidation
 
 

@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from hsmocsp.errors import ResponderCertError, SignerUnavailable, UnknownIssuer
+from hsmocsp.handle import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.ocsp.request import make_cert_id, parse_request
 from hsmocsp.ocsp.response import ResponseStatus, issuer_hashes
-from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.status import CertStatus, CRLReason
 from tests.factories import handle as make_handle
 from tests.unit.fakes import CountingSigner, DictSource, load_cert

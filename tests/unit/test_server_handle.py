@@ -1,6 +1,6 @@
 """The server role's handle: hot cache -> store -> signer, against a real signing app.
 
-The "signer" here is a real :class:`~hsmocsp.responder.Handle` (file key) behind the real
+The "signer" here is a real :class:`~hsmocsp.handle.Handle` (file key) behind the real
 Klein app, reached through treq's ``StubTreq``; the shared store is an in-memory fake
 (the Redis-backed tests are in tests/integration/test_replica_server.py).
 """
@@ -18,10 +18,10 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from hsmocsp.errors import MalformedRequest, StoreUnavailable, UpstreamFailed
+from hsmocsp.handle import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.health import READY, Health, State
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.ocsp.response import ResponseStatus
-from hsmocsp.responder import Handle, SignedResponse, ocsp_status_for
 from hsmocsp.server.forward import SignerLink
 from hsmocsp.server.handle import ServerHandle
 from hsmocsp.server.watch import InvalidationWatch

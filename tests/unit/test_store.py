@@ -19,8 +19,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
+from hsmocsp.handle import SignedResponse
 from hsmocsp.health import State
-from hsmocsp.responder import SignedResponse
 from hsmocsp.stores.sqlite import ResponseStore
 
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hsmocsp.errors import StoredValueError
-from hsmocsp.responder import SignedResponse
+from hsmocsp.handle import SignedResponse
 from hsmocsp.stores.codec import MAX_DER, VERSION, decode, encode
 
 REVOKED = SignedResponse(

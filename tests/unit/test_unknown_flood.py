@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from hsmocsp.cache import ResponseCache
-from hsmocsp.responder import SignedResponse
+from hsmocsp.handle import SignedResponse
 from hsmocsp.status import CertStatus
 from hsmocsp.stores.sqlite import ResponseStore
 from tests.factories import handle as make_handle

@@ -274,8 +274,8 @@ def test_bad_requests_are_counted_in_a_metric() -> None:
 
 
 def test_front_refusals_reach_the_main_metric() -> None:
-    from hsmocsp.web.front import FrontSite, Replica
-    from hsmocsp.web.fronts import FrontPool
+    from hsmocsp.web.front_pool import FrontPool
+    from hsmocsp.web.front_process import FrontSite, Replica
 
     s, clock = site()
     handle = s.app.handles[0]

@@ -41,7 +41,7 @@ Frames on both pipes are the child-process layer's (:mod:`hsmocsp.childproc`: a
   session, so it never executes anything a front sends (as with the signing workers);
   a ``want`` is checked (known handle, bounded base64) and costs it dict operations.
 
-Run as ``python -m hsmocsp.web.front``, by :mod:`hsmocsp.web.fronts` only.
+Run as ``python -m hsmocsp.web.front_process``, by :mod:`hsmocsp.web.front_pool` only.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ from twisted.python.failure import Failure
 from hsmocsp.childproc import FrameError as FrameError  # bad frames, bad payloads alike
 from hsmocsp.childproc import FrameReader
 from hsmocsp.childproc import encode_frame as _frame
+from hsmocsp.handle import SignedResponse
 from hsmocsp.hotcache import DEFAULT_ENTRIES, RequestCache, max_age_for
-from hsmocsp.responder import SignedResponse
 from hsmocsp.web.accesslog import RELAY_PREAMBLE
 from hsmocsp.web.fastpath import (
     FastChannel,

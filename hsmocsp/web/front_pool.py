@@ -1,7 +1,7 @@
 """The main process's side of ``--workers N``: start, feed and watch the fronts.
 
-See :mod:`hsmocsp.web.front` for what a front does. Here: each front is a
-child process (``python -m hsmocsp.web.front``) given, on its stdin, an init
+See :mod:`hsmocsp.web.front_process` for what a front does. Here: each front is a
+child process (``python -m hsmocsp.web.front_process``) given, on its stdin, an init
 message (where to listen, where the main process's private socket is, the
 handles, the size of its hot cache). Nothing more is pushed unasked but
 invalidations (a revocation reaches every front in the same reactor turn as the
@@ -36,11 +36,11 @@ from twisted.python.failure import Failure
 
 from hsmocsp.childenv import minimal_env
 from hsmocsp.childproc import Backoff, Child, FrameError, Supervisor, stop_children
+from hsmocsp.handle import Handle, SignedResponse
 from hsmocsp.health import READY, Health, State
 from hsmocsp.hotcache import DEFAULT_ENTRIES, servable
-from hsmocsp.responder import Handle, SignedResponse
 from hsmocsp.web.accesslog import AccessLog, AccessRecord
-from hsmocsp.web.front import MAX_FRAME, decode_report, encode_frame
+from hsmocsp.web.front_process import MAX_FRAME, decode_report, encode_frame
 from hsmocsp.web.limits import HttpLimits
 from hsmocsp.web.metrics import Metrics
 
@@ -86,7 +86,7 @@ class _Front:
         self.ended: Deferred[None] = self.child.ended
 
     def spawn(self) -> None:
-        self.child.spawn(self.pool.reactor, [sys.executable, "-m", "hsmocsp.web.front"],
+        self.child.spawn(self.pool.reactor, [sys.executable, "-m", "hsmocsp.web.front_process"],
                          minimal_env())  # a front reads untrusted input: none of our secrets
         self.pid = self.child.pid
         self.child.write(encode_frame(("init", self.pool.init_message())))

@@ -14,7 +14,7 @@ from hsmocsp.errors import ConfigError
 from hsmocsp.service.listen import tcp_listen_address
 from hsmocsp.web.app import OCSPApp
 from hsmocsp.web.fastpath import FastSite
-from hsmocsp.web.front import (
+from hsmocsp.web.front_process import (
     SERVICE_UNAVAILABLE,
     FrameDecoder,
     FrameError,
@@ -218,7 +218,7 @@ def test_failing_front_is_restarted_with_growing_pauses() -> None:
     from twisted.internet.error import ProcessDone
     from twisted.python.failure import Failure
 
-    from hsmocsp.web.fronts import MAX_RESPAWN_DELAY, RESPAWN_DELAY, FrontPool
+    from hsmocsp.web.front_pool import MAX_RESPAWN_DELAY, RESPAWN_DELAY, FrontPool
     from hsmocsp.web.metrics import Metrics
 
     clock = _SpawningClock()
