@@ -21,7 +21,6 @@ import argparse
 import inspect
 import json
 import os
-import socket
 import tempfile
 import time
 from http.client import HTTPConnection
@@ -36,6 +35,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
 
 from hsmocsp.cache import ResponseCache
+from hsmocsp.devpki.bao import free_port
 from hsmocsp.handle import SignedResponse
 from hsmocsp.ocsp.request import parse_request
 from hsmocsp.web.front_pool import FrontPool
@@ -87,13 +87,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def ask(port: int, der: bytes) -> None:

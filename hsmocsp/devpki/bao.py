@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -49,12 +50,37 @@ def find_bao() -> str:
     return found
 
 
+_PORTS = random.SystemRandom()  # not the global random: hypothesis re-seeds that one
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the caller retries on a race)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Chosen below the kernel's ephemeral range (``ip_local_port_range``), where only
+    explicit binds land: a port from ``bind(0)`` comes from that range, the one the
+    kernel also takes outgoing connections' source ports from, and a stress run saw
+    a responder fail to listen on a port an outgoing connection took in between.
+    """
+    low = _ephemeral_low()
+    for _ in range(200 if low > 2048 else 0):
+        port = _PORTS.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 class BaoAPI:
