@@ -108,8 +108,12 @@ def _json_message(payload: bytes) -> Any:
 
 def decode_report(payload: bytes) -> tuple[Any, ...]:
     """A front -> main frame's payload as a message (FrameError if it is not one)."""
+    return _message(payload, _json_message)
+
+
+def _message(payload: bytes, loads: Callable[[bytes], Any]) -> tuple[Any, ...]:
     try:
-        message = _json_message(payload)
+        message = loads(payload)
     except ValueError as err:
         raise FrameError(f"unreadable frame: {err}") from err
     if not isinstance(message, tuple) or not message:
@@ -128,13 +132,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> Iterator[tuple[Any, ...]]:
         for payload in self._reader.feed(data):
-            try:
-                message = self._loads(payload)
-            except ValueError as err:
-                raise FrameError(f"unreadable frame: {err}") from err
-            if not isinstance(message, tuple) or not message:
-                raise FrameError("frame is not a message")
-            yield message
+            yield _message(payload, self._loads)
 
 
 class Replica:
