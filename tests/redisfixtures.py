@@ -470,17 +470,21 @@ def start_sentinel_set(
     sentinels: int = 1,
     password: str | None = None,
     down_after_ms: int = 500,
+    sentinel_password: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> SentinelSet:
     """Start a primary, ``replicas`` replicas and ``sentinels`` sentinels (quorum: a
-    majority) on loopback; the caller stops them (:meth:`SentinelSet.stop`)."""
+    majority) on loopback; the caller stops them (:meth:`SentinelSet.stop`).
+    ``sentinel_password``: the sentinels' own ``requirepass`` (and ``sentinel-pass``,
+    what they log in to each other with); ``tls``: every process serves TLS only."""
     started: list[RedisServer] = []
     try:
-        primary = RedisServer(directory / "r0", password=password).start()
+        primary = RedisServer(directory / "r0", password=password, tls=tls).start()
         started.append(primary)
         servers = [primary]
         for n in range(replicas):
             replica = RedisServer(
-                directory / f"r{n + 1}", password=password, replica_of=primary.port
+                directory / f"r{n + 1}", password=password, replica_of=primary.port, tls=tls
             ).start()
             started.append(replica)
             servers.append(replica)
@@ -494,9 +498,17 @@ def start_sentinel_set(
         ]
         if password is not None:
             watch.append(f"sentinel auth-pass {MASTER_NAME} {password}")
+        if sentinel_password is not None:
+            watch.append(f"sentinel sentinel-pass {sentinel_password}")
         watchers = []
         for n in range(sentinels):
-            sentinel = RedisServer(directory / f"s{n}", sentinel=True, extra=watch).start()
+            sentinel = RedisServer(
+                directory / f"s{n}",
+                sentinel=True,
+                extra=watch,
+                password=sentinel_password,
+                tls=tls,
+            ).start()
             started.append(sentinel)
             watchers.append(sentinel)
         result = SentinelSet(servers=servers, sentinels=watchers)
