@@ -206,6 +206,9 @@ class StoreConfig:
     key_prefix: str = "hsmocsp:"
     username: str | None = None
     password: Secret | None = None
+    # The sentinels' own login (``requirepass`` / an ACL user in sentinel.conf).
+    sentinel_username: str | None = None
+    sentinel_password: Secret | None = None
     tls: StoreTLSConfig | None = None
     timeout: float = 0.5
     max_pending: int = 100_000
@@ -748,6 +751,16 @@ def _store(r: _Reader) -> StoreConfig:
     password = r.secret("password", required=False)
     if username is not None and password is None:
         raise r.error("username", "an ACL user needs password_file or password_env")
+    sentinel_username = r.string("sentinel_username")
+    sentinel_password = r.secret("sentinel_password", required=False)
+    if sentinel_username is not None and sentinel_password is None:
+        raise r.error(
+            "sentinel_username",
+            "an ACL user needs sentinel_password_file or sentinel_password_env",
+        )
+    if sentinel_password is not None and not sentinels:
+        key = "sentinel_password_env" if sentinel_password.env else "sentinel_password_file"
+        raise r.error(key, "goes with sentinels")
     tls: StoreTLSConfig | None = None
     if r.has("tls"):
         t = r.sub("tls")
@@ -771,6 +784,8 @@ def _store(r: _Reader) -> StoreConfig:
         key_prefix=prefix,
         username=username,
         password=password,
+        sentinel_username=sentinel_username,
+        sentinel_password=sentinel_password,
         tls=tls,
         timeout=r.number("timeout", 0.5, minimum=0.01),
         max_pending=r.integer("max_pending", 100_000, minimum=1),

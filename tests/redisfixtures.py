@@ -248,6 +248,10 @@ class RedisServer:
                 f"tls-key-file {self.tls.server_key}",
                 f"tls-ca-cert-file {self.tls.ca}",
                 "tls-auth-clients optional",
+                # Outgoing (replication, sentinel) connections show the client
+                # certificate: the server one's extended key usage is serverAuth only.
+                f"tls-client-cert-file {self.tls.client_cert}",
+                f"tls-client-key-file {self.tls.client_key}",
             ]
             if self.sentinel or self.replica_of is not None:
                 lines.append("tls-replication yes")

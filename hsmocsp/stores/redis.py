@@ -23,7 +23,8 @@ subscription alive by itself (a PING every ``timeout`` on it notices a dead one)
 says when it is lost and restored.
 
 Connections (:class:`Connector`): to ``address``, or to the primary the sentinels name
-(asked again after every lost connection), then AUTH, SELECT and ROLE (it must be a
+(asked again after every lost connection; each sentinel is sent its own AUTH first
+when ``sentinel_password`` is set), then AUTH, SELECT and ROLE (it must be a
 primary: a replica, or a demoted primary, is left and asked for again; so is a
 connection whose write gets ``READONLY``). TLS and Unix sockets through Twisted's
 endpoints, on the reactor the process already runs.
@@ -143,10 +144,18 @@ def tls_creator(cfg: StoreConfig, host: str, config_path: str) -> IOpenSSLClient
 class Connector:
     """Opens ready connections to the primary: found (Sentinel), logged in, checked."""
 
-    def __init__(self, cfg: StoreConfig, reactor: Any, password: str | None, config_path: str):
+    def __init__(
+        self,
+        cfg: StoreConfig,
+        reactor: Any,
+        password: str | None,
+        config_path: str,
+        sentinel_password: str | None = None,
+    ):
         self.cfg = cfg
         self.reactor = reactor
         self._password = password
+        self._sentinel_password = sentinel_password
         self._config_path = config_path
         if cfg.tls is not None:  # read the files now: a bad one is a configuration error
             tls_creator(cfg, "localhost", config_path)
@@ -226,18 +235,36 @@ class Connector:
             except StoreUnavailable as err:
                 problems.append(str(err))
                 continue
+            commands: list[Sequence[Arg]] = []
+            if self._sentinel_password is not None:
+                auth: list[Arg] = ["AUTH"]
+                if self.cfg.sentinel_username is not None:
+                    auth.append(self.cfg.sentinel_username)
+                auth.append(self._sentinel_password)
+                commands.append(auth)
+            commands.append(("SENTINEL", "get-master-addr-by-name", self.cfg.master_name or ""))
             try:
-                reply = await proto.execute(
-                    "SENTINEL",
-                    "get-master-addr-by-name",
-                    self.cfg.master_name or "",
-                    timeout=max(self.cfg.timeout, 0.2),
-                )
+                replies = await proto.pipeline(commands, timeout=max(self.cfg.timeout, 0.2))
             except StoreUnavailable as err:
                 problems.append(str(err))
                 continue
             finally:
                 proto.abort("asked")
+            reply = replies[-1]
+            if len(replies) == 2 and isinstance(replies[0], ReplyError):
+                # Redis's reason (WRONGPASS, ...): never the password itself.
+                problems.append(f"{name}: AUTH refused: {replies[0].message}")
+                continue
+            if isinstance(reply, ReplyError) and reply.code == "NOAUTH":
+                problems.append(
+                    f"{name}: requires authentication; set store.sentinel_password_file"
+                    " or store.sentinel_password_env (and store.sentinel_username for an"
+                    " ACL user)"
+                )
+                continue
+            if isinstance(reply, ReplyError):
+                problems.append(f"{name}: SENTINEL get-master-addr-by-name: {reply.message}")
+                continue
             if (
                 isinstance(reply, list)
                 and len(reply) == 2
@@ -413,6 +440,7 @@ class RedisStore:
         reactor: Any,
         *,
         password: str | None = None,
+        sentinel_password: str | None = None,
         config_path: str = "config",
         flush_interval: float = 0.05,
         max_backoff: float = 2.0,
@@ -421,7 +449,9 @@ class RedisStore:
         self.reactor = reactor
         self.prefix = cfg.key_prefix
         self.channel = f"{cfg.key_prefix}inv".encode()
-        self.connector = Connector(cfg, reactor, password, config_path)
+        self.connector = Connector(
+            cfg, reactor, password, config_path, sentinel_password=sentinel_password
+        )
         self._writer = Link(self.connector, "signer", reactor)
         self._reader = Link(self.connector, "reader", reactor)
         self._subscriber = Link(self.connector, "subscriber", reactor)
@@ -456,10 +486,21 @@ class RedisStore:
 
     @classmethod
     def from_config(cls, cfg: StoreConfig, reactor: Any, config_path: str) -> RedisStore:
-        """A store for ``store:`` of the file at ``config_path``; the password is read
+        """A store for ``store:`` of the file at ``config_path``; the passwords are read
         now (a missing one is a :class:`ConfigError` naming its key)."""
         password = cfg.password.read("store.password") if cfg.password is not None else None
-        return cls(cfg, reactor, password=password, config_path=config_path)
+        sentinel_password = (
+            cfg.sentinel_password.read("store.sentinel_password")
+            if cfg.sentinel_password is not None
+            else None
+        )
+        return cls(
+            cfg,
+            reactor,
+            password=password,
+            sentinel_password=sentinel_password,
+            config_path=config_path,
+        )
 
     # --- life -------------------------------------------------------------------------
 

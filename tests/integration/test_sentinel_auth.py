@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
+from twisted.internet import task
 
 from hsmocsp.config import RedisAddress, Secret, StoreConfig, StoreTLSConfig
 from hsmocsp.errors import StoreUnavailable
@@ -56,6 +57,11 @@ def sentinel_cfg(watched: SentinelSet, tmp_path: Path, **kw: Any) -> StoreConfig
         timeout=0.5,
         **kw,
     )
+
+
+async def a_reactor_turn() -> None:
+    """Lets the discovery connections just aborted finish closing (one reactor turn)."""
+    await task.deferLater(reactor, 0, lambda: None)
 
 
 def assert_secret_free(*texts: str) -> None:
@@ -132,6 +138,7 @@ async def test_sentinel_wanting_auth_without_credentials_is_a_clear_error(
     assert f"sentinel {sentinel}: requires authentication" in str(err), err
     assert "store.sentinel_password_file" in str(err)
     assert_secret_free(str(err), str(store.health()))
+    await a_reactor_turn()
 
 
 @pytest_twisted.ensureDeferred
@@ -157,6 +164,7 @@ async def test_sentinel_refusing_the_password_names_the_sentinel(
     # The primary's password is not sent to the sentinel in its place.
     log = guarded.sentinels[0].log.read_text(errors="replace")
     assert_secret_free(log)
+    await a_reactor_turn()
 
 
 @pytest_twisted.ensureDeferred

@@ -104,6 +104,16 @@ def test_unix_socket_address(folder: Path) -> None:
         ("store: {kind: redis, address: 'a:1', username: u}", "store.username", "needs password"),
         ("store: {kind: redis, address: 'a:1', password_env: A, password_file: b}",
          "store.password_env", "not both"),
+        ("store: {kind: redis, sentinels: ['b:2'], master_name: m, sentinel_password: hunter2}",
+         "store.sentinel_password", "not read from the config"),
+        ("store: {kind: redis, sentinels: ['b:2'], master_name: m, sentinel_username: u}",
+         "store.sentinel_username", "needs sentinel_password_file or sentinel_password_env"),
+        ("store: {kind: redis, sentinels: ['b:2'], master_name: m, sentinel_password_env: A,"
+         " sentinel_password_file: b}", "store.sentinel_password_env", "not both"),
+        ("store: {kind: redis, address: 'a:1', sentinel_password_env: A}",
+         "store.sentinel_password_env", "goes with sentinels"),
+        ("store: {kind: redis, address: 'a:1', sentinel_password_file: b}",
+         "store.sentinel_password_file", "goes with sentinels"),
         ("store: {kind: redis, address: 'a:1', key_prefix: 'a b'}", "store.key_prefix",
          "white space"),
         ("store: {kind: redis, address: 'a:1', tls: {cert_file: ca.pem}}", "store.tls.cert_file",
@@ -169,3 +179,29 @@ store: {kind: redis, address: 'a:1', username: u, password_env: REDIS_PW}
     monkeypatch.setenv("REDIS_PW", "s3cret")
     assert cfg.store.password.read("store.password") == "s3cret"
     assert "s3cret" not in repr(cfg)
+
+
+def test_sentinel_password_is_read_from_its_source_only(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(write(folder, BASE + """
+store:
+  kind: redis
+  sentinels: ['127.0.0.1:26379']
+  master_name: m
+  password_env: REDIS_PW
+  sentinel_username: watcher
+  sentinel_password_file: sentinel-pw
+"""))
+    s = cfg.store
+    assert s.sentinel_username == "watcher"
+    assert s.sentinel_password == Secret(file=folder / "sentinel-pw")
+    assert s.password == Secret(env="REDIS_PW")
+    (folder / "sentinel-pw").write_text("s3ntinel\n")
+    assert s.sentinel_password.read("store.sentinel_password") == "s3ntinel"
+    assert "s3ntinel" not in repr(cfg)
+    # A missing file is a configuration error naming the key, without any secret.
+    (folder / "sentinel-pw").unlink()
+    with pytest.raises(ConfigError) as info:
+        s.sentinel_password.read("store.sentinel_password")
+    assert info.value.key == "store.sentinel_password"
