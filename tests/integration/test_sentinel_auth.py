@@ -203,3 +203,41 @@ async def test_tls_to_the_sentinels(
             await s.stop()
         stores.made.clear()
         watched.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_for_a_sentinel_that_wants_none_is_refused_without_echo(
+    redis_sentinel: SentinelSet, tmp_path: Path, stores: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis answers "ERR AUTH <password> called without any password configured": the
+    # placeholder, not the password; the store reports that and no secret.
+    monkeypatch.setenv("HSMOCSP_TEST_SENTINEL_PW", SENTINEL_PW)
+    cfg = StoreConfig(
+        kind="redis",
+        sentinels=tuple(RedisAddress("127.0.0.1", s.port) for s in redis_sentinel.sentinels),
+        master_name=MASTER_NAME,
+        sentinel_password=Secret(env="HSMOCSP_TEST_SENTINEL_PW"),
+        timeout=0.5,
+    )
+    store = RedisStore.from_config(cfg, reactor, "hsmocsp.yaml")
+    stores.made.append(store)
+    err = await fetched(store, "root", b"k", 1)
+    assert isinstance(err, StoreUnavailable), err
+    sentinel = redis_sentinel.sentinels[0].address
+    assert f"sentinel {sentinel}: AUTH refused: ERR AUTH <password> called without" in str(err)
+    assert_secret_free(str(err), str(store.health()))
+    await a_reactor_turn()
+
+
+def test_a_missing_sentinel_password_is_a_configuration_error(tmp_path: Path) -> None:
+    from hsmocsp.errors import ConfigError
+
+    cfg = StoreConfig(
+        kind="redis",
+        sentinels=(RedisAddress("127.0.0.1", 26379),),
+        master_name=MASTER_NAME,
+        sentinel_password=Secret(file=tmp_path / "absent"),
+    )
+    with pytest.raises(ConfigError) as info:
+        RedisStore.from_config(cfg, reactor, "hsmocsp.yaml")
+    assert info.value.key == "store.sentinel_password"
