@@ -422,27 +422,63 @@ class SentinelSet:
         port = self.primary_port()
         return next(s for s in self.servers if s.port == port)
 
-    def wait_replicated(self, timeout: float = 15.0) -> None:
-        """Until every replica is linked to the primary and the sentinels know them all."""
-        primary = self.primary()
+    def agreed_primary(self) -> RedisServer | None:
+        """The primary every sentinel names, if they all name the same one and it says
+        it is a primary (ROLE); None while they disagree or it is not one yet."""
+        ports = set()
+        for sentinel in self.sentinels:
+            try:
+                reply = sentinel.cmd("SENTINEL", "get-master-addr-by-name", self.master_name)
+            except (OSError, RespError):
+                return None
+            if not reply:
+                return None
+            ports.add(int(reply[1]))
+        if len(ports) != 1:
+            return None
+        port = ports.pop()
+        server = next(s for s in self.servers if s.port == port)
+        try:
+            return server if server.role() == "master" else None
+        except (OSError, RespError):
+            return None
 
-        def linked() -> bool:
-            info = primary.cmd("INFO", "replication").decode()
-            return info.count("state=online") == len(self.servers) - 1
+    def wait_replicated(self, timeout: float = 90.0) -> RedisServer:
+        """Until the sentinels agree on a primary, every other server replicates from it
+        (``state=online``) and every sentinel lists each replica as up; the primary.
 
-        wait_until(linked, "replicas linked to the primary", timeout)
+        Observed, not assumed: a restarted old primary comes back as a primary of its own
+        and is only turned into a replica once a sentinel has seen it so for 8 s, at its
+        next INFO (every 10 s): 10-20 s on an idle box, more under load. The primary is
+        looked up again at each poll (it is the sentinels' call, not ours)."""
+        want = len(self.servers) - 1
 
-        def known() -> bool:
+        def settled() -> RedisServer | None:
+            primary = self.agreed_primary()
+            if primary is None:
+                return None
+            try:
+                info = primary.cmd("INFO", "replication").decode()
+            except (OSError, RespError):
+                return None
+            if info.count("state=online") != want:
+                return None
             for sentinel in self.sentinels:
                 try:
                     replicas = sentinel.cmd("SENTINEL", "replicas", self.master_name)
                 except (OSError, RespError):
-                    return False
-                if len(replicas) < len(self.servers) - 1:
-                    return False
-            return True
+                    return None
+                up = 0
+                for replica in replicas:
+                    fields = dict(zip(replica[::2], replica[1::2], strict=True))
+                    flags = fields.get(b"flags", b"").split(b",")
+                    if flags == [b"slave"] and fields.get(b"master-link-status") == b"ok":
+                        up += 1
+                if up != want:
+                    return None
+            return primary
 
-        wait_until(known, "sentinels to see every replica", timeout)
+        return wait_until(settled, "replicas linked to a primary the sentinels agree on", timeout)
 
     def wait_failover(self, old_port: int, timeout: float = 30.0) -> RedisServer:
         """Until the sentinels name a primary other than ``old_port`` that says it is one."""
