@@ -27,9 +27,7 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
     # Down after 2 s, as Redis's own Sentinel tests use: at 0.5 s a sentinel took a
     # just-promoted primary for down (its new link had no PONG yet) and failed over
     # again, two or three times in a row, promoting replicas still syncing.
-    found = start_sentinel_set(
-        tmp_path / "sentinel", replicas=2, sentinels=3, down_after_ms=2000
-    )
+    found = start_sentinel_set(tmp_path / "sentinel", replicas=2, sentinels=3, down_after_ms=2000)
     yield found
     found.stop()
 
@@ -73,7 +71,9 @@ handles:
 
     def ask(n: int) -> None:
         cert, digest = asks[n]
-        _ask(r, devpki, cert, work / f"{n}.der", digest)
+        output = _ask(r, devpki, cert, work / f"{n}.der", digest)  # openssl verified it
+        want = "revoked" if cert == devpki.revoked_pem else "good"
+        assert f": {want}" in output, output  # the right status, failover or not
     try:
         asked = 0
         for round_ in range(3):
