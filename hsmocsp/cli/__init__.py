@@ -4,7 +4,11 @@
     Everything start-up checks (configuration, one PIN login per token, keys
     found, certificates against keys and issuers, sources readable, Vault
     reachable and authorised), without listening. One line per handle; exit 0
-    if every handle would serve, 1 otherwise.
+    if every handle would serve, 1 otherwise, 78 for a configuration error.
+    With ``role: server`` (or ``--role server``) no token is used: lines
+    ``configuration``, ``store`` (Redis answers, a signer's marker is there)
+    and ``signer`` (``signer_url``/readyz answers 200); see
+    :mod:`hsmocsp.cli.checkserver`.
 
 ``hsmocsp csr --config FILE --handle NAME --subject '/CN=...'``
 ``hsmocsp csr --config FILE --token NAME --key-label LABEL --subject '/CN=...'``
@@ -29,6 +33,8 @@ from hsmocsp import __version__
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+#: A configuration error (the shared contract's 78, as ``twistd hsmocsp`` exits).
+EXIT_CONFIG = 78
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="check a configuration as start-up would, not listening")
     check.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    check.add_argument(
+        "--role",
+        choices=("all", "signer", "server"),
+        help="check as this role instead of the file's (as twistd hsmocsp --role)",
+    )
 
     csr = sub.add_parser("csr", help="a PKCS#10 request signed inside the HSM (PEM on stdout)")
     csr.add_argument("--config", "-c", required=True, help="YAML configuration file")
@@ -97,11 +108,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hsmocsp.config import load_config
     from hsmocsp.errors import ConfigError
 
+    role = getattr(args, "role", None)
     try:
-        cfg = load_config(Path(args.config))
+        cfg = load_config(Path(args.config), role)
     except ConfigError as err:
         print(f"hsmocsp: configuration error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_CONFIG if args.command == "check" else EXIT_FAILED
+    if args.command == "check" and cfg.role == "server":
+        from hsmocsp.cli.checkserver import redis_connect, run_server_check
+
+        try:  # the store's password and TLS files, read before any reactor runs
+            connect_on = redis_connect(cfg)
+        except ConfigError as err:
+            print(f"hsmocsp: configuration error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        _log_to_stderr()
+        return _react(
+            lambda reactor: run_server_check(reactor, cfg, sys.stdout, connect_on(reactor))
+        )
     _log_to_stderr()
     if args.command == "check":
         from hsmocsp.cli.check import run_check
