@@ -18,13 +18,14 @@ from hsmocsp.config import Config
 from hsmocsp.errors import ConfigError, HsmOcspError
 from hsmocsp.service.notify import SystemdNotifier
 from hsmocsp.service.options import Options, config_error_exit
-from hsmocsp.service.startup import StartupReport
+from hsmocsp.service.startup import StartupReport, install_daemon_parent
 from hsmocsp.service.tree import Sequence
 
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    install_daemon_parent()  # twistd's daemon parent then exits 77/78, not 1
     cfg: Config = options["parsed"]
     responder: Sequence
     try:

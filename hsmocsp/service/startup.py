@@ -10,11 +10,20 @@ systemd (``READY=1``, or a ``STATUS=`` line saying why not).
 
 Exit statuses (shared contract): 1 generic start-up failure, 77 the token refused
 the PIN (:class:`~hsmocsp.errors.PinRefused`), 78 configuration error.
+
+twistd's daemon parent exits 1 for whatever the child wrote other than "0", so a
+refused PIN or a port in use reached systemd (``Type=forking``) or a shell script as
+1, not 77/78. :func:`install_daemon_parent` (called by ``makeService``, which runs in
+that parent before it forks) replaces twistd's private
+``UnixApplicationRunner._waitForStart`` with :func:`wait_for_start`, which reads the
+status this module writes into the pipe and exits with it. It is the only use of that
+private name; ``tests/unit/test_startup_report.py`` fails if Twisted renames it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -35,6 +44,56 @@ EXIT_FAILURE = 1
 #: A token refused the PIN at start-up: the unit's ``RestartPreventExitStatus=77`` keeps
 #: a restart from spending another try (a Nitrokey locks after three).
 EXIT_PIN_REFUSED = 77
+
+
+#: One write into the status pipe, read whole by one read: below PIPE_BUF (4096).
+PIPE_MESSAGE_MAX = 1000
+_FAILED = re.compile(rb"1 hsmocsp cannot start \(exit (\d{1,3})\): (.*)", re.S)
+
+
+def failure_message(status: int, why: str) -> bytes:
+    """What the child writes into the status pipe when start-up failed: twistd's
+    ``1 <message>`` with the exit status for :func:`wait_for_start` to read back."""
+    return (b"1 " + f"hsmocsp cannot start (exit {status}): {why}".encode())[:PIPE_MESSAGE_MAX]
+
+
+def wait_for_start(read_pipe: int, stderr: Any = None) -> int:
+    """In twistd's daemon parent: wait for the child's word; 0 once it serves, else
+    the child's exit status (1 when it said nothing usable), its reason on stderr."""
+    from twisted.python.util import untilConcludes
+
+    data = untilConcludes(os.read, read_pipe, PIPE_MESSAGE_MAX)
+    if data == b"0":
+        return 0
+    failed = _FAILED.fullmatch(data)
+    if failed is not None:
+        status = int(failed[1])
+        why = failed[2].decode("utf-8", "replace")
+    else:
+        status = EXIT_FAILURE
+        why = (
+            repr(data[2:])
+            if data
+            else "the daemon exited before start-up finished"
+        )
+    out = stderr or sys.__stderr__
+    if out is not None:
+        untilConcludes(
+            out.write, f"hsmocsp cannot start: {why}\n(the log file says more)\n"
+        )
+        out.flush()
+    return status if 0 < status < 256 else EXIT_FAILURE
+
+
+def install_daemon_parent() -> None:
+    """Make twistd's daemon parent exit with the child's status (see the module's
+    docstring); harmless with ``--nodaemon`` (the method is then never called)."""
+    from twisted.scripts import _twistd_unix
+
+    def _waitForStart(self: Any, readPipe: int) -> int:  # twistd's names
+        return wait_for_start(readPipe)
+
+    _twistd_unix.UnixApplicationRunner._waitForStart = _waitForStart  # type: ignore[method-assign]
 
 
 def exit_status_for(err: BaseException) -> int:
@@ -101,8 +160,8 @@ class StartupReport(service.Service):
         self.exit_status = (
             exit_status_for(failure.value) if failure.value is not None else EXIT_FAILURE
         )
-        # twistd's parent prints what follows "1 " (100 bytes at most) and exits 1.
-        self._tell_parent(b"1 " + f"hsmocsp cannot start: {why}".encode()[:98])
+        # twistd's parent, as install_daemon_parent made it, exits with the status.
+        self._tell_parent(failure_message(self.exit_status, why))
         self.notifier.status(f"hsmocsp cannot start: {why}")
         if IReactorCore.providedBy(self.reactor) and self.reactor.running:
             self.reactor.addSystemEventTrigger("after", "shutdown", self._exit)
@@ -140,4 +199,13 @@ class StartupReport(service.Service):
         os._exit(self.exit_status or EXIT_FAILURE)
 
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_PIN_REFUSED", "StartupReport", "exit_status_for"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_PIN_REFUSED",
+    "StartupReport",
+    "exit_status_for",
+    "failure_message",
+    "install_daemon_parent",
+    "wait_for_start",
+]

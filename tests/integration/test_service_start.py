@@ -294,3 +294,70 @@ def test_json_service_log(devpki: DevPki, tmp_path: Path) -> None:
     listening = [r for r in seen if "hsmocsp listening on" in str(r["message"])]
     assert listening and listening[0]["listen"] == f"tcp:{port}:interface=127.0.0.1"
     assert any(r.get("name") == "root" and "serving" in str(r["message"]) for r in seen)
+
+
+def _daemon(cfg: Path, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``twistd hsmocsp`` daemonised (no ``-n``): the status is the parent's."""
+    return _twistd(
+        f"--pidfile={tmp_path / 'twistd.pid'}", f"--logfile={tmp_path / 'twistd.log'}",
+        "hsmocsp", "--config", str(cfg), "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_daemon_parent_exits_77_when_the_pin_is_refused(devpki: DevPki, tmp_path: Path) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("99887766\n")
+    cfg = level1_config(devpki, tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(devpki.pin_file), str(pin)))
+    try:
+        proc = _daemon(cfg, tmp_path, dev_env(devpki))
+        assert proc.returncode == 77, proc.stdout + proc.stderr
+        assert "cannot start" in proc.stderr and "99887766" not in proc.stderr
+        _wait_gone(str(cfg))
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        for pid in _running_with(str(cfg)):
+            _stop_pid(pid)
+
+
+@pytest.mark.parametrize("fault", ["yaml", "certificate"])
+def test_daemon_parent_exits_78_for_a_config_error(
+    devpki: DevPki, tmp_path: Path, fault: str
+) -> None:
+    cfg = level1_config(devpki, tmp_path)
+    if fault == "yaml":
+        cfg.write_text(cfg.read_text() + "bogus_key: 1\n")
+    else:
+        (tmp_path / "junk.pem").write_text("not a certificate\n")
+        cfg.write_text(cfg.read_text().replace(str(devpki.ocsp_pem), str(tmp_path / "junk.pem")))
+    try:
+        proc = _daemon(cfg, tmp_path, dev_env(devpki))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == EX_CONFIG, out
+        assert ("bogus_key" if fault == "yaml" else "is not a certificate") in out
+        assert "Traceback" not in out
+        _wait_gone(str(cfg))
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        for pid in _running_with(str(cfg)):
+            _stop_pid(pid)
+
+
+def test_daemon_parent_exits_78_when_the_port_is_taken(devpki: DevPki, tmp_path: Path) -> None:
+    cfg = level1_config(devpki, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        try:
+            proc = _twistd(
+                f"--pidfile={tmp_path / 'twistd.pid'}", f"--logfile={tmp_path / 'twistd.log'}",
+                "hsmocsp", "--config", str(cfg),
+                "--listen", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1",
+                env=dev_env(devpki), cwd=tmp_path,
+            )  # fmt: skip
+            assert proc.returncode == EX_CONFIG, proc.stdout + proc.stderr
+            _wait_gone(str(cfg))
+        finally:
+            for pid in _running_with(str(cfg)):
+                _stop_pid(pid)

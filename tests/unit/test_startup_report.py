@@ -3,6 +3,8 @@ started (or failed), systemd notify datagrams on a real Unix socket, exit status
 
 from __future__ import annotations
 
+import inspect
+import io
 import os
 import socket
 from pathlib import Path
@@ -12,7 +14,13 @@ from twisted.internet.defer import Deferred
 
 from hsmocsp.errors import ConfigError, HsmOcspError, PinRefused
 from hsmocsp.service.notify import SystemdNotifier
-from hsmocsp.service.startup import StartupReport, exit_status_for
+from hsmocsp.service.startup import (
+    StartupReport,
+    exit_status_for,
+    failure_message,
+    install_daemon_parent,
+    wait_for_start,
+)
 from hsmocsp.service.tree import Component, Sequence
 
 
@@ -82,7 +90,7 @@ def test_a_failed_start_tells_the_parent_why_and_sets_the_exit_status(tmp_path: 
     gate.errback(ConfigError("/etc/x.yaml", "listen", "cannot listen on tcp:80: denied"))
     assert (
         _read_pipe(r)
-        == b"1 hsmocsp cannot start: /etc/x.yaml: listen: cannot listen on tcp:80: denied"
+        == b"1 hsmocsp cannot start (exit 78): /etc/x.yaml: listen: cannot listen on tcp:80: denied"
     )
     assert report.exit_status == 78
     assert not tree.getServiceNamed("listener").running
@@ -136,3 +144,43 @@ def test_notifier_abstract_namespace() -> None:
 def test_notifier_to_a_missing_socket_warns_once_and_carries_on(tmp_path: Path) -> None:
     notifier = SystemdNotifier(str(tmp_path / "nobody"))
     assert not notifier.status("a") and not notifier.status("b")
+
+
+@pytest.mark.parametrize(
+    "written, status, said",
+    [
+        (b"0", 0, ""),
+        (failure_message(77, "wrong PIN for token t"), 77, "cannot start: wrong PIN for token t"),
+        (failure_message(78, "f: listen: " + "x" * 2000), 78, "cannot start: f: listen: xxx"),
+        (b"1 something else", 1, "cannot start: b'something else'"),
+        (b"", 1, "exited before start-up finished"),
+    ],
+)
+def test_the_daemon_parent_exits_with_the_childs_status(
+    written: bytes, status: int, said: str
+) -> None:
+    r, w = os.pipe()
+    os.write(w, written)
+    os.close(w)  # (twistd's parent keeps its write end: one read, never until EOF)
+    err = io.StringIO()
+    assert wait_for_start(r, err) == status
+    assert said in err.getvalue() and (status == 0) == (err.getvalue() == "")
+    os.close(r)
+
+
+def test_install_daemon_parent_replaces_twistds_private_wait() -> None:
+    """Fails if a Twisted upgrade renames the method twistd's daemon parent calls."""
+    from twisted.scripts import _twistd_unix
+
+    runner = _twistd_unix.UnixApplicationRunner
+    original = runner.__dict__["_waitForStart"]  # KeyError: Twisted renamed it
+    assert "self._waitForStart(" in inspect.getsource(runner.daemonize)  # and still calls it
+    try:
+        install_daemon_parent()
+        r, w = os.pipe()
+        os.write(w, failure_message(77, "wrong PIN"))
+        assert runner._waitForStart(runner.__new__(runner), r) == 77
+        os.close(r)
+        os.close(w)
+    finally:
+        runner._waitForStart = original
