@@ -17,7 +17,7 @@ import pytest
 from hsmocsp.devpki.opensslca import DevPki
 from tests.integration.conftest import dev_env, level1_config
 from tests.integration.harness import REPO, Responder, openssl_ocsp, wait_until
-from tests.redisfixtures import RedisServer
+from tests.redisfixtures import MASTER_NAME, RedisServer, start_sentinel_set
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +127,32 @@ def test_wrong_password_file(world: World) -> None:
     got = lines(proc)
     assert got["store"].startswith("FAILED: ") and "AUTH refused" in got["store"], got
     assert "not-the-password" not in proc.stdout + proc.stderr
+
+
+def test_through_sentinel_the_marker_decides(world: World) -> None:
+    """Discovery via a real redis-sentinel (password file for the primary); a primary
+    no signer wrote to fails on the marker, the same one with a signer's marker is ok."""
+    watched = start_sentinel_set(world.work / "sentinel", replicas=0, password=PASSWORD)
+    try:
+        cfg = world.work / "sentinel" / "hsmocsp.yaml"
+        sentinels = ", ".join(f'"{a}"' for a in watched.sentinel_addresses)
+        config(world, "sentinel", world.redis.address, world.signer.port)
+        text = (world.work / "sentinel" / "hsmocsp.yaml").read_text().replace(
+            f'address: "{world.redis.address}"',
+            f"sentinels: [{sentinels}], master_name: {MASTER_NAME}",
+        )
+        cfg.write_text(text)
+        proc = check(cfg, world.work)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        got = lines(proc)
+        assert f"sentinel master {MASTER_NAME} via " in got["configuration"]
+        assert got["store"].startswith("FAILED: answers PING, but no key hsmocsp:signer"), got
+        assert got["signer"].startswith("ok: ")
+        watched.primary().cmd("SET", "hsmocsp:signer", "1764684000")  # as a signer's writer does
+        proc = check(cfg, world.work)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        store = lines(proc)["store"]
+        assert "marker hsmocsp:signer set at 2025-12-02 14:00:00Z" in store, store
+        assert "responses held: root 0, root-ec 0" in store, store
+    finally:
+        watched.stop()
