@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -40,6 +41,7 @@ from tests.redisfixtures import (
     RedisFactory,
     RedisServer,
     SentinelSet,
+    Stores,
     TlsFiles,
     make_tls_files,
     redis_factory_fixture,
@@ -204,3 +206,13 @@ def redis_sentinel(tmp_path: Path) -> Iterator[SentinelSet]:
 def redis_tls(tmp_path: Path) -> TlsFiles:
     """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
     return make_tls_files(tmp_path / "redis-tls")
+
+
+@pytest.fixture
+def stores() -> Iterator[Stores]:
+    """Redis stores made by a test (tests/integration/test_redis_store.py and
+    test_sentinel_auth.py), each stopped after it."""
+    made = Stores()
+    yield made
+    for store in made.made:
+        pytest_twisted.blockon(store.stop())

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hsmocsp.config import StoreConfig
 from hsmocsp.devpki.bao import free_port
+from hsmocsp.stores.redis import RedisStore
 from tests.waiting import wait_until
 
 MASTER_NAME = "hsmocsp"
@@ -596,3 +598,20 @@ __all__ = [
     "make_tls_files",
     "start_sentinel_set",
 ]
+
+
+class Stores:
+    """Builds :class:`RedisStore` instances on the real reactor for a test; the
+    ``stores`` fixture (root conftest) stops every one it made."""
+
+    def __init__(self) -> None:
+        self.made: list[RedisStore] = []
+
+    def __call__(self, cfg: StoreConfig, start: bool = True, **kw: Any) -> RedisStore:
+        from twisted.internet import reactor
+
+        store = RedisStore(cfg, reactor, **kw)
+        self.made.append(store)
+        if start:
+            store.start()
+        return store

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from hsmocsp.devpki.tools import DevPkiError, require_tool, terminate
 
-__all__ = ["DevRedis"]
+__all__ = ["DevRedis", "answers_ping"]
 
 
-def _ping(path: Path) -> bool:
+def answers_ping(path: Path) -> bool:
     """True when a Redis answers PING on the Unix socket ``path``."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -69,7 +69,7 @@ class DevRedis:
         server = require_tool("redis-server")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)
-        if _ping(self.socket):
+        if answers_ping(self.socket):
             raise DevPkiError(
                 f"a Redis already answers on {self.socket} (an earlier run still going?); "
                 "stop it and run again"
@@ -85,7 +85,7 @@ class DevRedis:
             start_new_session=True,
         )
         deadline = time.monotonic() + self._start_timeout
-        while not _ping(self.socket):
+        while not answers_ping(self.socket):
             if self._proc.poll() is not None:
                 tail = self.log.read_text("utf-8", "replace")[-1500:] if self.log.exists() else ""
                 self._proc = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.replicas import Report, Row, format_table, parse_args, resp_command
-from hsmocsp.devpki.redisdev import DevRedis, _ping
+from hsmocsp.devpki.redisdev import DevRedis, answers_ping
 from hsmocsp.devpki.tools import DevPkiError
 
 pytestmark = pytest.mark.skipif(
@@ -24,7 +24,7 @@ def test_dev_redis_lives_in_its_directory(tmp_path: Path) -> None:
     try:
         assert redis.address == f"unix:{tmp_path / 'redis' / 'redis.sock'}"
         assert (tmp_path / "redis").stat().st_mode & 0o077 == 0
-        assert _ping(redis.socket)
+        assert answers_ping(redis.socket)
         value = bytes(range(256)) + b"\r\n\x00"
         assert resp_command(redis.socket, b"HSET", b"k", b"f", value) == 1
         assert resp_command(redis.socket, b"HVALS", b"k") == [value]
@@ -35,7 +35,7 @@ def test_dev_redis_lives_in_its_directory(tmp_path: Path) -> None:
             DevRedis(tmp_path / "redis").start()
     finally:
         redis.stop()
-    assert not _ping(redis.socket)
+    assert not answers_ping(redis.socket)
     assert (tmp_path / "redis" / "dump.rdb").is_file()  # saved on SIGTERM
     again = DevRedis(tmp_path / "redis").start()  # and read back at the next start
     try:

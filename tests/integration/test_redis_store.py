@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 from twisted.internet import task
@@ -22,7 +21,14 @@ from hsmocsp.health import State
 from hsmocsp.stores.codec import encode
 from hsmocsp.stores.redis import RedisStore, field_of, response_key
 from tests.conftest import LoggedErrors
-from tests.redisfixtures import MASTER_NAME, RedisFactory, RedisServer, SentinelSet, TlsFiles
+from tests.redisfixtures import (
+    MASTER_NAME,
+    RedisFactory,
+    RedisServer,
+    SentinelSet,
+    Stores,
+    TlsFiles,
+)
 
 reactor: Any = _reactor
 
@@ -61,26 +67,6 @@ async def fetched(store: RedisStore, handle: str, key: bytes, serial: int) -> An
         return await store.fetch(handle, key, serial)
     except StoreUnavailable as err:
         return err
-
-
-class Stores:
-    def __init__(self) -> None:
-        self.made: list[RedisStore] = []
-
-    def __call__(self, cfg: StoreConfig, start: bool = True, **kw: Any) -> RedisStore:
-        store = RedisStore(cfg, reactor, **kw)
-        self.made.append(store)
-        if start:
-            store.start()
-        return store
-
-
-@pytest.fixture
-def stores() -> Any:
-    made = Stores()
-    yield made
-    for store in made.made:
-        pytest_twisted.blockon(store.stop())
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from hsmocsp.devpki.bao import free_port
+from hsmocsp.devpki.redisdev import answers_ping
 from hsmocsp.devpki.run import _port_open
 from tests.integration.harness import http, wait_until
 
@@ -72,17 +72,6 @@ def _two_free_ports() -> int:
         if port < 65535 and not _port_open("127.0.0.1", port + 1):
             return port
     raise AssertionError("no two adjacent free ports")
-
-
-def _redis_answers(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(str(path))
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -200,11 +189,11 @@ def test_readme_replica_lines_verify_against_both_servers(stack: Stack) -> None:
 
 def test_ctrl_c_stops_the_responders_redis_and_openbao(stack: Stack) -> None:
     socket_path = stack.root / "var" / "redis" / "redis.sock"
-    assert _redis_answers(socket_path)
+    assert answers_ping(socket_path)
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(90) == 0, stack.log_tail()
     for name, port in stack.ports.items():
         assert not _port_open("127.0.0.1", port), name
-    assert not _redis_answers(socket_path)
+    assert not answers_ping(socket_path)
     assert (stack.root / "var" / "redis" / "dump.rdb").is_file()  # saved on the way out
     assert "Traceback" not in stack.log_tail()

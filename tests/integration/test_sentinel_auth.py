@@ -17,21 +17,13 @@ from hsmocsp.config import RedisAddress, Secret, StoreConfig, StoreTLSConfig
 from hsmocsp.errors import StoreUnavailable
 from hsmocsp.health import State
 from hsmocsp.stores.redis import RedisStore
-from tests.integration.test_redis_store import Stores, fetched, response, until
-from tests.redisfixtures import MASTER_NAME, SentinelSet, TlsFiles, start_sentinel_set
+from tests.integration.test_redis_store import fetched, response, until
+from tests.redisfixtures import MASTER_NAME, SentinelSet, Stores, TlsFiles, start_sentinel_set
 
 reactor: Any = _reactor
 
 SENTINEL_PW = "sentinel-secret-pw"
 REDIS_PW = "redis-secret-pw"
-
-
-@pytest.fixture
-def stores() -> Any:
-    made = Stores()
-    yield made
-    for store in made.made:
-        pytest_twisted.blockon(store.stop())
 
 
 @pytest.fixture
